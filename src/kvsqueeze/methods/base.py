@@ -1,0 +1,176 @@
+"""What a compression method is, what it sees, and the plumbing every scorer shares.
+
+Shape legend (used in comments across kvsqueeze):
+    B      batch rows                  T    cached slots of one layer (kept tokens + new tokens)
+    H      KV heads (H_kv)             q    tokens added by the current forward
+    H_q    query heads, G = H_q / H    D    head dim
+
+A method looks at one layer right after a forward appended q tokens to it and returns which slots to keep. Most
+methods only *score* slots (`ScorerMethod.score`, higher = keep); the base class turns scores into a keep plan once:
+fp32, padding and empty slots never kept, protected tokens (sinks, windows) always kept, deterministic tie-breaking
+(equal scores keep the earlier slot), top-k per (row, head), at least one token kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kvsqueeze.models import ModelAdapter, apply_rope
+
+
+@dataclass
+class ScoreContext:
+    """Everything a method may look at for one layer. Queries are computed lazily, only if asked for."""
+
+    keys: Tensor  # (B, H, T, D) post-RoPE, as cached
+    values: Tensor  # (B, H, T, Dv)
+    positions: Tensor  # (B, H, T) absolute position of each slot, -1 = empty slot (padding)
+    hidden_states: Tensor  # (B, q, hidden) input of the attention block for the q new tokens
+    query_positions: Tensor  # (B, q) positions of the new tokens, -1 = pad
+    position_embeddings: tuple[Tensor, Tensor]  # cos, sin (B, q, R) the model used for the new tokens
+    seen: Tensor  # (B,) real tokens this layer has seen per row (the uncompressed length)
+    layer_idx: int
+    module: nn.Module = field(repr=False)
+    adapter: ModelAdapter = field(repr=False)
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def valid(self) -> Tensor:
+        """(B, H, T) True where a slot holds a real token."""
+        return self.positions >= 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def scaling(self) -> float:
+        return float(getattr(self.module, "scaling", self.keys.shape[-1] ** -0.5))
+
+    def queries(self, rope: bool = True) -> Tensor:
+        """Queries of the new tokens, (B, H_q, q, D), after RoPE (at their own positions) or before it."""
+        key = "post" if rope else "pre"
+        if key not in self._cache:
+            pre = self.adapter.pre_rope_queries(self.module, self.hidden_states)
+            self._cache["pre"] = pre
+            cos, sin = self.position_embeddings
+            self._cache["post"] = apply_rope(pre, cos, sin)
+        return self._cache[key]
+
+
+class Method:
+    """Base of all methods: given a layer's context, return a keep plan or None (keep everything)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",)
+
+    ratio: float
+
+    def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+        """(indices (B, H, K), counts (B, H)) of the slots to keep, in slot order; None keeps everything."""
+        raise NotImplementedError
+
+    @classmethod
+    def description(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else cls.__name__
+
+    @classmethod
+    def options(cls) -> dict[str, object]:
+        """Hyper-parameters and their defaults."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name.startswith("_"):
+                continue
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+
+def check_ratio(ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1) (the fraction of tokens removed), got {ratio!r}")
+
+
+def uniform_budget(seen: Tensor, ratio: float, n_heads: int) -> Tensor:
+    """floor(n (1 - r)) tokens per (row, head), at least 1: (B, H) long."""
+    keep = torch.floor(seen.double() * (1.0 - ratio)).long().clamp(min=1)
+    return keep[:, None].expand(-1, n_heads)
+
+
+@dataclass
+class ScorerMethod(Method):
+    """A method that scores slots; subclasses implement `score` (and optionally `protected`, `budget`)."""
+
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+
+    def score(self, ctx: ScoreContext) -> Tensor:
+        """(B, H, T) scores, higher = keep."""
+        raise NotImplementedError
+
+    def protected(self, ctx: ScoreContext) -> Tensor | None:
+        """(B, H, T) bool of slots that must be kept (counted inside the budget), or None."""
+        return None
+
+    def budget(self, ctx: ScoreContext) -> Tensor:
+        """(B, H) how many slots each row and head keeps."""
+        return uniform_budget(ctx.seen, self.ratio, ctx.keys.shape[1])
+
+    def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+        valid = ctx.valid
+        kept_now = valid.sum(dim=-1)  # (B, H)
+        budget = torch.minimum(self.budget(ctx).to(kept_now.device), kept_now)
+        if bool((budget == kept_now).all()) and bool(valid.all()):
+            return None
+        protected = self.protected(ctx)
+        if protected is not None:
+            protected = protected & valid
+            n_protected = protected.sum(dim=-1)
+            if bool((n_protected > budget).any()):
+                worst = int((n_protected - budget).argmax())
+                raise ValueError(
+                    f"{self!r}: the budget of {int(budget.flatten()[worst])} tokens cannot hold the "
+                    f"{int(n_protected.flatten()[worst])} protected tokens (sinks/window) at layer {ctx.layer_idx}; "
+                    "lower the ratio or the number of protected tokens."
+                )
+        scores = self.score(ctx).float()
+        if scores.shape != valid.shape:
+            raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, expected {valid.shape}")
+        return select(scores, valid, budget, protected)
+
+
+def select(scores: Tensor, valid: Tensor, budget: Tensor, protected: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-`budget` slots per (row, head), protected first, never an empty slot; ties keep the earlier slot.
+
+    scores, valid, protected: (B, H, T); budget: (B, H). Returns indices (B, H, K) sorted by slot with the
+    `counts` (B, H) kept slots first, K = max budget.
+    """
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("inf"))
+    if torch.isnan(scores).any():
+        raise RuntimeError("compression scores contain NaN")
+    counts = torch.minimum(budget, valid.sum(dim=-1))
+    k = int(counts.max())
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, H, K)
+    filled = torch.arange(k, device=scores.device)[None, None, :] < counts[..., None]
+    t = scores.shape[-1]
+    indices = torch.sort(torch.where(filled, order, order + t), dim=-1).values  # kept first, in slot order
+    return indices % t, counts
+
+
+def sinks_and_recent(ctx: ScoreContext, n_sink: int, n_recent: int) -> Tensor:
+    """(B, H, T) bool: the first `n_sink` positions of each row and its `n_recent` most recent ones."""
+    pos = ctx.positions
+    recent_from = (ctx.seen - n_recent)[:, None, None]  # positions are 0..seen-1 per row
+    return (pos >= 0) & ((pos < n_sink) | (pos >= recent_from))

@@ -1,0 +1,61 @@
+"""SnapKV: keep what the last context queries attend to (Li et al. 2024, arXiv 2404.14469)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
+from kvsqueeze.methods.registry import register_method
+
+
+def window_attention(ctx: ScoreContext, window: int) -> Tensor:
+    """Mean attention (B, H_q, T) paid to each slot by the last `window` new queries, each at its own position.
+
+    Queries are recomputed with RoPE at their own absolute positions and are causal: a query sees the slots at or
+    before its position. Pad queries are left out of the mean.
+    """
+    q = ctx.queries(rope=True)  # (B, H_q, q, D)
+    w = min(window, q.shape[2])
+    b, hq, _, d = q.shape
+    h = ctx.keys.shape[1]
+    qw = q[:, :, -w:].float().view(b, h, hq // h, w, d)  # (B, H, G, w, D)
+    qpos = ctx.query_positions[:, -w:]  # (B, w)
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, ctx.keys.float()) * ctx.scaling  # (B, H, G, w, T)
+    pos = ctx.positions[:, :, None, None, :]  # (B, H, 1, 1, T)
+    allowed = (pos >= 0) & (pos <= qpos[:, None, None, :, None])
+    attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    real = (qpos >= 0).float()  # (B, w)
+    mean = torch.einsum("bhgwt,bw->bhgt", attn, real) / real.sum(dim=1).clamp(min=1)[:, None, None, None]
+    return mean.reshape(b, hq, -1)
+
+
+@register_method("snapkv")
+@dataclass
+class SnapKV(ScorerMethod):
+    """Keep the tokens most attended by the last `window` context queries (pooled), plus that window."""
+
+    needs = ("queries",)
+
+    window: int = 64
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+
+    def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
+        attn = window_attention(ctx, self.window)  # (B, H_q, T)
+        b, hq, t = attn.shape
+        pooled = F.avg_pool1d(attn.view(b * hq, 1, t), self.kernel, 1, self.kernel // 2, count_include_pad=False)
+        h = ctx.keys.shape[1]
+        return pooled.view(b, h, hq // h, t).mean(dim=2)
+
+    def protected(self, ctx: ScoreContext) -> Tensor:
+        return sinks_and_recent(ctx, 0, self.window)

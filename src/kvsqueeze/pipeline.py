@@ -1,0 +1,237 @@
+"""Compress a context once, then answer questions over the compressed cache with kvsqueeze's own greedy loop.
+
+The prompt is split where the question starts: the context part (chat-template header and the document) is
+prefilled and compressed before any question is seen (query-agnostic), then each question continues from the
+uncompressed length, so positions match the ones the model would have used without compression.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvsqueeze.cache import KVCache, cache_stats
+from kvsqueeze.methods.base import Method
+from kvsqueeze.models import get_adapter
+from kvsqueeze.press import attach, compress
+
+logger = logging.getLogger("kvsqueeze")
+_SENTINEL = "\x00KVSQUEEZE_QUESTION\x00"
+
+
+@dataclass
+class GenerationStats:
+    """Measured figures of one `generate` call (bytes come from the cache's storages)."""
+
+    tokens_before: int  # real context tokens, summed over rows
+    tokens_after: float  # kept tokens per layer and head (mean over full-attention layers), summed over rows
+    kv_bytes_before: int  # full-attention keys+values just before the (last) compression
+    kv_bytes_after: int  # ... and just after, before any question is appended
+    padding_bytes: int  # part of kv_bytes_after spent on empty slots (padded rows, uneven heads)
+    sliding_kv_bytes: int  # sliding-window layers (never pruned), reported apart
+    peak_kv_bytes: int  # the most keys+values bytes the cache held during prefill
+    prefill_seconds: float  # context forward(s), compression included
+    compression_seconds: float  # time spent scoring and pruning
+    decode_tokens_per_second: float  # generated tokens / time from the question forward to the last token
+    kept_tokens_per_layer: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerateOutput:
+    answers: list[str] | list[list[str]]  # one per question (a list per context when several contexts are given)
+    stats: GenerationStats
+    cache: KVCache = field(repr=False)  # the compressed context cache, reusable
+
+
+def split_prompt(
+    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool = True
+) -> tuple[str, str]:
+    """(context part, question part) of the prompt. Falls back to a plain prompt without a chat template."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": f"{context}\n\n{_SENTINEL}"}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head, _, tail = rendered.partition(_SENTINEL)
+        return head, question + tail + answer_prefix
+    if chat_template:
+        logger.warning("The tokenizer has no chat template; using a plain 'Question: / Answer:' prompt.")
+    prefix = f" {answer_prefix}" if answer_prefix else ""
+    return f"{context}\n\n", f"Question: {question}\nAnswer:{prefix}"
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, device=device)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _normalize(context: str | list[str], questions: str | list[str] | list[list[str]]) -> list[tuple[str, list[str]]]:
+    contexts = [context] if isinstance(context, str) else list(context)
+    if not contexts:
+        raise ValueError("no context given")
+    if isinstance(questions, str):
+        questions = [questions]
+    per_context: list[list[str]]
+    if isinstance(context, str):
+        per_context = [[str(q) for q in questions]]
+    else:
+        if len(questions) != len(contexts) or not all(isinstance(q, list) for q in questions):
+            raise ValueError("with several contexts, questions must be a list of question lists, one per context")
+        per_context = [[str(x) for x in q] for q in questions]
+    for i, (c, qs) in enumerate(zip(contexts, per_context, strict=True)):
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"context {i} is empty")
+        if not qs:
+            raise ValueError(f"context {i} has no question")
+    return list(zip(contexts, per_context, strict=True))
+
+
+@torch.no_grad()
+def prefill(
+    model: Any,
+    context_ids: Tensor,
+    attention_mask: Tensor,
+    method: Method | None = None,
+    chunk_size: int | None = None,
+) -> tuple[KVCache, float, float, int]:
+    """Prefill (and compress) left-padded context ids. Returns (cache, seconds, compression seconds, bytes before)."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    cache = KVCache(model.config)
+    step = chunk_size or context_ids.shape[1]
+    start = time.perf_counter()
+    with compress(model, method) as log:
+        for lo in range(0, context_ids.shape[1], step):
+            hi = lo + step
+            model(
+                input_ids=context_ids[:, lo:hi],
+                attention_mask=attention_mask[:, lo:hi],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+    seconds = time.perf_counter() - start
+    before = log.kv_bytes_before if log.bytes_before else cache_stats(cache).kv_bytes
+    return cache, seconds, log.seconds, before
+
+
+@torch.no_grad()
+def answer(
+    model: Any, tokenizer: Any, cache: KVCache, rows: list[int], question_texts: list[str], max_new_tokens: int
+) -> tuple[list[str], int, float]:
+    """Greedy answers for question texts; row i continues context row `rows[i]` of `cache` (left untouched)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _left_pad([_encode(tokenizer, t, False) for t in question_texts], pad_id, device)
+    work = cache.select_rows(torch.tensor(rows, device=device))
+    eos = _eos_ids(model, tokenizer)
+    generated: list[list[int]] = [[] for _ in rows]
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    start = time.perf_counter()
+    with attach(model):
+        for _ in range(max_new_tokens):
+            logits = model(
+                input_ids=ids, attention_mask=mask, past_key_values=work, use_cache=True, logits_to_keep=1
+            ).logits[:, -1]
+            nxt = logits.argmax(dim=-1)
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    generated[i].append(tok)
+            done |= torch.tensor([t in eos for t in nxt.tolist()], device=device)
+            if bool(done.all()):
+                break
+            ids, mask = nxt[:, None], torch.ones(len(rows), 1, dtype=torch.long, device=device)
+    seconds = time.perf_counter() - start
+    texts = [tokenizer.decode([t for t in g if t not in eos], skip_special_tokens=True).strip() for g in generated]
+    return texts, sum(len(g) for g in generated), seconds
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    context: str | list[str],
+    questions: str | list[str] | list[list[str]],
+    method: Method | None = None,
+    max_new_tokens: int = 32,
+    answer_prefix: str = "",
+    chunk_size: int | None = None,
+    chat_template: bool = True,
+) -> GenerateOutput:
+    """Compress each context once (before any question is seen), then answer every question greedily."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    adapter = get_adapter(model)
+    items = _normalize(context, questions)
+    device = next(model.parameters()).device
+    splits = [[split_prompt(tokenizer, c, q, answer_prefix, chat_template) for q in qs] for c, qs in items]
+    has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    context_rows = [_encode(tokenizer, s[0][0], not has_template) for s in splits]
+    question_texts = [q for s in splits for _, q in s]
+    _check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = _left_pad(context_rows, pad_id, device)
+    cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
+    stats = cache_stats(cache)
+    rows = [i for i, s in enumerate(splits) for _ in s]
+    texts, n_tokens, decode_s = answer(model, tokenizer, cache, rows, question_texts, max_new_tokens)
+    kept = [float(layer.kept.float().mean(dim=1).sum()) for layer in cache.full_layers()]
+    out_stats = GenerationStats(
+        tokens_before=sum(len(r) for r in context_rows),
+        tokens_after=sum(kept) / max(len(kept), 1),
+        kv_bytes_before=before,
+        kv_bytes_after=stats.kv_bytes,
+        padding_bytes=stats.padding_bytes,
+        sliding_kv_bytes=stats.sliding_kv_bytes,
+        peak_kv_bytes=stats.peak_kv_bytes,
+        prefill_seconds=prefill_s,
+        compression_seconds=compress_s,
+        decode_tokens_per_second=n_tokens / decode_s if decode_s > 0 else 0.0,
+        kept_tokens_per_layer=stats.tokens_kept,
+    )
+    answers: list[Any] = texts
+    if not isinstance(context, str):
+        it = iter(texts)
+        answers = [[next(it) for _ in qs] for _, qs in items]
+    return GenerateOutput(answers=answers, stats=out_stats, cache=cache)
+
+
+def _check_length(
+    max_positions: int | None, context_rows: list[list[int]], questions: list[str], tokenizer: Any, new: int
+) -> None:
+    if max_positions is None:
+        return
+    longest_q = max(len(_encode(tokenizer, q, False)) for q in questions)
+    for i, row in enumerate(context_rows):
+        total = len(row) + longest_q + new
+        if total > max_positions:
+            raise ValueError(
+                f"context {i} has {len(row)} tokens; with the question ({longest_q}) and max_new_tokens ({new}) that "
+                f"makes {total} positions, more than the model's maximum of {max_positions}."
+            )

@@ -1,0 +1,183 @@
+"""Attach kvsqueeze to a model: `with attach(model):` routes attention through kvsqueeze; `with compress(model,
+method):` also prunes every layer right after each forward fills it. Hooks are always removed on exit.
+
+Inside `compress`, after every forward each full-attention layer is pruned back to what the method keeps of the
+tokens it has seen (one-shot prefill, chunked prefill and, under `model.generate`, decoding alike).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kvsqueeze.attention import BACKENDS, implementation_name, register
+from kvsqueeze.cache import KVCache
+from kvsqueeze.methods.base import Method, ScoreContext
+from kvsqueeze.models import ModelAdapter, get_adapter
+
+
+@dataclass
+class CompressionLog:
+    """What compression did during a `compress` block (measured from the cache's storages)."""
+
+    seconds: float = 0.0
+    bytes_before: dict[int, int] = field(default_factory=dict)  # layer -> bytes right before its last pruning
+    bytes_after: dict[int, int] = field(default_factory=dict)  # layer -> bytes right after it
+
+    @property
+    def kv_bytes_before(self) -> int:
+        return sum(self.bytes_before.values())
+
+    @property
+    def kv_bytes_after(self) -> int:
+        return sum(self.bytes_after.values())
+
+
+def _set_attention(model: Any, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # pragma: no cover - every PreTrainedModel has it
+        model.config._attn_implementation = name
+
+
+def _inner_backend(current: str | None, backend: str | None) -> str:
+    if backend is not None:
+        implementation_name(backend)  # validates
+        return backend
+    if current and current.startswith("kvsqueeze_"):
+        return current.removeprefix("kvsqueeze_")
+    return current if current in BACKENDS else "sdpa"  # flash/flex: sdpa computes the same attention
+
+
+def _bound_arguments(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    extra = bound.pop("kwargs", {})
+    return {**bound, **extra}
+
+
+def _prepare_step(model: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook: make sure a KVCache is used and tell it the positions and padding of the new tokens."""
+    kw = _bound_arguments(model, args, kwargs)
+    cache = kw.get("past_key_values")
+    tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    if tokens is None:
+        return args, kwargs
+    if cache is None:
+        if kw.get("use_cache") is False:
+            raise ValueError("kvsqueeze needs a cache: do not pass use_cache=False inside attach()/compress().")
+        cache = kw["past_key_values"] = KVCache(model.config)
+    if not isinstance(cache, KVCache):
+        raise TypeError(
+            f"kvsqueeze needs past_key_values=kvsqueeze.KVCache(model.config), got {type(cache).__name__}. "
+            "transformers' own caches cannot be pruned per layer, row and head."
+        )
+    batch, q_len = tokens.shape[0], tokens.shape[1]
+    mask = kw.get("attention_mask")
+    valid = (
+        torch.ones(batch, q_len, dtype=torch.bool, device=tokens.device)
+        if mask is None
+        else mask[:, -q_len:].to(tokens.device).bool()
+    )
+    positions = kw.get("position_ids")
+    if positions is None:
+        seen = cache.real_tokens_seen()
+        start = seen.to(tokens.device)[:, None] if seen is not None else 0
+        positions = (start + valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        kw["position_ids"] = positions
+    cache.begin_step(positions.expand(batch, q_len), valid)
+    return (), kw
+
+
+@contextmanager
+def attach(model: Any, backend: str | None = None) -> Iterator[ModelAdapter]:
+    """Run the model's attention through kvsqueeze (masks from each layer's own cache), without compressing.
+
+    backend: 'sdpa' or 'eager' underneath (default: the model's own when it is one of those, else sdpa).
+    """
+    adapter = get_adapter(model)
+    register()
+    previous = model.config._attn_implementation
+    _set_attention(model, implementation_name(_inner_backend(previous, backend)))
+    handle = model.register_forward_pre_hook(_prepare_step, with_kwargs=True)
+    try:
+        yield adapter
+    finally:
+        handle.remove()
+        _set_attention(model, previous)
+
+
+def _hidden_states(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _layer_bytes(keys: Tensor | None, values: Tensor | None) -> int:
+    if keys is None or values is None:
+        return 0
+    return keys.untyped_storage().nbytes() + values.untyped_storage().nbytes()
+
+
+@contextmanager
+def compress(model: Any, method: Method | None, backend: str | None = None) -> Iterator[CompressionLog]:
+    """Inside this block, every forward prunes each full-attention layer with `method` right after filling it.
+
+    Yields a `CompressionLog` (seconds spent compressing, bytes before/after per layer). `method=None` only
+    attaches kvsqueeze's attention (no pruning).
+    """
+    log = CompressionLog()
+    with attach(model, backend) as adapter:
+        handles = []
+        if method is not None:
+            for idx, module in enumerate(adapter.attention_modules):
+                if adapter.is_sliding(idx):
+                    continue
+                hook = _make_hook(method, adapter, idx, log)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        try:
+            yield log
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _make_hook(method: Method, adapter: ModelAdapter, layer_idx: int, log: CompressionLog):
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, KVCache):
+            return
+        layer = cache.layer(layer_idx)
+        if layer.keys is None or layer.positions is None or layer.seen is None:
+            return
+        sync = layer.keys.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(layer.keys.device)
+        start = time.perf_counter()
+        ctx = ScoreContext(
+            keys=layer.keys,
+            values=layer.values,  # type: ignore[arg-type]
+            positions=layer.positions,
+            hidden_states=_hidden_states(args, kwargs),
+            query_positions=layer.query_positions,  # type: ignore[arg-type]
+            position_embeddings=kwargs["position_embeddings"],
+            seen=layer.seen,
+            layer_idx=layer_idx,
+            module=module,
+            adapter=adapter,
+        )
+        with torch.no_grad():
+            plan = method.plan(ctx)
+        log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
+        if plan is not None:
+            layer.prune(*plan)
+        log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
+        if sync:
+            torch.cuda.synchronize(layer.keys.device)
+        log.seconds += time.perf_counter() - start
+
+    return hook

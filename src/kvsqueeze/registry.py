@@ -1,0 +1,50 @@
+"""A small generic registry: a decorator to register classes or factories by name, lookup with suggestions.
+
+Used for compression methods and benchmark tasks. Registries hold classes or factories, never instances, so every
+`get` builds a fresh object and no state is shared between users.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to classes (or factories). `kind` names what is registered, for error messages."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: `@registry.register("knorm")` above a class."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        """Look a name up; an unknown name raises ValueError listing the closest known names."""
+        key = name.strip().lower().replace("-", "_")
+        if key in self._entries:
+            return self._entries[key]
+        close = difflib.get_close_matches(key, list(self._entries), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"Unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}.")
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)

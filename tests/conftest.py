@@ -1,0 +1,66 @@
+"""Shared pytest setup: offline guards, modest CPU threading, the `--run-slow` switch and tiny-model fixtures."""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers / huggingface_hub are imported anywhere: tests must never reach the network or the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from tests.tiny import tiny_model, tiny_tokenizer
+
+torch.set_num_threads(2)
+
+RUN_SLOW_ENV = "KVSQUEEZE_RUN_SLOW"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help=f"run tests marked @pytest.mark.slow (same as setting {RUN_SLOW_ENV}=1)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: tests that load the embedded SmolLM2 model (integration tier)")
+
+
+def _slow_enabled(config: pytest.Config) -> bool:
+    return bool(config.getoption("--run-slow")) or os.environ.get(RUN_SLOW_ENV, "").strip() == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _slow_enabled(config):
+        return
+    skip_slow = pytest.mark.skip(reason=f"slow test: pass --run-slow or set {RUN_SLOW_ENV}=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer with a chat template (shared by the session: do not mutate it)."""
+    return tiny_tokenizer(chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_no_template() -> PreTrainedTokenizerFast:
+    """The same tokenizer without a chat template (`chat_template is None`; shared: do not mutate it)."""
+    return tiny_tokenizer(chat_template=False)
+
+
+@pytest.fixture
+def make_model() -> Callable[..., PreTrainedModel]:
+    """The `tiny_model(family, seed=0, **config_overrides)` factory: every call builds a fresh model."""
+    return tiny_model
