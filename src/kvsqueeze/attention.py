@@ -97,11 +97,11 @@ def _fallback_mask(attention_mask: Tensor | None, q_len: int, k_len: int, device
     return (torch.arange(k_len, device=device)[None, :] <= idx_q)[None, None]
 
 
-def _mask_for(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor | str | None:
+def _mask_for(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> tuple[Tensor | str | None, KVLayer | None]:
     layer = take_updated_layer(key)
     if layer is None:
-        return _fallback_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
-    return layer_mask(layer, query.shape[-2])
+        return _fallback_mask(attention_mask, query.shape[-2], key.shape[-2], query.device), None
+    return layer_mask(layer, query.shape[-2]), layer
 
 
 def _expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
@@ -125,7 +125,7 @@ def _sdpa_forward(
     if softcap is not None:  # sdpa cannot soft-cap logits; eager can
         out, _ = _eager_forward(module, query, key, value, attention_mask, scaling, dropout, softcap, **kwargs)
         return out, None
-    mask = _mask_for(module, query, key, attention_mask)
+    mask, layer = _mask_for(query, key, attention_mask)
     is_causal = isinstance(mask, str)
     attn_mask = None if isinstance(mask, str) or mask is None else _expand_heads(mask, query.shape[1])
     out = F.scaled_dot_product_attention(
@@ -138,6 +138,8 @@ def _sdpa_forward(
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
+    if layer is not None:
+        layer.finish_step()
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -152,7 +154,7 @@ def _eager_forward(
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[Tensor, Tensor]:
-    mask = _mask_for(module, query, key, attention_mask)
+    mask, layer = _mask_for(query, key, attention_mask)
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)
@@ -173,4 +175,6 @@ def _eager_forward(
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, v)
+    if layer is not None:
+        layer.finish_step()
     return out.transpose(1, 2).contiguous(), weights

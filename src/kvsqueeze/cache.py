@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
-__all__ = ["CacheStats", "KVCache", "KVLayer", "cache_bytes", "cache_stats"]
+__all__ = ["CacheStats", "KVCache", "KVLayer", "cache_bytes", "cache_stats", "layer_windows"]
 
 _UPDATED: ContextVar[KVLayer | None] = ContextVar("kvsqueeze_updated_layer", default=None)
 
@@ -61,14 +61,17 @@ class KVLayer(DynamicLayer):
                 "using kvsqueeze's attention function. Run it inside `kvsqueeze.attach(model)` or "
                 "`kvsqueeze.compress(model, method)`."
             )
+        if self.query_positions is None:
+            raise RuntimeError(
+                "This kvsqueeze KVCache was not told the positions of the new tokens: run the model inside "
+                "`kvsqueeze.attach(model)` or `kvsqueeze.compress(model, method)`."
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None and self.positions is not None
-        assert self.query_positions is not None and self.seen is not None, "begin_step was not called"
+        assert self.seen is not None
         b, h, q, _ = key_states.shape
         before = self.nbytes()
-        if self.sliding_window is not None:
-            self._trim_to_window()
         new_pos = self.query_positions.to(torch.int32)[:, None, :].expand(b, h, q)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -79,14 +82,26 @@ class KVLayer(DynamicLayer):
         _UPDATED.set(self)
         return self.keys, self.values
 
-    def _trim_to_window(self) -> None:
-        """Sliding layers only need the last window-1 slots before new tokens arrive (rows advance together)."""
-        assert self.keys is not None and self.values is not None and self.positions is not None
-        keep = (self.sliding_window or 0) - 1
-        if self.positions.shape[-1] > keep:
-            self.keys = self.keys[:, :, -keep:].clone()
-            self.values = self.values[:, :, -keep:].clone()
-            self.positions = self.positions[:, :, -keep:].clone()
+    def finish_step(self) -> None:
+        """Called once attention has read the layer: sliding layers drop what no future query can see."""
+        if self.sliding_window is None or self.positions is None:
+            return
+        if self.positions.shape[-1] < self.sliding_window:
+            return
+        # the next query of a row sits at (its newest position + 1) and sees positions > that - window
+        newest = self.positions.amax(dim=-1, keepdim=True)  # (B, H, 1)
+        keep = (self.positions >= 0) & (self.positions > newest + 1 - self.sliding_window)
+        if bool(keep.all()):
+            return
+        self.keep_where(keep)
+
+    def keep_where(self, keep: Tensor) -> None:
+        """Keep the slots where `keep` (B, H, T) is True, in slot order."""
+        counts = keep.sum(dim=-1)
+        t = keep.shape[-1]
+        slots = torch.arange(t, device=keep.device).expand_as(keep)
+        order = torch.sort(torch.where(keep, slots, slots + t), dim=-1).values[..., : int(counts.max())]
+        self.prune(order % t, counts)
 
     def get_seq_length(self) -> int:
         return self.total_seen
@@ -177,11 +192,7 @@ class KVCache(Cache):
     """A transformers `Cache` whose layers can be pruned for real. Build it from the model's config."""
 
     def __init__(self, config: PretrainedConfig) -> None:
-        text_config = config.get_text_config(decoder=True)
-        n_layers = int(text_config.num_hidden_layers)
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
-        window = getattr(text_config, "sliding_window", None)
-        layers = [KVLayer(window if kind == "sliding_attention" else None) for kind in layer_types]
+        layers = [KVLayer(window) for window in layer_windows(config)]
         super().__init__(layers=layers)  # type: ignore[arg-type]
         self.tracker = _BytesTracker()
         for layer in layers:
@@ -200,6 +211,12 @@ class KVCache(Cache):
         _UPDATED.set(None)
         for layer in self.kv_layers():
             layer.query_positions = pos
+
+    def end_step(self) -> None:
+        """Forget the announced positions once the forward is over, so a stray forward cannot reuse them."""
+        self.step_positions = None
+        for layer in self.kv_layers():
+            layer.query_positions = None
 
     def real_tokens_seen(self) -> Tensor | None:
         """(B,) real tokens seen per row (the uncompressed length), or None before the first forward."""
@@ -231,6 +248,16 @@ class KVCache(Cache):
         layer = self.layers[idx]
         assert isinstance(layer, KVLayer)
         return layer
+
+
+def layer_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer: the sliding window, or None for full attention (the layer types transformers' caches use)."""
+    kinds, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unsupported = sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
+    if unsupported:
+        raise ValueError(f"kvsqueeze supports full and sliding-window attention layers, not {unsupported}")
+    pairs = zip(kinds, kwargs, strict=True)
+    return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in pairs]
 
 
 def take_updated_layer(key: Tensor) -> KVLayer | None:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kvsqueeze.cache import layer_windows
+
 # model_type -> short family name; the families kvsqueeze is tested on
 SUPPORTED_MODEL_TYPES = {
     "llama": "llama",
@@ -59,6 +61,16 @@ class ModelAdapter:
 
     def is_sliding(self, layer_idx: int) -> bool:
         return self.layer_types[layer_idx] == "sliding_attention"
+
+    @property
+    def full_layers(self) -> list[int]:
+        """Indices of the full-attention layers (the ones compression prunes)."""
+        return [i for i in range(self.n_layers) if not self.is_sliding(i)]
+
+    def softcap(self, module: Any) -> float | None:
+        """Attention-logit soft-capping of a layer (Gemma2), or None."""
+        value = getattr(module, "attn_logit_softcapping", None)
+        return float(value) if value else None
 
     def pre_rope_queries(self, module: Any, hidden_states: Tensor) -> Tensor:
         """Queries before RoPE, (B, H_q, T, D), from the attention block's input hidden states (B, T, hidden)."""
@@ -118,7 +130,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // n_q)
     layers = _decoder_layers(model)
     n_layers = len(layers)
-    layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * n_layers)
+    layer_types = ["full_attention" if w is None else "sliding_attention" for w in layer_windows(config)]
     return ModelAdapter(
         model=model,
         family=family,

@@ -95,6 +95,14 @@ def _prepare_step(model: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
     return (), kw
 
 
+def _end_step(model: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    if isinstance(cache, KVCache):
+        cache.end_step()
+
+
 @contextmanager
 def attach(model: Any, backend: str | None = None) -> Iterator[ModelAdapter]:
     """Run the model's attention through kvsqueeze (masks from each layer's own cache), without compressing.
@@ -105,11 +113,15 @@ def attach(model: Any, backend: str | None = None) -> Iterator[ModelAdapter]:
     register()
     previous = model.config._attn_implementation
     _set_attention(model, implementation_name(_inner_backend(previous, backend)))
-    handle = model.register_forward_pre_hook(_prepare_step, with_kwargs=True)
+    handles = [
+        model.register_forward_pre_hook(_prepare_step, with_kwargs=True),
+        model.register_forward_hook(_end_step, with_kwargs=True),
+    ]
     try:
         yield adapter
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         _set_attention(model, previous)
 
 

@@ -101,7 +101,7 @@ def check_ratio(ratio: float) -> None:
 
 def uniform_budget(seen: Tensor, ratio: float, n_heads: int) -> Tensor:
     """floor(n (1 - r)) tokens per (row, head), at least 1: (B, H) long."""
-    keep = torch.floor(seen.double() * (1.0 - ratio)).long().clamp(min=1)
+    keep = torch.floor(seen.double() * (1.0 - ratio) + 1e-6).long().clamp(min=1)  # 1e-6: 100 * (1 - 0.8) is 20
     return keep[:, None].expand(-1, n_heads)
 
 
@@ -155,14 +155,16 @@ def select(scores: Tensor, valid: Tensor, budget: Tensor, protected: Tensor | No
     scores, valid, protected: (B, H, T); budget: (B, H). Returns indices (B, H, K) sorted by slot with the
     `counts` (B, H) kept slots first, K = max budget.
     """
-    scores = scores.masked_fill(~valid, float("-inf"))
-    if protected is not None:
-        scores = scores.masked_fill(protected, float("inf"))
-    if torch.isnan(scores).any():
+    if bool((torch.isnan(scores) & valid).any()):
         raise RuntimeError("compression scores contain NaN")
+    tier = valid.long()  # 0 empty, 1 real, 2 protected real: tiers first, then scores, then the earlier slot
+    if protected is not None:
+        tier = tier + (protected & valid).long()
     counts = torch.minimum(budget, valid.sum(dim=-1))
     k = int(counts.max())
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, H, K)
+    by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.gather(-1, by_score), dim=-1, descending=True, stable=True).indices
+    order = by_score.gather(-1, by_tier)[..., :k]  # (B, H, K)
     filled = torch.arange(k, device=scores.device)[None, None, :] < counts[..., None]
     t = scores.shape[-1]
     indices = torch.sort(torch.where(filled, order, order + t), dim=-1).values  # kept first, in slot order

@@ -50,9 +50,11 @@ class PyramidKV(ScorerMethod):
     def budget(self, ctx: ScoreContext) -> Tensor:  # (B, H)
         protected = self.protected(ctx)
         floor = protected.sum(dim=-1).amax(dim=-1).float() if protected is not None else torch.zeros_like(ctx.seen)
+        full = ctx.adapter.full_layers  # sliding layers are never pruned: spread the budget over the others
+        depth = full.index(ctx.layer_idx)
         per_row = [
-            pyramid_budgets(float(n), self.ratio, ctx.n_layers, self.slope, float(f))[ctx.layer_idx]
+            pyramid_budgets(float(n), self.ratio, len(full), self.slope, float(f))[depth]
             for n, f in zip(ctx.seen.tolist(), floor.tolist(), strict=True)
         ]
-        keep = torch.tensor(per_row, device=ctx.keys.device).floor().long().clamp(min=1)
+        keep = (torch.tensor(per_row, dtype=torch.float64, device=ctx.keys.device) + 1e-6).floor().long().clamp(min=1)
         return keep[:, None].expand(-1, ctx.keys.shape[1])

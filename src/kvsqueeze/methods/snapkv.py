@@ -25,6 +25,9 @@ def window_attention(ctx: ScoreContext, window: int) -> Tensor:
     qw = q[:, :, -w:].float().view(b, h, hq // h, w, d)  # (B, H, G, w, D)
     qpos = ctx.query_positions[:, -w:]  # (B, w)
     logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, ctx.keys.float()) * ctx.scaling  # (B, H, G, w, T)
+    softcap = ctx.adapter.softcap(ctx.module)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     pos = ctx.positions[:, :, None, None, :]  # (B, H, 1, 1, T)
     allowed = (pos >= 0) & (pos <= qpos[:, None, None, :, None])
     attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -53,8 +56,10 @@ class SnapKV(ScorerMethod):
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         attn = window_attention(ctx, self.window)  # (B, H_q, T)
         b, hq, t = attn.shape
-        pooled = F.avg_pool1d(attn.view(b * hq, 1, t), self.kernel, 1, self.kernel // 2, count_include_pad=False)
         h = ctx.keys.shape[1]
+        real = ctx.valid.repeat_interleave(hq // h, dim=1).float()  # (B, H_q, T): pool over real slots only
+        pool = lambda x: F.avg_pool1d(x.reshape(b * hq, 1, t), self.kernel, 1, self.kernel // 2)  # noqa: E731
+        pooled = pool(attn * real) / pool(real).clamp(min=1e-9)
         return pooled.view(b, h, hq // h, t).mean(dim=2)
 
     def protected(self, ctx: ScoreContext) -> Tensor:
