@@ -1,0 +1,305 @@
+"""Every registered method, on tiny random models of each family, honours the compression contract.
+
+The contract (README "Methods"): ratio r removes a fraction r of the context; each KV head of each full-attention
+layer keeps floor(n(1-r)) tokens (PyramidKV: per-layer budgets whose mean is n(1-r)); the bytes are freed for real;
+sliding-window layers are never pruned; pad tokens are never kept; ratio 0 changes nothing; methods are dataclasses
+whose repr rebuilds them; bad ratios and unknown options raise ValueError with a useful message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import kvsqueeze as kvs
+from kvsqueeze.methods import METHODS
+from kvsqueeze.methods.pyramidkv import pyramid_budgets
+
+METHOD_NAMES = kvs.list_methods()
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+N_CTX = 61  # odd, so floor(n * 0.5) actually floors
+SMALL_WINDOW = 8
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+
+def small_options(name: str) -> dict[str, object]:
+    """Options that make a method usable on ~60-token contexts: any `window` option becomes 8 (also inside a wrapped
+    scorer, e.g. PyramidKV's SnapKV)."""
+    defaults = METHODS.get(name).options()
+    options: dict[str, object] = {}
+    if "window" in defaults:
+        options["window"] = SMALL_WINDOW
+    for key, value in defaults.items():
+        if isinstance(value, kvs.Method) and "window" in type(value).options():
+            options[key] = dataclasses.replace(value, window=SMALL_WINDOW)
+    return options
+
+
+def build(name: str, ratio: float) -> kvs.Method:
+    return kvs.get_method(name, ratio=ratio, **small_options(name))
+
+
+def context_ids(n: int = N_CTX, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 500, (batch, n), generator=gen)
+
+
+def full_layer_indices(model) -> list[int]:
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+def prefill(model, ids: torch.Tensor, method: kvs.Method | None, mask: torch.Tensor | None = None):
+    cache = kvs.KVCache(model.config)
+    with torch.no_grad(), kvs.compress(model, method) as log:
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+    return cache, log, out.logits
+
+
+def expected_keep(name: str, n: int, ratio: float, layer_idx: int, n_layers: int) -> int:
+    if name == "pyramidkv":
+        return max(1, math.floor(pyramid_budgets(n, ratio, n_layers, 0.95, SMALL_WINDOW)[layer_idx]))
+    return max(1, math.floor(n * (1 - ratio)))
+
+
+def params(names=METHOD_NAMES, families=FAMILIES):
+    return [pytest.param(name, family, id=f"{name}-{family}") for name in names for family in families]
+
+
+def assert_sliding_layer_untouched(layer, dense_layer, n: int, window: int) -> None:
+    """A sliding layer is never pruned by a method: it holds what it holds without compression, the most recent
+    positions (at least window - 1 of them)."""
+    assert layer.is_sliding
+    assert torch.equal(layer.positions, dense_layer.positions)
+    assert torch.equal(layer.keys, dense_layer.keys)
+    held = layer.positions.shape[-1]
+    assert min(n, window - 1) <= held <= n
+    assert layer.positions.tolist() == [[list(range(n - held, n))] * 2]
+
+
+# --- (a) target size --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "family"), params())
+def test_target_size_is_reached(name, family, make_model):
+    model = make_model(family)
+    ratio = 0.5
+    dense, _, _ = prefill(model, context_ids(), None)
+    cache, _, _ = prefill(model, context_ids(), build(name, ratio))
+    full = full_layer_indices(model)
+    kept_per_layer = []
+    for idx, layer in enumerate(cache.kv_layers()):
+        assert layer.seen.tolist() == [N_CTX]
+        if idx not in full:  # sliding layers are never pruned
+            assert_sliding_layer_untouched(layer, dense.layer(idx), N_CTX, model.config.sliding_window)
+            continue
+        kept = layer.kept
+        assert kept.shape == (1, 2)
+        assert kept.min() == kept.max(), "every head of a layer keeps the same number of tokens"
+        assert layer.keys.shape[-2] == int(kept.max()), "storage holds exactly the kept slots (no empty ones)"
+        kept_per_layer.append(int(kept[0, 0]))
+    target = math.floor(N_CTX * (1 - ratio))
+    if name == "pyramidkv":
+        assert len(set(kept_per_layer)) == len(kept_per_layer), "PyramidKV budgets differ per layer"
+        # each layer floors its own budget: the sum is within one token per layer of n(1-r) per layer
+        exact = N_CTX * (1 - ratio) * len(full)
+        assert exact - len(full) <= sum(kept_per_layer) <= exact
+    else:
+        assert kept_per_layer == [target] * len(full)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_target_size_other_ratios(name, ratio, make_model):
+    model = make_model("llama")
+    n = 100  # 0.25 and 0.75 are exact in binary, so floor(n(1-r)) has no rounding ambiguity
+    cache, _, _ = prefill(model, context_ids(n), build(name, ratio))
+    kept = [layer.kept.tolist() for layer in cache.full_layers()]
+    expected = [[[expected_keep(name, n, ratio, i, 4)] * 2] for i in range(4)]
+    assert kept == expected
+
+
+@pytest.mark.parametrize(("n", "ratio", "keep"), [(100, 0.8, 20), (100, 0.9, 10), (90, 0.3, 63)])
+def test_target_size_is_exact_for_decimal_ratios(n, ratio, keep, make_model):
+    model = make_model("llama")
+    cache, _, _ = prefill(model, context_ids(n), build("knorm", ratio))
+    assert [layer.kept.tolist() for layer in cache.full_layers()] == [[[keep, keep]]] * 4
+
+
+# --- (b) bytes drop ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "family"), params())
+def test_bytes_drop_by_the_ratio(name, family, make_model):
+    model = make_model(family)
+    ids = context_ids()
+    dense, _, _ = prefill(model, ids, None)
+    cache, log, _ = prefill(model, ids, build(name, 0.5))
+    before, after = kvs.cache_stats(dense), kvs.cache_stats(cache)
+    n_full = len(full_layer_indices(model))
+    per_token = 2 * 2 * 16 * 4 * n_full  # keys+values, 2 KV heads, head_dim 16, fp32, over the full layers
+    assert before.kv_bytes == N_CTX * per_token
+    assert log.kv_bytes_before == before.kv_bytes
+    assert log.kv_bytes_after == after.kv_bytes
+    assert after.padding_bytes == 0
+    assert after.sliding_kv_bytes == before.sliding_kv_bytes  # sliding layers are never pruned
+    if name == "pyramidkv":  # per-layer floors: at most one token per layer under half
+        assert before.kv_bytes * 0.5 - per_token <= after.kv_bytes <= before.kv_bytes * 0.5
+    else:
+        assert after.kv_bytes == math.floor(N_CTX * 0.5) * per_token
+    assert kvs.cache_bytes(cache) == after.kv_bytes + after.sliding_kv_bytes
+    assert after.peak_kv_bytes < before.kv_bytes + before.sliding_kv_bytes  # never held all layers uncompressed
+
+
+# --- (c) ratio 0 changes nothing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "family"), params())
+def test_ratio_zero_is_identical_to_attach(name, family, make_model):
+    model = make_model(family)
+    ids = context_ids()
+    question = context_ids(7, seed=1)
+    results = []
+    for method in (None, build(name, 0.0)):
+        cache = kvs.KVCache(model.config)
+        with torch.no_grad(), kvs.compress(model, method) if method is not None else kvs.attach(model):
+            ctx_logits = model(ids, past_key_values=cache).logits
+            q_logits = model(question, past_key_values=cache).logits
+        results.append((ctx_logits, q_logits, [layer.kept.tolist() for layer in cache.kv_layers()]))
+    (ctx_a, q_a, kept_a), (ctx_b, q_b, kept_b) = results
+    assert torch.equal(ctx_a, ctx_b)
+    assert torch.equal(q_a, q_b)
+    assert kept_a == kept_b
+
+
+# --- (d) repr round-trip ----------------------------------------------------------------------------------------------
+
+
+def _namespace() -> dict[str, type]:
+    return {METHODS.get(n).__name__: METHODS.get(n) for n in METHOD_NAMES}
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("ratio", [0.0, 0.375])
+def test_repr_rebuilds_the_method(name, ratio):
+    method = build(name, ratio)
+    assert dataclasses.is_dataclass(method)
+    rebuilt = eval(repr(method), _namespace())
+    assert type(rebuilt) is type(method)
+    assert rebuilt == method
+    assert repr(rebuilt) == repr(method)
+    default = kvs.get_method(name)
+    assert eval(repr(default), _namespace()) == default
+    if small_options(name):
+        assert default != method  # the options are part of equality, so the round trip above is meaningful
+
+
+def test_list_and_describe_agree():
+    described = kvs.describe_methods()
+    assert [d["name"] for d in described] == METHOD_NAMES
+    assert {"knorm", "pyramidkv", "random", "snapkv", "streaming_llm"} <= set(METHOD_NAMES)
+    for entry in described:
+        assert entry["description"]
+        assert entry["options"]["ratio"] == 0.0
+        assert type(kvs.get_method(entry["name"])).name == entry["name"]
+
+
+# --- (e) padding is never kept ----------------------------------------------------------------------------------------
+
+
+def _padded_batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    rows = [context_ids(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask, rows
+
+
+@pytest.mark.parametrize(("name", "family"), params())
+def test_padding_is_never_kept(name, family, make_model):
+    model = make_model(family)
+    lengths = [N_CTX, 40]
+    ratio = 0.5
+    ids, mask, rows = _padded_batch(lengths)
+    method = build(name, ratio)
+    dense, _, _ = prefill(model, ids, None, mask)  # uncompressed, for the slot contents
+    cache, _, _ = prefill(model, ids, method, mask)
+    alone = [prefill(model, row[None], method)[0] for row in rows]
+    full = full_layer_indices(model)
+    assert cache.real_tokens_seen().tolist() == lengths
+    for idx in full:
+        layer, ref = cache.layer(idx), dense.layer(idx)
+        for b, n in enumerate(lengths):
+            pad = ids.shape[1] - n
+            pos = layer.positions[b]  # (H, T)
+            filled = pos >= 0
+            # exactly the budget of this row's own length, as when the row runs alone
+            assert filled.sum(-1).tolist() == alone[b].layer(idx).kept[0].tolist()
+            if name != "pyramidkv":
+                assert filled.sum(-1).tolist() == [math.floor(n * (1 - ratio))] * 2
+            for h in range(2):
+                kept_pos = pos[h][filled[h]].long()
+                assert kept_pos.unique().numel() == kept_pos.numel()
+                assert int(kept_pos.min()) >= 0 and int(kept_pos.max()) < n
+                # each kept slot holds the key/value of the token at that position (pads sit at the left)
+                torch.testing.assert_close(layer.keys[b, h][filled[h]], ref.keys[b, h, pad + kept_pos], rtol=0, atol=0)
+                torch.testing.assert_close(
+                    layer.values[b, h][filled[h]], ref.values[b, h, pad + kept_pos], rtol=0, atol=0
+                )
+    # the shorter row leaves empty slots, reported as padding bytes (one key and one value of 16 fp32 each)
+    empty = sum(int((cache.layer(i).positions < 0).sum()) for i in full)
+    assert empty > 0
+    assert kvs.cache_stats(cache).padding_bytes == empty * 2 * 16 * 4
+
+
+# --- (f) questions after compression ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "family"), params())
+def test_question_after_compression(name, family, make_model):
+    model = make_model(family)
+    ids = context_ids()
+    question = context_ids(9, seed=2)
+    cache, _, _ = prefill(model, ids, build(name, 0.5))
+    kept_before = [int(layer.kept.max()) for layer in cache.full_layers()]
+    with torch.no_grad(), kvs.attach(model):
+        logits = model(question, past_key_values=cache).logits
+        step = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
+    assert logits.shape == (1, 9, model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert torch.isfinite(step).all()
+    assert cache.real_tokens_seen().tolist() == [N_CTX + 10]
+    assert [int(layer.kept.max()) for layer in cache.full_layers()] == [k + 10 for k in kept_before]
+    for layer in cache.full_layers():  # questions continue from the uncompressed length
+        assert layer.positions[0, :, -10:].tolist() == [list(range(N_CTX, N_CTX + 10))] * 2
+
+
+# --- (g) validation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_bad_ratio_raises(name, ratio):
+    with pytest.raises(ValueError, match=str(ratio).replace(".", r"\.")):
+        kvs.get_method(name, ratio=ratio)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_unknown_option_suggests(name):
+    with pytest.raises(ValueError, match=r"Unknown option 'ratoi'.*Did you mean 'ratio'"):
+        kvs.get_method(name, ratoi=0.5)
+    with pytest.raises(ValueError, match="Unknown option 'zzzzzz'"):
+        kvs.get_method(name, zzzzzz=1)
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(ValueError, match=r"Did you mean 'knorm'"):
+        kvs.get_method("knrom")
+    assert type(kvs.get_method("Streaming-LLM")).name == "streaming_llm"

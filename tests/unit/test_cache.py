@@ -1,0 +1,306 @@
+"""The prunable KVCache: pruning frees storage for real, bytes are measured from storages, rows copy, sliding layers
+trim to their window and are never pruned, the peak is tracked, and misuse fails with a clear error."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+import kvsqueeze as kvs
+from kvsqueeze.cache import KVCache, KVLayer, take_updated_layer
+
+PER_TOKEN = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32: bytes per token and layer
+
+
+def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, ids, cache, method=None, mask=None):
+    with torch.no_grad(), kvs.compress(model, method):
+        return model(ids, attention_mask=mask, past_key_values=cache).logits
+
+
+# --- pruning ----------------------------------------------------------------------------------------------------------
+
+
+def test_prune_frees_storage(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(40), cache)
+    layer = cache.layer(0)
+    assert layer.keys.untyped_storage().nbytes() == 40 * 2 * 16 * 4
+    old_keys, old_values = weakref.ref(layer.keys), weakref.ref(layer.values)
+    total_before = kvs.cache_bytes(cache)
+    positions_before = layer.positions.clone()
+
+    keep = torch.tensor([[[1, 5, 7, 39, 0], [0, 2, 4, 6, 8]]])  # head 0 keeps 4 slots, head 1 keeps 5
+    counts = torch.tensor([[4, 5]])
+    expected_keys = [layer.keys[0, 0, [1, 5, 7, 39]].clone(), layer.keys[0, 1, [0, 2, 4, 6, 8]].clone()]
+    layer.prune(keep, counts)
+    gc.collect()
+
+    assert old_keys() is None and old_values() is None, "the old tensors (and their storages) are released"
+    assert layer.keys.shape == (1, 2, 5, 16)
+    assert layer.keys.untyped_storage().nbytes() == 5 * 2 * 16 * 4
+    assert layer.values.untyped_storage().nbytes() == 5 * 2 * 16 * 4
+    assert kvs.cache_bytes(cache) == total_before - 35 * PER_TOKEN
+    assert layer.kept.tolist() == [[4, 5]]
+    assert layer.positions[0, 0].tolist() == [1, 5, 7, 39, -1]  # the slot beyond the count is empty
+    assert layer.positions[0, 1].tolist() == positions_before[0, 1, [0, 2, 4, 6, 8]].tolist()
+    torch.testing.assert_close(layer.keys[0, 0, :4], expected_keys[0], rtol=0, atol=0)
+    torch.testing.assert_close(layer.keys[0, 1], expected_keys[1], rtol=0, atol=0)
+    stats = kvs.cache_stats(cache)
+    assert stats.padding_bytes == 1 * 2 * 16 * 4  # one empty slot: its key and its value
+    assert layer.seen.tolist() == [40]  # the uncompressed length is remembered
+
+
+def test_compression_frees_the_uncompressed_storages(make_model):
+    model = make_model("qwen2")
+    cache = KVCache(model.config)
+    run(model, ids_of(50), cache, kvs.get_method("knorm", ratio=0.5))
+    for layer in cache.full_layers():
+        assert layer.keys.untyped_storage().nbytes() == 25 * 2 * 16 * 4
+        assert layer.values.untyped_storage().nbytes() == 25 * 2 * 16 * 4
+        assert layer.positions.shape == (1, 2, 25)
+    assert kvs.cache_bytes(cache) == 4 * 25 * PER_TOKEN
+
+
+# --- measuring bytes --------------------------------------------------------------------------------------------------
+
+
+def test_cache_bytes_counts_a_shared_storage_once(make_model):
+    cache = DynamicCache(config=make_model("llama").config)
+    big = torch.zeros(1, 2, 10, 16)  # 1280 bytes
+    layer0, layer1 = cache.layers[0], cache.layers[1]
+    layer0.keys, layer0.values = big[:, :, :4], big[:, :, 4:]  # two views of one storage
+    assert kvs.cache_bytes(cache) == big.untyped_storage().nbytes() == 1280
+    layer1.keys, layer1.values = big[:, :, 2:3], torch.ones(1, 2, 3, 16)  # the same storage again, plus a new one
+    assert kvs.cache_bytes(cache) == 1280 + 3 * 2 * 16 * 4
+    stats = kvs.cache_stats(cache)
+    assert stats.kv_bytes == kvs.cache_bytes(cache)
+    assert stats.tokens_kept == [4, 1]
+    assert stats.peak_kv_bytes == stats.kv_bytes  # not a KVCache: no tracking, the current bytes
+
+
+def test_cache_bytes_of_a_slice_is_its_whole_storage(make_model):
+    cache = DynamicCache(config=make_model("llama").config)
+    big = torch.zeros(1, 2, 100, 16)
+    layer = cache.layers[0]
+    layer.keys, layer.values = big[:, :, :1], big[:, :, 1:2]
+    assert kvs.cache_bytes(cache) == 100 * 2 * 16 * 4
+
+
+def test_cache_stats_metadata_and_kept(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(30), cache, kvs.get_method("streaming_llm", ratio=0.5))
+    stats = kvs.cache_stats(cache)
+    assert stats.tokens_kept == [15, 15, 15, 15]
+    assert stats.kv_bytes == 4 * 15 * PER_TOKEN
+    assert stats.sliding_kv_bytes == 0
+    assert stats.padding_bytes == 0
+    # positions (B, H, T) int32 and seen (B,) int64, per layer
+    assert stats.metadata_bytes == 4 * (2 * 15 * 4 + 8)
+
+
+# --- rows -------------------------------------------------------------------------------------------------------------
+
+
+def test_select_rows_copies(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    run(model, ids_of(20, batch=2), cache, kvs.get_method("knorm", ratio=0.5), mask)
+    new = cache.select_rows(torch.tensor([1, 1, 0]))
+    assert new.real_tokens_seen().tolist() == [14, 14, 20]
+    for old_layer, new_layer in zip(cache.kv_layers(), new.kv_layers(), strict=True):
+        assert torch.equal(new_layer.keys, old_layer.keys[[1, 1, 0]])
+        assert torch.equal(new_layer.positions, old_layer.positions[[1, 1, 0]])
+        assert new_layer.keys.untyped_storage().data_ptr() != old_layer.keys.untyped_storage().data_ptr()
+        assert new_layer.tracker is new.tracker
+    original = [layer.keys.clone() for layer in cache.kv_layers()]
+    new.layer(0).keys.add_(1.0)
+    assert torch.equal(cache.layer(0).keys, original[0]), "writing the copy leaves the original alone"
+    assert new.tracker.current == kvs.cache_bytes(new) == 3 * 4 * 10 * PER_TOKEN
+    kept_before = [layer.kept.clone() for layer in cache.kv_layers()]
+    with torch.no_grad(), kvs.attach(model):
+        model(ids_of(3, batch=3), past_key_values=new)
+    assert new.real_tokens_seen().tolist() == [17, 17, 23]
+    assert cache.real_tokens_seen().tolist() == [20, 14]
+    assert all(torch.equal(a, b.kept) for a, b in zip(kept_before, cache.kv_layers(), strict=True))
+    assert all(torch.equal(a, b.keys) for a, b in zip(original, cache.kv_layers(), strict=True))
+
+
+# --- sliding layers ---------------------------------------------------------------------------------------------------
+
+
+def test_cache_layers_follow_the_config(make_model):
+    gemma = KVCache(make_model("gemma3").config)
+    assert [layer.is_sliding for layer in gemma.kv_layers()] == [True, False, True, False]
+    assert [layer.sliding_window for layer in gemma.sliding_layers()] == [16, 16]
+    assert len(gemma.full_layers()) == 2
+    llama = KVCache(make_model("llama").config)
+    assert not any(layer.is_sliding for layer in llama.kv_layers())
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_cache_layers_follow_a_global_sliding_window(family, make_model):
+    config = make_model(family, sliding_window=16).config
+    reference = DynamicCache(config=config)
+    expected = [type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in reference.layers]
+    assert expected == [True] * 4
+    assert [layer.is_sliding for layer in KVCache(config).kv_layers()] == expected
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sliding_layers_trim_to_window_and_are_never_pruned(family, make_model):
+    model = make_model(family)
+    cache = KVCache(model.config)
+    method = kvs.get_method("knorm", ratio=0.5)
+    run(model, ids_of(40), cache, method)
+    for layer in cache.sliding_layers():
+        # only what a future query can still see: the last window - 1 = 15 positions, never pruned by the method
+        assert layer.keys.shape == (1, 2, 15, 16)
+        assert layer.positions.tolist() == [[list(range(25, 40))] * 2]
+        assert layer.keys.untyped_storage().nbytes() == 15 * 2 * 16 * 4
+    run(model, ids_of(3, seed=1), cache, method)  # another forward, still compressing
+    for layer in cache.sliding_layers():
+        assert layer.keys.shape == (1, 2, 15, 16)
+        assert layer.positions.tolist() == [[list(range(28, 43))] * 2]
+        assert layer.seen.tolist() == [43]
+    for layer in cache.full_layers():
+        assert layer.kept.tolist() == [[21, 21]]  # floor(43 / 2): full layers keep being pruned
+    stats = kvs.cache_stats(cache)
+    assert stats.sliding_kv_bytes == 2 * 15 * PER_TOKEN
+    assert stats.kv_bytes == 2 * 21 * PER_TOKEN
+
+
+def test_short_sliding_layers_are_not_trimmed(make_model):
+    model = make_model("gemma3")
+    cache = KVCache(model.config)
+    run(model, ids_of(10), cache)
+    for layer in cache.sliding_layers():
+        assert layer.positions.tolist() == [[list(range(10))] * 2]
+
+
+def test_sliding_trim_keeps_the_window_of_every_row(make_model):
+    model = make_model("gemma3")
+    cache = KVCache(model.config)
+    run(model, ids_of(30), cache)
+    work = cache.select_rows(torch.tensor([0, 0]))
+    questions = ids_of(10, seed=3, batch=2)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :7] = 0  # row 0 asks a 3-token question, left-padded to 10
+    run(model, questions, work, mask=mask)
+    run(model, torch.tensor([[7], [7]]), work)
+    for layer in work.sliding_layers():
+        real = (layer.positions >= 0).sum(-1)
+        assert real.tolist() == [[15, 15], [15, 15]]  # the last window - 1 real tokens of each row
+        newest = layer.positions.amax(-1)
+        assert newest.tolist() == [[33, 33], [40, 40]]
+        for b in range(2):
+            pos = layer.positions[b, 0]
+            assert sorted(pos[pos >= 0].tolist()) == list(range(int(newest[b, 0]) - 14, int(newest[b, 0]) + 1))
+
+
+# --- peak -------------------------------------------------------------------------------------------------------------
+
+
+def test_peak_one_shot_prefill(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(61), cache, kvs.get_method("knorm", ratio=0.5))
+    # layers are pruned one after the other: the peak is three pruned layers plus the last one uncompressed
+    assert kvs.cache_stats(cache).peak_kv_bytes == (3 * 30 + 61) * PER_TOKEN
+    assert cache.tracker.current == kvs.cache_bytes(cache) == 4 * 30 * PER_TOKEN
+    dense = KVCache(model.config)
+    run(model, ids_of(61), dense)
+    assert kvs.cache_stats(dense).peak_kv_bytes == 4 * 61 * PER_TOKEN == kvs.cache_bytes(dense)
+
+
+def test_peak_chunked_prefill_is_bounded_by_budget_plus_chunk(make_model):
+    model = make_model("llama")
+    ids = ids_of(96)
+    chunk = 16
+    cache = KVCache(model.config)
+    peaks = []
+    for lo in range(0, 96, chunk):
+        run(model, ids[:, lo : lo + chunk], cache, kvs.get_method("knorm", ratio=0.75))
+        peaks.append(cache.tracker.peak)
+    assert [layer.kept.tolist() for layer in cache.full_layers()] == [[[24, 24]]] * 4
+    # at any time: every layer within its budget, and one layer holding one extra chunk
+    assert peaks[-1] <= (4 * 24 + chunk) * PER_TOKEN
+    assert peaks == sorted(peaks)
+    assert kvs.cache_stats(cache).peak_kv_bytes == peaks[-1] < 4 * 96 * PER_TOKEN
+
+
+# --- misuse -----------------------------------------------------------------------------------------------------------
+
+
+def test_fresh_cache_without_kvsqueeze_attention_raises(make_model):
+    model = make_model("llama")
+    with pytest.raises(RuntimeError, match=r"attach.*compress"), torch.no_grad():
+        model(ids_of(8), past_key_values=KVCache(model.config))
+
+
+def test_cache_reused_without_kvsqueeze_attention_raises(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(8), cache)
+    with pytest.raises(RuntimeError, match=r"kvsqueeze\.attach\(model\).*kvsqueeze\.compress"), torch.no_grad():
+        model(ids_of(8), past_key_values=cache)
+
+
+def test_misuse_error_leaves_the_cache_unchanged(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(8), cache)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        model(ids_of(8), past_key_values=cache)
+    assert cache.real_tokens_seen().tolist() == [8]
+    assert [layer.positions.shape[-1] for layer in cache.kv_layers()] == [8] * 4
+
+
+def test_compress_rejects_other_caches(make_model):
+    model = make_model("llama")
+    with pytest.raises(TypeError, match="KVCache"), torch.no_grad(), kvs.attach(model):
+        model(ids_of(8), past_key_values=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="use_cache=False"), torch.no_grad(), kvs.attach(model):
+        model(ids_of(8), use_cache=False)
+    assert model.config._attn_implementation == "sdpa", "the attention implementation is restored"
+
+
+def test_unsupported_cache_operations(make_model):
+    cache = KVCache(make_model("llama").config)
+    layer = cache.layer(0)
+    with pytest.raises(NotImplementedError, match="crop"):
+        layer.crop(1)
+    with pytest.raises(NotImplementedError, match="beam"):
+        layer.batch_repeat_interleave(2)
+    with pytest.raises(ValueError, match=r"\(batch, tokens\)"):
+        cache.begin_step(torch.arange(4))
+
+
+def test_manual_step_protocol():
+    layer_cache = KVCache.__new__(KVCache)  # built by hand: one full layer, no model
+    layer = KVLayer()
+    Cache.__init__(layer_cache, layers=[layer])
+    layer_cache.tracker = layer.tracker
+    layer_cache.step_positions = None
+    layer_cache.begin_step(torch.tensor([[0, 1, 2], [0, 0, 1]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    keys = torch.randn(2, 2, 3, 16)
+    k, _ = layer.update(keys, keys.clone())
+    assert k is layer.keys
+    assert layer.positions.tolist() == [[[0, 1, 2]] * 2, [[-1, 0, 1]] * 2]
+    assert layer.seen.tolist() == [3, 2]
+    assert layer.get_seq_length() == 3
+    assert layer.tracker.current == layer.tracker.peak == 2 * 2 * 3 * 16 * 4 * 2
+    assert take_updated_layer(k) is layer  # what the attention function does next (and it consumes it)
+    assert take_updated_layer(k) is None
