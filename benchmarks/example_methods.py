@@ -21,6 +21,10 @@ OUT = Path(__file__).parent / "results"
 RATIOS = (0.25, 0.5, 0.75)
 
 
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def main() -> None:
     model, tokenizer = kvs.load_model()
     example = json.loads(resources.files("kvsqueeze.data").joinpath("example.json").read_text())
@@ -50,7 +54,7 @@ def main() -> None:
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['ratio']} | {r['kv_bytes_before'] / 2**20:.1f} | {r['kv_bytes_after'] / 2**20:.1f} "
-            f"| {r['prefill_seconds']:.2f} | {r['compression_seconds']:.2f} | {r['answer']} | "
+            f"| {r['prefill_seconds']:.2f} | {r['compression_seconds']:.2f} | {_cell(r['answer'])} | "
             f"{'yes' if r['correct'] else 'no'} |"
         )
     (OUT / "example_methods.md").write_text("\n".join(lines) + "\n")
