@@ -212,6 +212,16 @@ class KVCache(Cache):
         for layer in self.kv_layers():
             layer.query_positions = pos
 
+    @property
+    def batch_size(self) -> int:
+        seen = self.real_tokens_seen()
+        return 0 if seen is None else int(seen.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        seen = self.real_tokens_seen()
+        return torch.device("cpu") if seen is None else seen.device
+
     def end_step(self) -> None:
         """Forget the announced positions once the forward is over, so a stray forward cannot reuse them."""
         self.step_positions = None

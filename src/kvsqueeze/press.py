@@ -158,38 +158,107 @@ def compress(model: Any, method: Method | None, backend: str | None = None) -> I
                 handle.remove()
 
 
+@dataclass
+class LayerInputs:
+    """What one attention layer received in a forward: enough to score its cache again later."""
+
+    hidden_states: Tensor  # (B, q, hidden)
+    position_embeddings: tuple[Tensor, Tensor]  # cos, sin (B, q, R)
+    query_positions: Tensor  # (B, q), -1 = pad
+
+
+def compress_layer(
+    method: Method, adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: LayerInputs, log: CompressionLog
+) -> None:
+    """Score and prune one full-attention layer of `cache` with `method`, logging bytes and time."""
+    layer = cache.layer(layer_idx)
+    if layer.keys is None or layer.values is None or layer.positions is None or layer.seen is None:
+        return
+    sync = layer.keys.device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(layer.keys.device)
+    start = time.perf_counter()
+    ctx = ScoreContext(
+        keys=layer.keys,
+        values=layer.values,
+        positions=layer.positions,
+        hidden_states=inputs.hidden_states,
+        query_positions=inputs.query_positions,
+        position_embeddings=inputs.position_embeddings,
+        seen=layer.seen,
+        layer_idx=layer_idx,
+        module=adapter.attention_modules[layer_idx],
+        adapter=adapter,
+    )
+    with torch.no_grad():
+        plan = method.plan(ctx)
+    log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
+    if plan is not None:
+        layer.prune(*plan)
+    log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
+    if sync:
+        torch.cuda.synchronize(layer.keys.device)
+    log.seconds += time.perf_counter() - start
+
+
 def _make_hook(method: Method, adapter: ModelAdapter, layer_idx: int, log: CompressionLog):
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, KVCache):
             return
-        layer = cache.layer(layer_idx)
-        if layer.keys is None or layer.positions is None or layer.seen is None:
+        pos = cache.layer(layer_idx).query_positions
+        if pos is None:
             return
-        sync = layer.keys.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(layer.keys.device)
-        start = time.perf_counter()
-        ctx = ScoreContext(
-            keys=layer.keys,
-            values=layer.values,  # type: ignore[arg-type]
-            positions=layer.positions,
-            hidden_states=_hidden_states(args, kwargs),
-            query_positions=layer.query_positions,  # type: ignore[arg-type]
-            position_embeddings=kwargs["position_embeddings"],
-            seen=layer.seen,
-            layer_idx=layer_idx,
-            module=module,
-            adapter=adapter,
-        )
-        with torch.no_grad():
-            plan = method.plan(ctx)
-        log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
-        if plan is not None:
-            layer.prune(*plan)
-        log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
-        if sync:
-            torch.cuda.synchronize(layer.keys.device)
-        log.seconds += time.perf_counter() - start
+        inputs = LayerInputs(_hidden_states(args, kwargs), kwargs["position_embeddings"], pos)
+        compress_layer(method, adapter, cache, layer_idx, inputs, log)
 
     return hook
+
+
+@dataclass
+class Recording:
+    """An uncompressed prefill and every full-attention layer's inputs, to compress copies of it later.
+
+    For a one-shot prefill, compressing a copy of a recording gives exactly what `compress` gives in the forward:
+    each layer is pruned after its attention ran, so later layers saw the same inputs either way.
+    """
+
+    cache: KVCache
+    inputs: dict[int, LayerInputs]
+    adapter: ModelAdapter = field(repr=False)
+
+
+@contextmanager
+def record(model: Any, cache: KVCache, backend: str | None = None) -> Iterator[Recording]:
+    """Inside this block, forwards fill `cache` uncompressed and the layers' inputs are kept (last forward wins)."""
+    with attach(model, backend) as adapter:
+        rec = Recording(cache=cache, inputs={}, adapter=adapter)
+
+        def make(layer_idx: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+                pos = cache.layer(layer_idx).query_positions
+                if kwargs.get("past_key_values") is cache and pos is not None:
+                    hidden = _hidden_states(args, kwargs)
+                    rec.inputs[layer_idx] = LayerInputs(hidden, kwargs["position_embeddings"], pos)
+
+            return hook
+
+        handles = [
+            adapter.attention_modules[i].register_forward_hook(make(i), with_kwargs=True) for i in adapter.full_layers
+        ]
+        try:
+            yield rec
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def compress_recording(recording: Recording, method: Method | None) -> tuple[KVCache, CompressionLog]:
+    """A compressed copy of a recorded prefill (the recording itself is left untouched)."""
+    rows = torch.arange(recording.cache.batch_size, device=recording.cache.device)
+    cache = recording.cache.select_rows(rows)
+    log = CompressionLog()
+    if method is not None:
+        for layer_idx, inputs in sorted(recording.inputs.items()):
+            compress_layer(method, recording.adapter, cache, layer_idx, inputs, log)
+    return cache, log
