@@ -6,9 +6,10 @@ Used for compression methods and benchmark tasks. Registries hold classes or fac
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -39,6 +40,20 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(key, list(self._entries), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"Unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}.")
+
+    def build(self, name: str, **options: Any) -> Any:
+        """`get(name)(**options)`, where an unknown option (a dataclass field that does not exist, or starts with an
+        underscore) raises ValueError with close matches and the known options."""
+        cls = self.get(name)
+        known = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]  # type: ignore[arg-type]
+        for option in options:
+            if option not in known:
+                close = difflib.get_close_matches(option, known, n=2, cutoff=0.5)
+                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(
+                    f"Unknown option {option!r} for {self.kind} {name!r}.{hint} Options: {', '.join(known) or 'none'}."
+                )
+        return cls(**options)  # type: ignore[operator]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from typing import Any, TypeVar
 
 from kvsqueeze.methods.base import Method
@@ -27,14 +25,8 @@ def register_method(name: str):
 
 def get_method(name: str, **options: Any) -> Method:
     """Build a registered method; unknown names or options raise ValueError with close matches."""
-    cls = METHODS.get(name)
-    known = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]  # type: ignore[arg-type]
-    for option in options:
-        if option not in known:
-            close = difflib.get_close_matches(option, known, n=2, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"Unknown option {option!r} for method {name!r}.{hint} Options: {', '.join(known)}.")
-    return cls(**options)
+    method: Method = METHODS.build(name, **options)
+    return method
 
 
 def list_methods() -> list[str]:
