@@ -9,7 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Calibration artifacts written during the tests go to a session temporary directory, never to ~/.cache."""
+    path = tmp_path_factory.mktemp("calibration")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KVSQUEEZE_CALIBRATION_DIR", str(path))
+    yield path
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

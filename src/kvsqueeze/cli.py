@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
     p_gen.add_argument("--device", default=None, help="torch device, e.g. cuda")
     p_gen.add_argument("--json", action="store_true", help="print one JSON document with answers and stats")
+
+    p_cal = sub.add_parser("calibrate", help="calibrate a method on a model ahead of time (cached on disk)")
+    p_cal.add_argument("method", help="method name (see `kvsqueeze list`; those marked [needs: calibration])")
+    p_cal.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
+    p_cal.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
+    p_cal.add_argument("--force", action="store_true", help="compute again even if a cached artifact exists")
+    p_cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p_cal.add_argument("--device", default=None, help="torch device, e.g. cuda")
     return parser
 
 
@@ -128,6 +136,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from kvsqueeze.calibration import read_info
+    from kvsqueeze.loading import load_model
+    from kvsqueeze.methods import get_method
+
+    method = get_method(args.method, **dict(args.option))
+    logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    start = time.perf_counter()
+    path = method.calibrate(model, tokenizer=tokenizer, force=args.force)
+    seconds = time.perf_counter() - start
+    if path is None:
+        print(f"{method.name} needs no calibration")
+        return 0
+    computed = read_info(path).get("seconds")
+    print(f"{method!r}: ready in {seconds:.1f} s (calibration took {computed} s when computed)")
+    print(f"artifact: {path}")
+    return 0
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -152,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        return {"list": cmd_list, "generate": cmd_generate}[args.command](args)
+        commands = {"list": cmd_list, "generate": cmd_generate, "calibrate": cmd_calibrate}
+        return commands[args.command](args)
     except (ValueError, TypeError, OSError, ModuleNotFoundError) as err:
         print(f"kvsqueeze: error: {err}", file=sys.stderr)
         return 2

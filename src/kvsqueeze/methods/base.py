@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,13 @@ class Method:
     def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
         """(indices (B, H, K), counts (B, H)) of the slots to keep, in slot order; None keeps everything."""
         raise NotImplementedError
+
+    def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path | None:
+        """Compute (or load from the calibration cache) what this method needs from `model`, ahead of first use.
+
+        Returns the artifact's path; None for methods that need no calibration (the default). `force` recomputes.
+        """
+        return None
 
     @classmethod
     def description(cls) -> str:
