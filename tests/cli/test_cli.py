@@ -76,3 +76,29 @@ def test_bad_ratio_is_rejected(ratio: str, capsys: pytest.CaptureFixture[str]) -
         main(["generate", "--example", "--ratio", ratio])
     assert err.value.code == 2
     assert "ratio must be" in capsys.readouterr().err
+
+
+def test_calibrate_once_then_cached(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["calibrate", "qfilters", "--model", str(model_dir), "--option", "n_tokens=128", "--option", "chunk_size=64"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    path = Path(first.out.split("artifact: ")[1].strip())
+    assert path.exists() and path.with_suffix(".json").exists()
+    assert "n_tokens=128" in first.out and "calibration took" in first.out
+    assert "Q-Filters:" in first.err  # computed: its progress bar went to stderr
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert f"artifact: {path}" in second.out
+    assert "Q-Filters:" not in second.err  # loaded from the cache
+    assert main([*argv, "--force"]) == 0
+    assert "Q-Filters:" in capsys.readouterr().err
+
+
+def test_calibrate_a_method_without_calibration(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "knorm", "--model", str(model_dir)]) == 0
+    assert "knorm needs no calibration" in capsys.readouterr().out
+
+
+def test_calibrate_bad_option(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "qfilters", "--model", str(model_dir), "--option", "n_tokens=3"]) == 2
+    assert "n_tokens must be an integer in [16, 1000000], got 3" in capsys.readouterr().err
