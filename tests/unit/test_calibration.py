@@ -154,6 +154,17 @@ def test_calibration_ids_from_tokenizer_or_random(make_model, tokenizer):
     assert source == "random" and rand.shape == (300,) and int(rand.max()) < model.config.vocab_size
 
 
+def test_tokenizer_found_next_to_a_saved_model(make_model, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_model("llama").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids, source = calibration_ids(model, 100, seed=0)
+    assert source == "text"
+    assert torch.equal(ids, calibration_ids(model, 100, seed=0, tokenizer=tokenizer)[0])
+
+
 def post_rope_queries(call):
     return call.queries(rope=True)[0]  # (H_q, T, D)
 

@@ -1,7 +1,7 @@
 """Run a model over calibration text and collect per-layer tensors from its attention modules (forward hooks).
 
 The text is kvsqueeze's generic prose (`kvsqueeze.text`), tokenized with the model's own tokenizer when one can be
-found (passed in, or saved next to the model at `model.name_or_path`); a model without one (an in-memory test model)
+found (passed in, or saved with the model at `model.name_or_path`); a model without one (an in-memory test model)
 gets seeded random token ids instead, and a warning. The ids are cut into independent chunks (each starts at position
 0, no cache), so memory stays bounded; a tqdm bar on stderr shows progress.
 """
@@ -43,14 +43,15 @@ class AttentionCall:
 
 
 def find_tokenizer(model: nn.Module) -> Any | None:
-    """The tokenizer saved in the model's local directory (`model.name_or_path`), or None."""
+    """The tokenizer saved with the model (`model.name_or_path`: a local directory, or a hub id already in the local
+    hub cache; never downloaded), or None."""
     source = str(getattr(model, "name_or_path", "") or "")
-    if not source or not os.path.isdir(source):
+    if not source:
         return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, local_files_only=not os.path.isdir(source))
     except Exception:  # no tokenizer files there: fall back to random ids
         return None
 
