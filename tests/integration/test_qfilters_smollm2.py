@@ -39,6 +39,7 @@ def test_keys_along_the_filter_get_the_attention():
     method = kvs.get_method("qfilters", n_tokens=2048)
     method.calibrate(model, tokenizer=tokenizer)
     kept = attention_mass_kept(model, tokenizer, method.filters(model))
-    assert kept["+"] > 0.75  # measured 0.85 (n_tokens=4096)
-    assert kept["-"] < 0.25
-    assert abs(kept["random"] - 0.5) < 0.1
+    print(f"attention mass kept by the top half of the keys: {kept}")  # shown with -s
+    assert kept["+"] > 0.75, kept  # measured 0.85 (n_tokens=4096)
+    assert kept["-"] < 0.25, kept
+    assert abs(kept["random"] - 0.5) < 0.1, kept
