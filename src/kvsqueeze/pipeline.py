@@ -255,7 +255,7 @@ def generate(
         model, tokenizer, [ids for ids, _ in encoded], question_texts, rows, method, max_new_tokens, chunk_size
     )
     if not isinstance(context, str):
-        it = iter(out.answers)
+        it = iter([str(a) for a in out.answers])  # flat, one per question
         out.answers = [[next(it) for _ in qs] for _, qs in items]
     return out
 
