@@ -289,13 +289,14 @@ class _RunContext:
             model, tokenizer, config, name, run, costs)  # fmt: skip
         self.device = next(model.parameters()).device
         self.recording: Recording | None = None
+        self.warm = False
 
     def base_row(self, unit: Unit, qi: int, cell: tuple[str, Method | None, float]) -> dict[str, Any]:
         s = unit.sample
         return {
             "task": s.task, "context_length": unit.length, "context_tokens": len(unit.context_ids),
             "sample": s.index, "question_index": qi, "method": repr(cell[1]) if cell[1] is not None else NONE,
-            "method_name": cell[0], "ratio": cell[2], "query_aware": self.config.query_aware,
+            "method_name": cell[0], "ratio": cell[2], "query_aware": self.config.query_aware, "group": unit.group,
             "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
             "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed,
         }  # fmt: skip
@@ -305,7 +306,10 @@ class _RunContext:
     ) -> Iterator[dict[str, Any]]:
         """Answer the unit's questions compressed with `cell`; yields the finished rows."""
         _, method, _ = cell
-        ckey = cost_key({**rows[0], "group": unit.group})
+        ckey = cost_key(rows[0])
+        if not self.warm:
+            _warm_up(self.model)  # the first forward of a process is slow: keep it out of the first cost pass
+            self.warm = True
         torch.manual_seed(self.config.seed)  # methods that draw random numbers give the same rows on a rerun
         try:
             if ckey not in self.costs:
@@ -367,6 +371,12 @@ class _RunContext:
 
 
 _COST_FIELDS = ("prefill_seconds", "compression_seconds", "decode_tokens_per_second", "peak_memory_bytes")
+
+
+@torch.no_grad()
+def _warm_up(model: Any) -> None:
+    ids = torch.ones(1, 16, dtype=torch.long, device=next(model.parameters()).device)
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
 
 @torch.no_grad()

@@ -59,7 +59,20 @@ class FakeInterrupt(ScorerMethod):
         return -ctx.keys.float().norm(dim=-1)
 
 
+@dataclass
+class FakeChunked(ScorerMethod):
+    """KNorm-like scores from a method that declares it cannot use a shared prefill (run for real)."""
+
+    name: ClassVar[str] = "fake_chunked"
+    shared_prefill: ClassVar[bool] = False
+
+    def score(self, ctx: ScoreContext) -> Tensor:
+        return -ctx.keys.float().norm(dim=-1)
+
+
 def register_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Add the fake task and methods to the registries for one test (monkeypatch removes them after it)."""
     monkeypatch.setitem(TASKS._entries, "fake", FakeTask)
     monkeypatch.setitem(METHODS._entries, "fake_interrupt", FakeInterrupt)
+    monkeypatch.setitem(METHODS._entries, "fake_chunked", FakeChunked)
     Interrupt.after, Interrupt.calls = None, 0
