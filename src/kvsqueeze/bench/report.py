@@ -123,9 +123,10 @@ def tables(s: Summary) -> list[tuple[str, list[str], list[list[str]]]]:
             c = s.cells.get((m, r))
             if c is None:
                 continue
-            details.append([m, f"{r:g}", *(_pct(c.scores.get(t)) for t in s.tasks), _pct(c.average),
-                            f"{c.kv_before / MIB:.2f}", f"{c.kv_after / MIB:.2f}", f"{c.prefill_s:.2f}",
-                            f"{c.compression_s:.3f}", f"{c.decode_tps:.1f}", f"{c.peak_bytes / MIB:.1f}", str(c.rows)])  # fmt: skip
+            scores = [_pct(c.scores.get(t)) for t in s.tasks] + [_pct(c.average)]
+            kv = [f"{c.kv_before / MIB:.2f}", f"{c.kv_after / MIB:.2f}"]
+            times = [f"{c.prefill_s:.2f}", f"{c.compression_s:.3f}", f"{c.decode_tps:.1f}"]
+            details.append([m, f"{r:g}", *scores, *kv, *times, f"{c.peak_bytes / MIB:.1f}", str(c.rows)])
     out = [
         ("Average score (%), methods × compression ratios", ["method", *ratio_cols], pivot),
         ("Per task (score %), KV cache and timings", head, details),
@@ -172,7 +173,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 
 def render_html(s: Summary) -> str:
     esc = html.escape
-    body = [f"<h1>kvsqueeze benchmark</h1>", *(f"<p>{esc(p)}</p>" for p in _intro(s))]
+    body = ["<h1>kvsqueeze benchmark</h1>", *(f"<p>{esc(p)}</p>" for p in _intro(s))]
     for title, header, rows in tables(s):
         body.append(f"<h2>{esc(title)}</h2>\n<table>")
         body.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
@@ -182,7 +183,8 @@ def render_html(s: Summary) -> str:
     body += [f'<img src="{name}" alt="{esc(title)}">' for name, title in PLOTS.items()]
     head = ('<meta charset="utf-8"><title>kvsqueeze benchmark</title><link rel="icon" href="data:,">'
             f"<style>{_CSS}</style>")  # fmt: skip
-    return f"<!DOCTYPE html>\n<html lang='en'>\n<head>{head}</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    page = "\n".join(body)
+    return f"<!DOCTYPE html>\n<html lang='en'>\n<head>{head}</head>\n<body>\n{page}\n</body>\n</html>\n"
 
 
 def plot(s: Summary, out_dir: Path) -> list[Path]:

@@ -158,7 +158,7 @@ def test_bad_configs_fail_before_running(fakes, kw: dict, match: str) -> None:
 
 def test_too_long_contexts_are_refused_up_front(fakes, llama, tmp_path: Path) -> None:
     model, tok = llama
-    with pytest.raises(ValueError, match="fake sample 0 .*maximum of 1024"):
+    with pytest.raises(ValueError, match=r"fake sample 0 .*maximum of 1024"):
         run_bench(model, tok, _config(lengths=(1100,), samples=1), tmp_path, progress=False)
     assert not (tmp_path / RESULTS).exists() or not _rows(tmp_path)
 
