@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -21,11 +24,23 @@ def rss_bytes() -> int:
         return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS reports bytes, Linux KiB
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc's malloc_trim), so that memory freed by
+    earlier work is not silently reused inside a measured block (which would make its RSS growth look like 0)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: measure without trimming
+        pass
+
+
 class PeakMemory:
     """`with PeakMemory(device) as m: ...` then `m.peak_bytes`: the most memory the block added over its start.
 
     CUDA: torch.cuda.max_memory_allocated minus the allocation at entry. CPU: RSS polled every `interval` seconds
-    by a background thread (torch kernels release the GIL, so the poller runs during long ops).
+    by a background thread (torch kernels release the GIL, so the poller runs during long ops), after freed heap
+    memory was returned to the OS; still an estimate (the allocator may keep or reuse pages).
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002) -> None:
@@ -43,6 +58,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        release_free_memory()
         self._base = self._peak = rss_bytes()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()

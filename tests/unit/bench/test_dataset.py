@@ -25,7 +25,8 @@ def test_rows_sharing_a_context_become_one_sample(tmp_path: Path) -> None:
     second = {**ROW, "question": "Which code?", "answers": ["4417", "four"], "max_new_tokens": 5}
     path = _jsonl(tmp_path, [ROW, "", other, {**ROW, "question": "Code?"}, {**ROW, "answer_prefix": "It is"}])
     samples = load_dataset(path)
-    assert [s.questions for s in samples] == [("What is the code?", "Code?"), ("What circled?",), ("What is the code?",)]
+    questions = [s.questions for s in samples]
+    assert questions == [("What is the code?", "Code?"), ("What circled?",), ("What is the code?",)]
     first = samples[0]
     assert first.task == "data" and first.index == 0 and first.answers == (("4417",), ("4417",))
     assert first.metric == "any" and first.max_new_tokens == 32 and first.meta["lines"] == [1, 4]

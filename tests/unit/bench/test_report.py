@@ -23,14 +23,14 @@ def test_summary_averages_per_task_then_over_tasks() -> None:
 
 
 def test_pivot_table_is_methods_by_ratios() -> None:
-    title, header, body = tables(summarize(rows()))[0]
+    _title, header, body = tables(summarize(rows()))[0]
     assert header == ["method", "0", "0.25", "0.5"]
     assert body[0] == ["none", "75.0", "", ""]
     assert body[1] == ["knorm", "", "50.0", "25.0"]
 
 
 def test_labels_keep_options_only_where_they_differ() -> None:
-    rs = rows()[:1] + [{**rows()[-1], "method": "SnapKV(ratio=0.5, window=16, kernel=5)"}, rows()[-1]]
+    rs = [*rows()[:1], {**rows()[-1], "method": "SnapKV(ratio=0.5, window=16, kernel=5)"}, rows()[-1]]
     labels = method_labels(rs)
     assert labels["none"] == "none"
     assert labels["SnapKV(ratio=0.5, window=16, kernel=5)"] == "SnapKV(window=16, kernel=5)"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvsqueeze.bench.runner import COSTS, RESULTS, BenchConfig, default_config, read_jsonl, row_key, run_bench
 from kvsqueeze.pipeline import generate
@@ -167,3 +168,14 @@ def test_default_config_keeps_registered_names(fakes) -> None:
     config = default_config(tasks=("fake",))
     assert config.methods[0] == "none" and "knorm" in config.methods
     assert config.ratios == (0.25, 0.5, 0.75) and config.name == "default"
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    from kvsqueeze.bench.memory import PeakMemory
+
+    with PeakMemory() as small:
+        pass
+    with PeakMemory() as big:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert big.peak_bytes >= 48 * 2**20 > small.peak_bytes
