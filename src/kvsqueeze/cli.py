@@ -232,7 +232,8 @@ def _print_tables(summary: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvsqueeze.bench.report import write_report
-    from kvsqueeze.bench.runner import RESULTS, run_bench
+    from kvsqueeze.bench.results import RESULTS
+    from kvsqueeze.bench.runner import run_bench
     from kvsqueeze.loading import DEFAULT_MODEL, load_model
 
     config = _bench_config(args)  # bad names or values fail here, before the model loads

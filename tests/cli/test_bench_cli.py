@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsqueeze.bench.runner import RESULTS
+from kvsqueeze.bench.results import RESULTS
 from kvsqueeze.cli import main
 from tests.tiny import tiny_model, tiny_tokenizer
 from tests.unit.bench.runner_fakes import Interrupt, register_fakes

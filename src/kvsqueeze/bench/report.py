@@ -15,7 +15,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from kvsqueeze.bench.runner import CONFIG, NONE, RESULTS, read_jsonl
+from kvsqueeze.bench.results import CONFIG, NONE, RESULTS, read_jsonl
 
 MIB = 2**20
 PLOTS = {

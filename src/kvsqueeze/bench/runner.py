@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from kvsqueeze.bench.dataset import load_dataset
 from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.bench.metrics import score
+from kvsqueeze.bench.results import CONFIG, COSTS, NONE, RESULTS, Appender, cost_key, read_jsonl, row_key
 from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
 from kvsqueeze.cache import KVCache, cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
@@ -37,8 +38,6 @@ from kvsqueeze.press import Recording, compress_recording, record
 
 logger = logging.getLogger("kvsqueeze")
 
-NONE = "none"  # the uncompressed baseline, run once at ratio 0
-RESULTS, COSTS, CONFIG = "results.jsonl", "costs.jsonl", "config.json"
 
 # The suite `kvsqueeze bench` runs with no arguments (names that are not registered are left out).
 DEFAULT_SUITE: dict[str, Any] = {
@@ -190,48 +189,6 @@ def _units(tokenizer: Any, config: BenchConfig, sample: Sample, length: int, gro
     return out
 
 
-def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies a result row: rerunning skips rows whose key is already in results.jsonl."""
-    return (row["task"], row["context_length"], row["sample"], row["question_index"], row["method"],
-            float(row["ratio"]), row["model"], row["seed"], bool(row.get("query_aware", False)))  # fmt: skip
-
-
-def cost_key(row: dict[str, Any]) -> tuple:
-    return (row["method"], float(row["ratio"]), row["group"], row["model"], row["seed"], bool(row["query_aware"]))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a line cut short by a hard kill is skipped with a warning."""
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s: line %d is not valid JSON (an interrupted write?); it will be recomputed", path, n)
-    return rows
-
-
-class _Appender:
-    """Appends JSON rows to a file, one line each, flushed at once."""
-
-    def __init__(self, path: Path) -> None:
-        needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-        self.file = path.open("a", encoding="utf-8")
-        if needs_newline:
-            self.file.write("\n")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def run_bench(
     model: Any,
     tokenizer: Any,
@@ -253,7 +210,7 @@ def run_bench(
     costs = {cost_key(c): c for c in read_jsonl(out / COSTS)}
     ctx = _RunContext(model, tokenizer, config, name, run, costs)
     total = sum(len(u.question_indices) for u in units) * len(cells)
-    results, cost_file = _Appender(out / RESULTS), _Appender(out / COSTS)
+    results, cost_file = Appender(out / RESULTS), Appender(out / COSTS)
     bar = tqdm(total=total, desc="bench", unit="answer", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
         for unit in units:
@@ -285,8 +242,8 @@ class _RunContext:
     def __init__(
         self, model: Any, tokenizer: Any, config: BenchConfig, name: str, run: BenchRun, costs: dict[tuple, dict]
     ) -> None:
-        self.model, self.tokenizer, self.config, self.name, self.run, self.costs = (
-            model, tokenizer, config, name, run, costs)  # fmt: skip
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.name, self.run, self.costs = name, run, costs
         self.device = next(model.parameters()).device
         self.recording: Recording | None = None
         self.warm = False
@@ -302,7 +259,7 @@ class _RunContext:
         }  # fmt: skip
 
     def compute(
-        self, unit: Unit, cell: tuple[str, Method | None, float], rows: list[dict], cost_file: _Appender
+        self, unit: Unit, cell: tuple[str, Method | None, float], rows: list[dict], cost_file: Appender
     ) -> Iterator[dict[str, Any]]:
         """Answer the unit's questions compressed with `cell`; yields the finished rows."""
         _, method, _ = cell
@@ -335,12 +292,12 @@ class _RunContext:
             }
 
     def _generate(self, unit: Unit, method: Method | None) -> Any:
-        rows = [0] * len(unit.question_texts)
-        return generate_encoded(self.model, self.tokenizer, [unit.context_ids], unit.question_texts, rows, method,
-                                unit.max_new_tokens)  # fmt: skip
+        texts, rows = unit.question_texts, [0] * len(unit.question_texts)
+        new = unit.max_new_tokens
+        return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, method, new)
 
     def _cost_pass(
-        self, unit: Unit, method: Method | None, row: dict[str, Any], cost_file: _Appender, ckey: tuple
+        self, unit: Unit, method: Method | None, row: dict[str, Any], cost_file: Appender, ckey: tuple
     ) -> tuple[list[str], int, int]:
         with PeakMemory(self.device) as mem:
             out = self._generate(unit, method)
@@ -385,11 +342,6 @@ def _record(model: Any, context_ids: list[int]) -> Recording:
     ids = torch.tensor([context_ids], device=next(model.parameters()).device)
     cache = KVCache(model.config)
     with record(model, cache) as rec:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)  # fmt: skip
+        mask = torch.ones_like(ids)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return rec
-
-
-def iter_rows(out_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """The result rows of a results directory."""
-    yield from read_jsonl(Path(out_dir) / RESULTS)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvsqueeze.bench.runner import CONFIG, RESULTS
+from kvsqueeze.bench.results import CONFIG, RESULTS
 
 SCORES = {"none": {0.0: 1.0}, "knorm": {0.25: 0.75, 0.5: 0.5}, "snapkv": {0.25: 1.0, 0.5: 0.75}}
 REPRS = {"none": "none", "knorm": "KNorm(ratio={r})", "snapkv": "SnapKV(ratio={r}, window=8, kernel=5)"}

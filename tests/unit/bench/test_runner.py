@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvsqueeze.bench.runner import COSTS, RESULTS, BenchConfig, default_config, read_jsonl, row_key, run_bench
+from kvsqueeze.bench.results import COSTS, RESULTS, read_jsonl, row_key
+from kvsqueeze.bench.runner import BenchConfig, default_config, run_bench
 from kvsqueeze.pipeline import generate
 from tests.tiny import tiny_model, tiny_tokenizer
 from tests.unit.bench.runner_fakes import FakeTask, Interrupt, register_fakes
