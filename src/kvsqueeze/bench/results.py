@@ -49,7 +49,7 @@ class Appender:
             self.file.write("\n")
 
     def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(row, default=str) + "\n")  # default=str: task metadata of any type
         self.file.flush()
 
     def close(self) -> None:

@@ -255,7 +255,7 @@ class _RunContext:
             "sample": s.index, "question_index": qi, "method": repr(cell[1]) if cell[1] is not None else NONE,
             "method_name": cell[0], "ratio": cell[2], "query_aware": self.config.query_aware, "group": unit.group,
             "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
-            "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed,
+            "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed, "sample_meta": s.meta,
         }  # fmt: skip
 
     def compute(

@@ -138,6 +138,7 @@ def test_a_dataset_joins_the_grid(fakes, llama, tmp_path: Path) -> None:
     rows = _rows(tmp_path / "out")
     assert len(rows) == 4 and {r["task"] for r in rows} == {"mine"}
     assert all(r["context_length"] == r["context_tokens"] > 10 for r in rows)
+    assert {r["sample_meta"]["lines"][r["question_index"]] for r in rows} == {1, 2}  # where each row came from
 
 
 @pytest.mark.parametrize(
