@@ -76,7 +76,12 @@ def _method_option(text: str) -> tuple[str, str, Any]:
 
 
 def _add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="accuracy, memory and speed of methods x ratios x tasks x lengths, then a report")
+    p = sub.add_parser(
+        "bench",
+        help="accuracy, memory and speed of methods x ratios x tasks x lengths, then a report",
+        description="Run a benchmark grid (with no arguments: the default suite); finished rows are skipped on a rerun "
+        "of the same command, so an interrupted run resumes where it stopped.",
+    )
     p.add_argument("--methods", type=_names, help="comma-separated methods; 'none' = no compression")
     p.add_argument("--ratios", type=_ratios, help="comma-separated compression ratios in [0, 1)")
     p.add_argument("--tasks", type=_names, help="comma-separated benchmark tasks")
@@ -87,14 +92,19 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--option", action="append", default=[], type=_method_option, help="METHOD.KEY=VALUE")
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="override each sample's own")
     p.add_argument("--query-aware", action="store_true", help="compress each question with the context")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default results/bench/<suite>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default: results/bench/default, or results/bench/custom-<hash of the grid>)",
+    )
     p.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_report = sub.add_parser("report", help="(re)write the Markdown/HTML report and plots of a results directory")
-    p_report.add_argument("results_dir", type=Path)
+    p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
 
 
 def build_parser() -> argparse.ArgumentParser:
