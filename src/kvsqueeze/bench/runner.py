@@ -13,6 +13,7 @@ loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,7 @@ from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
 from kvsqueeze.cache import KVCache, cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
 from kvsqueeze.models import get_adapter
-from kvsqueeze.pipeline import _check_length, answer, encode_prompt, encode_query_aware, generate_encoded
+from kvsqueeze.pipeline import _check_length, answer, encode_prompt, encode_query_aware, generate_encoded, prefill
 from kvsqueeze.press import Recording, compress_recording, record
 
 logger = logging.getLogger("kvsqueeze")
@@ -247,6 +248,7 @@ class _RunContext:
         self.device = next(model.parameters()).device
         self.recording: Recording | None = None
         self.warm = False
+        self.warmed_methods: set[str] = set()
 
     def base_row(self, unit: Unit, qi: int, cell: tuple[str, Method | None, float]) -> dict[str, Any]:
         s = unit.sample
@@ -270,6 +272,7 @@ class _RunContext:
         torch.manual_seed(self.config.seed)  # methods that draw random numbers give the same rows on a rerun
         try:
             if ckey not in self.costs:
+                self._warm_method(cell[0], method, unit)
                 predictions, before, after = self._cost_pass(unit, method, rows[0], cost_file, ckey)
             elif method is None or method.shared_prefill:
                 predictions, before, after = self._from_recording(unit, method)
@@ -295,6 +298,16 @@ class _RunContext:
         texts, rows = unit.question_texts, [0] * len(unit.question_texts)
         new = unit.max_new_tokens
         return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, method, new)
+
+    def _warm_method(self, name: str, method: Method | None, unit: Unit) -> None:
+        """Run a method once on a short prefix before its first cost pass, so one-off work (loading calibration
+        statistics, first-call overheads) is not counted as its compression time. Best effort: errors are ignored."""
+        if method is None or name in self.warmed_methods:
+            return
+        self.warmed_methods.add(name)
+        ids = torch.tensor([unit.context_ids[:_WARM_TOKENS]], device=self.device)
+        with contextlib.suppress(ValueError):  # e.g. a prefix shorter than a protected window: the real run will say
+            prefill(self.model, ids, torch.ones_like(ids), method)
 
     def _cost_pass(
         self, unit: Unit, method: Method | None, row: dict[str, Any], cost_file: Appender, ckey: tuple
@@ -327,6 +340,7 @@ class _RunContext:
         return texts, before, after
 
 
+_WARM_TOKENS = 512
 _COST_FIELDS = ("prefill_seconds", "compression_seconds", "decode_tokens_per_second", "peak_memory_bytes")
 
 

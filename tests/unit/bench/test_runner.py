@@ -86,7 +86,7 @@ def test_rerun_skips_finished_rows_and_fills_deleted_ones(fakes, llama, tmp_path
 def test_interrupted_run_loses_nothing(fakes, llama, tmp_path: Path) -> None:
     model, tok = llama
     config = _config(methods=("none", "fake_interrupt"), samples=3)
-    Interrupt.after = 4 * 2  # 4 layers: samples 0 and 1 compress, sample 2 raises KeyboardInterrupt mid-run
+    Interrupt.after = 4 * 3  # 4 layers: the method's warm-up, samples 0 and 1; sample 2 raises KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         run_bench(model, tok, config, tmp_path, progress=False)
     partial = _rows(tmp_path)
