@@ -49,6 +49,64 @@ def _positive(text: str) -> int:
     return value
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _ratios(text: str) -> list[float]:
+    return [_ratio(t) for t in _names(text)]
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        return [_positive(t) for t in _names(text)]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"context lengths must be integers >= 1, got {text!r}") from None
+
+
+def _method_option(text: str) -> tuple[str, str, Any]:
+    key, value = _parse_option(text)
+    method, dot, name = key.partition(".")
+    if not dot or not method or not name:
+        raise argparse.ArgumentTypeError(f"--option expects METHOD.KEY=VALUE (e.g. snapkv.window=16), got {text!r}")
+    return method, name, value
+
+
+def _add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="accuracy, memory and speed of methods x ratios x tasks x lengths, then a report",
+        description="Run a benchmark grid (with no arguments: the default suite); finished rows are skipped on a rerun "
+        "of the same command, so an interrupted run resumes where it stopped.",
+    )
+    p.add_argument("--methods", type=_names, help="comma-separated methods; 'none' = no compression")
+    p.add_argument("--ratios", type=_ratios, help="comma-separated compression ratios in [0, 1)")
+    p.add_argument("--tasks", type=_names, help="comma-separated benchmark tasks")
+    p.add_argument("--lengths", type=_lengths, help="comma-separated context lengths in tokens")
+    p.add_argument("--samples", type=_positive, help="samples per task and length")
+    p.add_argument("--seed", type=int, help="seed of the generated tasks")
+    p.add_argument("--dataset", action="append", default=[], help="a .jsonl/.csv/.parquet file (repeatable)")
+    p.add_argument("--option", action="append", default=[], type=_method_option, help="METHOD.KEY=VALUE")
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="override each sample's own")
+    p.add_argument("--query-aware", action="store_true", help="compress each question with the context")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default: results/bench/default, or results/bench/custom-<hash of the grid>)",
+    )
+    p.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p_report = sub.add_parser("report", help="(re)write the Markdown/HTML report and plots of a results directory")
+    p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvsqueeze", description="KV cache compression for Hugging Face LMs.")
     parser.add_argument("--version", action="version", version=f"kvsqueeze {__version__}")
@@ -82,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--force", action="store_true", help="compute again even if a cached artifact exists")
     p_cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p_cal.add_argument("--device", default=None, help="torch device, e.g. cuda")
+    _add_bench_parser(sub)
     return parser
 
 
@@ -178,11 +237,84 @@ def _print_human(method: Any, questions: list[str], prefix: str, out: Any) -> No
     )
 
 
+def _bench_config(args: argparse.Namespace) -> Any:
+    from kvsqueeze.bench.runner import default_config
+
+    grid = {"methods": args.methods, "ratios": args.ratios, "tasks": args.tasks, "lengths": args.lengths,
+            "samples": args.samples, "seed": args.seed}  # fmt: skip
+    custom = any(v is not None for v in grid.values()) or bool(args.dataset or args.option or args.query_aware)
+    if args.dataset and args.tasks is None:
+        grid["tasks"] = []  # a dataset alone: no generated tasks
+    options: dict[str, dict[str, Any]] = {}
+    for method, key, value in args.option:
+        options.setdefault(method, {})[key] = value
+    return default_config(**grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
+                          max_new_tokens=args.max_new_tokens, name="custom" if custom else "default")  # fmt: skip
+
+
+def _default_out(config: Any, model: str) -> Path:
+    """results/bench/default for the default suite, else a name derived from the grid (so a rerun resumes)."""
+    import dataclasses
+    import hashlib
+
+    if config.name == "default" and config.max_new_tokens is None:
+        return Path("results") / "bench" / "default"
+    doc = json.dumps([dataclasses.asdict(config), model], sort_keys=True, default=str)
+    return Path("results") / "bench" / f"custom-{hashlib.sha1(doc.encode()).hexdigest()[:8]}"
+
+
+def _print_tables(summary: Any) -> None:
+    from kvsqueeze.bench.report import markdown_table, tables
+
+    for title, header, rows in tables(summary)[:2]:
+        print(f"\n{title}\n\n{markdown_table(header, rows)}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvsqueeze.bench.report import write_report
+    from kvsqueeze.bench.results import RESULTS
+    from kvsqueeze.bench.runner import run_bench
+    from kvsqueeze.loading import DEFAULT_MODEL, load_model
+
+    config = _bench_config(args)  # bad names or values fail here, before the model loads
+    model_name = args.model or DEFAULT_MODEL
+    out = args.out or _default_out(config, model_name)
+    logger.info("Loading model %s ...", model_name)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    logger.info("Running the %s suite into %s ...", config.name, out)
+    try:
+        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"kvsqueeze: interrupted; finished rows are in {out / RESULTS}: rerun the same command to resume.",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    logger.info("%d rows computed, %d already there.", run.computed_rows, run.skipped_rows)
+    files = write_report(out)
+    _print_tables(files.summary)
+    logger.info("Report: %s and %s", files.markdown, files.html)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kvsqueeze.bench.report import write_report
+
+    files = write_report(args.results_dir)
+    _print_tables(files.summary)
+    logger.info("Report: %s and %s", files.markdown, files.html)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        commands = {"list": cmd_list, "generate": cmd_generate, "calibrate": cmd_calibrate}
+        commands = {
+            "list": cmd_list,
+            "generate": cmd_generate,
+            "calibrate": cmd_calibrate,
+            "bench": cmd_bench,
+            "report": cmd_report,
+        }
         return commands[args.command](args)
     except (ValueError, TypeError, OSError, ModuleNotFoundError) as err:
         print(f"kvsqueeze: error: {err}", file=sys.stderr)

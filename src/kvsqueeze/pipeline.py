@@ -173,33 +173,48 @@ def answer(
     return texts, sum(len(g) for g in generated), seconds
 
 
-def generate(
+def encode_prompt(
+    tokenizer: Any, context: str, questions: list[str], answer_prefix: str = "", chat_template: bool = True
+) -> tuple[list[int], list[str]]:
+    """(context token ids, question texts): the part compressed once, and the text each question continues with."""
+    splits = [split_prompt(tokenizer, context, q, answer_prefix, chat_template) for q in questions]
+    has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return _encode(tokenizer, splits[0][0], not has_template), [q for _, q in splits]
+
+
+def encode_query_aware(
+    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool = True
+) -> tuple[list[int], str]:
+    """The query-aware split: the question goes into the compressed part; the rest of the prompt is decoded after."""
+    head, rest = split_prompt(tokenizer, context, question, answer_prefix, chat_template)
+    cut = rest.find(question) + len(question)
+    if cut >= len(rest):
+        raise ValueError("query-aware prompts need text after the question (a chat template or 'Answer:')")
+    has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return _encode(tokenizer, head + rest[:cut], not has_template), rest[cut:]
+
+
+def generate_encoded(
     model: Any,
     tokenizer: Any,
-    context: str | list[str],
-    questions: str | list[str] | list[list[str]],
+    context_rows: list[list[int]],
+    question_texts: list[str],
+    rows: list[int],
     method: Method | None = None,
     max_new_tokens: int = 32,
-    answer_prefix: str = "",
     chunk_size: int | None = None,
-    chat_template: bool = True,
 ) -> GenerateOutput:
-    """Compress each context once (before any question is seen), then answer every question greedily."""
+    """`generate` on encoded prompts: prefill and compress `context_rows`, then answer question i from row rows[i].
+    The answers come back flat, one per question text."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     adapter = get_adapter(model)
-    items = _normalize(context, questions)
     device = next(model.parameters()).device
-    splits = [[split_prompt(tokenizer, c, q, answer_prefix, chat_template) for q in qs] for c, qs in items]
-    has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    context_rows = [_encode(tokenizer, s[0][0], not has_template) for s in splits]
-    question_texts = [q for s in splits for _, q in s]
     _check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad(context_rows, pad_id, device)
     cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
     stats = cache_stats(cache)
-    rows = [i for i, s in enumerate(splits) for _ in s]
     texts, n_tokens, decode_s = answer(model, tokenizer, cache, rows, question_texts, max_new_tokens)
     kept = [float(layer.kept.float().mean(dim=1).sum()) for layer in cache.full_layers()]
     out_stats = GenerationStats(
@@ -215,11 +230,34 @@ def generate(
         decode_tokens_per_second=n_tokens / decode_s if decode_s > 0 else 0.0,
         kept_tokens_per_layer=stats.tokens_kept,
     )
-    answers: list[Any] = texts
+    return GenerateOutput(answers=texts, stats=out_stats, cache=cache)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    context: str | list[str],
+    questions: str | list[str] | list[list[str]],
+    method: Method | None = None,
+    max_new_tokens: int = 32,
+    answer_prefix: str = "",
+    chunk_size: int | None = None,
+    chat_template: bool = True,
+) -> GenerateOutput:
+    """Compress each context once (before any question is seen), then answer every question greedily."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    items = _normalize(context, questions)
+    encoded = [encode_prompt(tokenizer, c, qs, answer_prefix, chat_template) for c, qs in items]
+    question_texts = [t for _, texts in encoded for t in texts]
+    rows = [i for i, (_, texts) in enumerate(encoded) for _ in texts]
+    out = generate_encoded(
+        model, tokenizer, [ids for ids, _ in encoded], question_texts, rows, method, max_new_tokens, chunk_size
+    )
     if not isinstance(context, str):
-        it = iter(texts)
-        answers = [[next(it) for _ in qs] for _, qs in items]
-    return GenerateOutput(answers=answers, stats=out_stats, cache=cache)
+        it = iter([str(a) for a in out.answers])  # flat, one per question
+        out.answers = [[next(it) for _ in qs] for _, qs in items]
+    return out
 
 
 def _check_length(

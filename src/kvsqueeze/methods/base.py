@@ -69,6 +69,9 @@ class Method:
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",)
+    # True when compressing a copy of a recorded one-shot prefill (press.compress_recording) gives what compressing
+    # in the forward gives; chunked or decoding-time methods set False and the benchmark runs them for real.
+    shared_prefill: ClassVar[bool] = True
 
     ratio: float
 

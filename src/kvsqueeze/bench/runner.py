@@ -1,0 +1,361 @@
+"""The benchmark runner: a grid of methods x ratios x tasks x context lengths (and user datasets).
+
+Each context is prefilled ONCE, uncompressed, keeping every layer's inputs (`press.record`); each (method, ratio)
+then compresses a copy (`press.compress_recording`) and answers all the context's questions from it (query-agnostic:
+the question is not seen by the compression; `query_aware=True` puts each question in the compressed part instead).
+Methods whose `shared_prefill` is False (chunked, decoding-time) run for real with `pipeline.generate_encoded`.
+
+Time and memory come from a separate cost pass: for each (method, ratio, length) one real `generate_encoded` on one
+sample (its answers are that sample's rows), with the peak memory it added. Every row is appended to
+`results.jsonl` and flushed as soon as it is computed; a rerun skips the rows already there, so an interrupted run
+loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvsqueeze.bench.dataset import load_dataset
+from kvsqueeze.bench.memory import PeakMemory
+from kvsqueeze.bench.metrics import score
+from kvsqueeze.bench.results import CONFIG, COSTS, NONE, RESULTS, Appender, cost_key, read_jsonl, row_key
+from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
+from kvsqueeze.cache import KVCache, cache_stats
+from kvsqueeze.methods import Method, get_method, list_methods
+from kvsqueeze.models import get_adapter
+from kvsqueeze.pipeline import _check_length, answer, encode_prompt, encode_query_aware, generate_encoded, prefill
+from kvsqueeze.press import Recording, compress_recording, record
+
+logger = logging.getLogger("kvsqueeze")
+
+
+# The suite `kvsqueeze bench` runs with no arguments (names that are not registered are left out).
+DEFAULT_SUITE: dict[str, Any] = {
+    "name": "default",
+    "methods": (NONE, "knorm", "snapkv", "streaming_llm", "expected_attention", "qfilters"),
+    "ratios": (0.25, 0.5, 0.75),
+    "tasks": ("niah_single", "niah_multikey", "vt", "qa"),
+    "lengths": (1024,),
+    "samples": 4,
+    "seed": 0,
+}
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Method names come from the method registry ('none' = no compression), tasks from the task
+    registry; datasets are user files (every sample of a dataset is used; `samples` applies to tasks)."""
+
+    methods: tuple[str, ...]
+    ratios: tuple[float, ...]
+    tasks: tuple[str, ...] = ()
+    lengths: tuple[int, ...] = ()
+    samples: int = 4
+    seed: int = 0
+    datasets: tuple[str, ...] = ()
+    query_aware: bool = False
+    max_new_tokens: int | None = None  # overrides each sample's own
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> options, e.g. window=8
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(m.strip().lower().replace("-", "_") for m in self.methods)
+        self.options = {k.strip().lower().replace("-", "_"): dict(v) for k, v in self.options.items()}
+        self.ratios, self.lengths = tuple(self.ratios), tuple(self.lengths)
+        self.tasks, self.datasets = tuple(self.tasks), tuple(str(d) for d in self.datasets)
+        if not self.methods:
+            raise ValueError("give at least one method")
+        for ratio in self.ratios:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+                raise ValueError(f"ratio must be in [0, 1) (the fraction of tokens removed), got {ratio!r}")
+        if not self.ratios and any(m != NONE for m in self.methods):
+            raise ValueError("give at least one ratio")
+        for length in self.lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ValueError(f"context length must be an integer >= 1, got {length!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.tasks and not self.datasets:
+            raise ValueError(f"give at least one task (known: {', '.join(list_tasks()) or 'none'}) or a dataset")
+        if self.tasks and not self.lengths:
+            raise ValueError("tasks need at least one context length")
+        for task in self.tasks:
+            get_task(task)  # unknown names raise ValueError with close matches
+        for path in self.datasets:
+            if not Path(path).is_file():
+                raise ValueError(f"dataset file {path!r} does not exist")
+        for method in self.options:
+            if method not in self.methods:
+                raise ValueError(f"options given for {method!r}, which is not among the methods {list(self.methods)}")
+        self.cells()  # builds every method at every ratio: bad names or ratios fail now, not mid-run
+
+    def cells(self) -> list[tuple[str, Method | None, float]]:
+        """(method name, method or None, ratio) for every compression run on each context."""
+        out: list[tuple[str, Method | None, float]] = []
+        for name in self.methods:
+            if name == NONE:
+                out.append((NONE, None, 0.0))
+            else:
+                opts = self.options.get(name, {})
+                out += [(name, get_method(name, ratio=float(r), **opts), float(r)) for r in self.ratios]
+        return out
+
+
+def default_config(**overrides: Any) -> BenchConfig:
+    """The default suite, keeping only registered methods and tasks, with `overrides` applied."""
+    suite = dict(DEFAULT_SUITE)
+    known_methods, known_tasks = set(list_methods()), set(list_tasks())
+    suite["methods"] = tuple(m for m in suite["methods"] if m == NONE or m in known_methods)
+    suite["tasks"] = tuple(t for t in suite["tasks"] if t in known_tasks)
+    suite.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig(**suite)
+
+
+@dataclass
+class Unit:
+    """One compression: a context (query-aware: with one question) and the questions asked after it."""
+
+    sample: Sample
+    length: int  # the context_length of its rows: the target length, or a dataset context's token count
+    group: str  # rows sharing one cost pass: the length, or the dataset
+    context_ids: list[int]
+    question_indices: list[int]
+    question_texts: list[str]
+    max_new_tokens: int
+
+
+@dataclass
+class BenchRun:
+    """What a `run_bench` call did."""
+
+    out_dir: Path
+    computed_rows: int = 0
+    skipped_rows: int = 0
+    prefills: int = 0  # shared (recorded) prefills
+    cost_passes: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from kvsqueeze import __version__
+
+    return {"kvsqueeze": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def plan_units(model: Any, tokenizer: Any, config: BenchConfig) -> list[Unit]:
+    """Every compression unit of the grid's contexts, checked against the model's maximum length."""
+    units: list[Unit] = []
+    for task in config.tasks:
+        for length in config.lengths:
+            for sample in get_task(task).samples(tokenizer, length, config.samples, config.seed):
+                units += _units(tokenizer, config, sample, length, str(length))
+    for path in config.datasets:
+        for sample in load_dataset(path):
+            ids, _ = encode_prompt(tokenizer, sample.context, list(sample.questions), sample.answer_prefix)
+            units += _units(tokenizer, config, sample, len(ids), f"dataset:{sample.task}")
+    max_positions = get_adapter(model).max_positions
+    for u in units:
+        try:
+            _check_length(max_positions, [u.context_ids], u.question_texts, tokenizer, u.max_new_tokens)
+        except ValueError as err:
+            raise ValueError(f"{u.sample.task} sample {u.sample.index} (length {u.length}): {err}") from None
+    return units
+
+
+def _units(tokenizer: Any, config: BenchConfig, sample: Sample, length: int, group: str) -> list[Unit]:
+    new = config.max_new_tokens or sample.max_new_tokens
+    questions = list(sample.questions)
+    if not config.query_aware:
+        ids, texts = encode_prompt(tokenizer, sample.context, questions, sample.answer_prefix)
+        return [Unit(sample, length, group, ids, list(range(len(questions))), texts, new)]
+    out = []
+    for i, q in enumerate(questions):
+        ids, text = encode_query_aware(tokenizer, sample.context, q, sample.answer_prefix)
+        out.append(Unit(sample, length, group, ids, [i], [text], new))
+    return out
+
+
+def run_bench(
+    model: Any,
+    tokenizer: Any,
+    config: BenchConfig,
+    out_dir: str | Path,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> BenchRun:
+    """Run the grid with an already-loaded model, appending rows to out_dir/results.jsonl (resumable)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+    run = BenchRun(out_dir=out, versions=versions())
+    meta = {"config": dataclasses.asdict(config), "model": name, "versions": run.versions}
+    (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    units = plan_units(model, tokenizer, config)
+    cells = config.cells()
+    done = {row_key(r) for r in read_jsonl(out / RESULTS)}
+    costs = {cost_key(c): c for c in read_jsonl(out / COSTS)}
+    ctx = _RunContext(model, tokenizer, config, name, run, costs)
+    total = sum(len(u.question_indices) for u in units) * len(cells)
+    results, cost_file = Appender(out / RESULTS), Appender(out / COSTS)
+    bar = tqdm(total=total, desc="bench", unit="answer", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    try:
+        for unit in units:
+            ctx.recording = None
+            for cell in cells:
+                rows = [ctx.base_row(unit, qi, cell) for qi in unit.question_indices]
+                todo = [r for r in rows if row_key(r) not in done]
+                run.skipped_rows += len(rows) - len(todo)
+                bar.update(len(rows) - len(todo))
+                if not todo:
+                    continue
+                for row in ctx.compute(unit, cell, rows, cost_file):
+                    if row_key(row) not in done:
+                        results.write(row)
+                        done.add(row_key(row))
+                        run.computed_rows += 1
+                        bar.update(1)
+    finally:
+        bar.close()
+        results.close()
+        cost_file.close()
+        ctx.recording = None
+    return run
+
+
+class _RunContext:
+    """The state one run shares across units: model, costs measured so far, the current unit's recording."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, config: BenchConfig, name: str, run: BenchRun, costs: dict[tuple, dict]
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.name, self.run, self.costs = name, run, costs
+        self.device = next(model.parameters()).device
+        self.recording: Recording | None = None
+        self.warm = False
+        self.warmed_methods: set[str] = set()
+
+    def base_row(self, unit: Unit, qi: int, cell: tuple[str, Method | None, float]) -> dict[str, Any]:
+        s = unit.sample
+        return {
+            "task": s.task, "context_length": unit.length, "context_tokens": len(unit.context_ids),
+            "sample": s.index, "question_index": qi, "method": repr(cell[1]) if cell[1] is not None else NONE,
+            "method_name": cell[0], "ratio": cell[2], "query_aware": self.config.query_aware, "group": unit.group,
+            "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
+            "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed, "sample_meta": s.meta,
+        }  # fmt: skip
+
+    def compute(
+        self, unit: Unit, cell: tuple[str, Method | None, float], rows: list[dict], cost_file: Appender
+    ) -> Iterator[dict[str, Any]]:
+        """Answer the unit's questions compressed with `cell`; yields the finished rows."""
+        _, method, _ = cell
+        ckey = cost_key(rows[0])
+        if not self.warm:
+            _warm_up(self.model)  # the first forward of a process is slow: keep it out of the first cost pass
+            self.warm = True
+        torch.manual_seed(self.config.seed)  # methods that draw random numbers give the same rows on a rerun
+        try:
+            if ckey not in self.costs:
+                self._warm_method(cell[0], method, unit)
+                predictions, before, after = self._cost_pass(unit, method, rows[0], cost_file, ckey)
+            elif method is None or method.shared_prefill:
+                predictions, before, after = self._from_recording(unit, method)
+            else:
+                out = self._generate(unit, method)
+                predictions, before, after = out.answers, out.stats.kv_bytes_before, out.stats.kv_bytes_after
+        except ValueError as err:
+            raise ValueError(f"on {unit.sample.task} sample {unit.sample.index} (length {unit.length}): {err}") from err
+        cost = self.costs[ckey]
+        for row, prediction in zip(rows, predictions, strict=True):
+            yield {
+                **row,
+                "prediction": prediction,
+                "score": score(str(prediction), row["answers"], unit.sample.metric),
+                "kv_bytes_before": before,
+                "kv_bytes_after": after,
+                **{k: cost[k] for k in _COST_FIELDS},
+                "cost_sample": cost["sample"],
+                "versions": self.run.versions,
+            }
+
+    def _generate(self, unit: Unit, method: Method | None) -> Any:
+        texts, rows = unit.question_texts, [0] * len(unit.question_texts)
+        new = unit.max_new_tokens
+        return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, method, new)
+
+    def _warm_method(self, name: str, method: Method | None, unit: Unit) -> None:
+        """Run a method once on a short prefix before its first cost pass, so one-off work (loading calibration
+        statistics, first-call overheads) is not counted as its compression time. Best effort: errors are ignored."""
+        if method is None or name in self.warmed_methods:
+            return
+        self.warmed_methods.add(name)
+        ids = torch.tensor([unit.context_ids[:_WARM_TOKENS]], device=self.device)
+        with contextlib.suppress(ValueError):  # e.g. a prefix shorter than a protected window: the real run will say
+            prefill(self.model, ids, torch.ones_like(ids), method)
+
+    def _cost_pass(
+        self, unit: Unit, method: Method | None, row: dict[str, Any], cost_file: Appender, ckey: tuple
+    ) -> tuple[list[str], int, int]:
+        with PeakMemory(self.device) as mem:
+            out = self._generate(unit, method)
+        s = out.stats
+        cost = {
+            "method": row["method"], "ratio": row["ratio"], "group": unit.group, "model": self.name,
+            "seed": self.config.seed, "query_aware": self.config.query_aware,
+            "sample": f"{unit.sample.task}#{unit.sample.index}", "context_tokens": len(unit.context_ids),
+            "prefill_seconds": s.prefill_seconds, "compression_seconds": s.compression_seconds,
+            "decode_tokens_per_second": s.decode_tokens_per_second, "peak_memory_bytes": mem.peak_bytes,
+            "kv_bytes_before": s.kv_bytes_before, "kv_bytes_after": s.kv_bytes_after, "device": str(self.device),
+        }  # fmt: skip
+        cost_file.write(cost)
+        self.costs[ckey] = cost
+        self.run.cost_passes += 1
+        return list(out.answers), s.kv_bytes_before, s.kv_bytes_after
+
+    def _from_recording(self, unit: Unit, method: Method | None) -> tuple[list[str], int, int]:
+        if self.recording is None:
+            self.recording = _record(self.model, unit.context_ids)
+            self.run.prefills += 1
+        cache, log = compress_recording(self.recording, method)
+        after = cache_stats(cache).kv_bytes
+        before = log.kv_bytes_before if log.bytes_before else after
+        rows = [0] * len(unit.question_texts)
+        texts, _, _ = answer(self.model, self.tokenizer, cache, rows, unit.question_texts, unit.max_new_tokens)
+        return texts, before, after
+
+
+_WARM_TOKENS = 512
+_COST_FIELDS = ("prefill_seconds", "compression_seconds", "decode_tokens_per_second", "peak_memory_bytes")
+
+
+@torch.no_grad()
+def _warm_up(model: Any) -> None:
+    ids = torch.ones(1, 16, dtype=torch.long, device=next(model.parameters()).device)
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+@torch.no_grad()
+def _record(model: Any, context_ids: list[int]) -> Recording:
+    """The uncompressed one-shot prefill of one context, with every full-attention layer's inputs."""
+    ids = torch.tensor([context_ids], device=next(model.parameters()).device)
+    cache = KVCache(model.config)
+    with record(model, cache) as rec:
+        mask = torch.ones_like(ids)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return rec

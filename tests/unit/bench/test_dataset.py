@@ -1,0 +1,114 @@
+"""User datasets: JSONL/CSV rows become samples grouped by context; malformed rows name the file, line and field."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvsqueeze.bench.dataset import load_dataset
+
+
+def _jsonl(tmp_path: Path, rows: list, name: str = "data.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+ROW = {"context": "The code is 4417.", "question": "What is the code?", "answers": ["4417"]}
+
+
+def test_rows_sharing_a_context_become_one_sample(tmp_path: Path) -> None:
+    other = {"context": "Gulls circled.", "question": "What circled?", "answers": "gulls", "metric": "all"}
+    second = {**ROW, "question": "Which code?", "answers": ["4417", "four"], "max_new_tokens": 5}
+    path = _jsonl(tmp_path, [ROW, "", other, {**ROW, "question": "Code?"}, {**ROW, "answer_prefix": "It is"}])
+    samples = load_dataset(path)
+    questions = [s.questions for s in samples]
+    assert questions == [("What is the code?", "Code?"), ("What circled?",), ("What is the code?",)]
+    first = samples[0]
+    assert first.task == "data" and first.index == 0 and first.answers == (("4417",), ("4417",))
+    assert first.metric == "any" and first.max_new_tokens == 32 and first.meta["lines"] == [1, 4]
+    assert samples[1].answers == (("gulls",),) and samples[1].metric == "all"
+    assert samples[2].answer_prefix == "It is" and samples[2].meta["lines"] == [5]
+    assert load_dataset(_jsonl(tmp_path, [second], "b.jsonl"))[0].max_new_tokens == 5
+
+
+def test_csv_answers_as_json_list_or_single_string(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(
+        'context,question,answers,max_new_tokens\n"Line one\nline two, 4417",What is the code?,"[""4417"", ""x""]",\n'
+        "Other text,Why?,because,7\n"
+    )
+    samples = load_dataset(path)
+    assert samples[0].context == "Line one\nline two, 4417" and samples[0].answers == (("4417", "x"),)
+    assert samples[0].max_new_tokens == 32 and samples[1].answers == (("because",),)
+    assert samples[1].max_new_tokens == 7 and samples[1].meta["lines"] == [4]  # the quoted context spans lines 2-3
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "detail"),
+    [
+        ({"question": "q", "answers": ["a"]}, "context", "missing"),
+        ({**ROW, "question": "  "}, "question", "is empty"),
+        ({**ROW, "answers": []}, "answers", "non-empty list"),
+        ({**ROW, "answers": ["a", 3]}, "answers", "non-empty text"),
+        ({**ROW, "answers": 4417}, "answers", "non-empty list"),
+        ({**ROW, "context": 12}, "context", "must be text"),
+        ({**ROW, "max_new_tokens": 0}, "max_new_tokens", "positive integer"),
+        ({**ROW, "max_new_tokens": 2.5}, "max_new_tokens", "positive integer"),
+        ({**ROW, "metric": "some"}, "metric", "'all' or 'any'"),
+    ],
+)
+def test_malformed_jsonl_rows_name_file_line_and_field(tmp_path: Path, row: dict, field: str, detail: str) -> None:
+    path = _jsonl(tmp_path, [ROW, row])
+    with pytest.raises(ValueError, match=rf"data\.jsonl: line 2: field '{field}': .*{detail}"):
+        load_dataset(path)
+
+
+def test_broken_json_and_non_objects(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"line 2: not valid JSON"):
+        load_dataset(_jsonl(tmp_path, [ROW, '{"context": "x"']))
+    with pytest.raises(ValueError, match=r"line 1: expected a JSON object, got list"):
+        load_dataset(_jsonl(tmp_path, ["[1, 2]"]))
+
+
+def test_malformed_csv(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("context,question\nabc,q\n")
+    with pytest.raises(ValueError, match=r"d\.csv: line 1: field 'answers': missing from the header"):
+        load_dataset(path)
+    path.write_text('context,question,answers\nabc,q,a\nabc,q,"[""a"", "\n')
+    with pytest.raises(ValueError, match=r"d\.csv: line 3: field 'answers': looks like a JSON list"):
+        load_dataset(path)
+
+
+def test_files_that_cannot_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_dataset(tmp_path / "none.jsonl")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"unsupported extension '.txt'; use .jsonl, .csv or .parquet"):
+        load_dataset(tmp_path / "d.txt")
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="has no rows"):
+        load_dataset(tmp_path / "e.jsonl")
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
+    with pytest.raises(ModuleNotFoundError, match="pip install pandas pyarrow"):
+        load_dataset(tmp_path / "d.parquet")
+
+
+def test_parquet_rows(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas", reason="pandas is not installed (pip install pandas pyarrow)")
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pandas pyarrow)")
+    path = tmp_path / "d.parquet"
+    rows = [ROW, {**ROW, "question": "Code?", "answers": ["4417", "x"], "max_new_tokens": 4}]
+    pd.DataFrame(rows).to_parquet(path)
+    samples = load_dataset(path)
+    assert [s.questions for s in samples] == [("What is the code?",), ("Code?",)]
+    assert samples[1].answers == (("4417", "x"),) and samples[1].max_new_tokens == 4
+    assert samples[0].max_new_tokens == 32  # NaN in the column: the default
+    pd.DataFrame([{**ROW, "answers": []}]).to_parquet(path)
+    with pytest.raises(ValueError, match=r"d\.parquet: line 1: field 'answers'"):
+        load_dataset(path)
