@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--answer-prefix", default=None, help="text the answer starts with")
     p_gen.add_argument("--max-new-tokens", type=_positive, default=32)
     p_gen.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
+    p_gen.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
+    p_gen.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens (default 32)")
     p_gen.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
     p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p_gen.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
@@ -119,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))
     out = generate(model, tokenizer, context, questions, method=method, max_new_tokens=args.max_new_tokens,
-                   answer_prefix=prefix, chunk_size=args.chunk_size)  # fmt: skip
+                   answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=args.decode_target,
+                   decode_every=args.decode_every)  # fmt: skip
     if args.json:
         doc = {"method": repr(method), "questions": questions, "answers": out.answers, "stats": out.stats.to_dict()}
         print(json.dumps(doc))
