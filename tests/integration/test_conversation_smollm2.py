@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 import kvsqueeze as kvs
+from kvsqueeze.pipeline import split_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,11 @@ def test_conversation_turns_equal_the_rendered_conversation(smol: tuple[Any, Any
     rendered = tokenizer.apply_chat_template(conv.messages, tokenize=False)
     assert conv.text == rendered
     assert conv.exact, "SmolLM2's greedy tokens are the tokenization of their own text"
-    assert conv.ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    # the one documented split: the document (compressed before any question) ends at the "\n\n" before the first
+    # question, where a tokenizer may merge whitespace differently; everything after it is tokenized as a whole
+    head = split_prompt(tokenizer, CONTEXT, "")[0]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert conv.ids == encode(head) + encode(rendered[len(head) :])
     assert conv.cache.real_tokens_seen().tolist() == [len(conv.ids)]
     assert all(int(layer.kept.max()) < 160 + 16 for layer in conv.cache.full_layers())
     loaded = kvs.Conversation.load(path, model, tokenizer, method=kvs.get_method("knorm"))
