@@ -29,6 +29,10 @@ _EXPORTS = {
     "GenerateOutput": "kvsqueeze.pipeline",
     "GenerationStats": "kvsqueeze.pipeline",
     "load_model": "kvsqueeze.loading",
+    "Conversation": "kvsqueeze.conversation",
+    "DecodingCompression": "kvsqueeze.methods.decoding",
+    "save_cache": "kvsqueeze.storage",
+    "load_cache": "kvsqueeze.storage",
     "get_adapter": "kvsqueeze.models",
 }
 
@@ -36,6 +40,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from kvsqueeze.cache import CacheStats, KVCache, cache_bytes, cache_stats
+    from kvsqueeze.conversation import Conversation
     from kvsqueeze.loading import load_model
     from kvsqueeze.methods import (
         Method,
@@ -46,9 +51,11 @@ if TYPE_CHECKING:
         list_methods,
         register_method,
     )
+    from kvsqueeze.methods.decoding import DecodingCompression
     from kvsqueeze.models import get_adapter
     from kvsqueeze.pipeline import GenerateOutput, GenerationStats, generate
     from kvsqueeze.press import attach, compress
+    from kvsqueeze.storage import load_cache, save_cache
 
 
 def __getattr__(name: str) -> Any:

@@ -259,6 +259,35 @@ class KVCache(Cache):
         assert isinstance(layer, KVLayer)
         return layer
 
+    # -- serialization: flat name -> tensor dicts (what safetensors stores); see kvsqueeze.storage
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Everything needed to rebuild this cache, as `layers.{i}.{keys,values,positions,seen,total_seen}`."""
+        out: dict[str, Tensor] = {}
+        for i, layer in enumerate(self.kv_layers()):
+            if not layer.is_initialized:
+                continue
+            assert layer.keys is not None and layer.values is not None
+            assert layer.positions is not None and layer.seen is not None
+            parts = {"keys": layer.keys, "values": layer.values, "positions": layer.positions, "seen": layer.seen}
+            parts["total_seen"] = torch.tensor([layer.total_seen], dtype=torch.long)
+            out.update({f"layers.{i}.{name}": t.contiguous() for name, t in parts.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, config: PretrainedConfig, tensors: dict[str, Tensor]) -> KVCache:
+        """Rebuild a cache saved by `to_tensors` for a model with this config (layers and windows from it)."""
+        cache = cls(config)
+        for i, layer in enumerate(cache.kv_layers()):
+            if f"layers.{i}.keys" not in tensors:
+                continue
+            part = {name: tensors[f"layers.{i}.{name}"] for name in ("keys", "values", "positions", "seen")}
+            layer.keys, layer.values = part["keys"], part["values"]
+            layer.positions, layer.seen = part["positions"].to(torch.int32), part["seen"].long()
+            layer.total_seen = int(tensors[f"layers.{i}.total_seen"][0])
+            layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
+            cache.tracker.add(layer.nbytes())
+        return cache
+
 
 def layer_windows(config: PretrainedConfig) -> list[int | None]:
     """Per layer: the sliding window, or None for full attention (the layer types transformers' caches use)."""

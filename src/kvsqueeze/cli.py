@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p_gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--context-file", type=Path, help="text file holding the context")
     src.add_argument("--example", action="store_true", help="use the bundled example document and its question")
+    src.add_argument("--load-cache", type=Path, help="answer over a context cache saved with --save-cache")
     p_gen.add_argument("--question", action="append", default=[], help="a question (repeatable)")
     p_gen.add_argument("--method", default="knorm", help="compression method (see `kvsqueeze list`); 'none' = off")
     p_gen.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of context tokens removed, in [0, 1)")
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--answer-prefix", default=None, help="text the answer starts with")
     p_gen.add_argument("--max-new-tokens", type=_positive, default=32)
     p_gen.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
+    p_gen.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
+    p_gen.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens (default 32)")
+    p_gen.add_argument("--save-cache", type=Path, default=None, help="save the compressed context (safetensors)")
     p_gen.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
     p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p_gen.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
@@ -168,6 +172,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.methods import get_method
     from kvsqueeze.pipeline import generate
 
+    if args.load_cache:
+        return _answer_saved(args)
     if args.example:
         example = _load_example()
         context = example["context"]
@@ -186,7 +192,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))
     out = generate(model, tokenizer, context, questions, method=method, max_new_tokens=args.max_new_tokens,
-                   answer_prefix=prefix, chunk_size=args.chunk_size)  # fmt: skip
+                   answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=args.decode_target,
+                   decode_every=args.decode_every)  # fmt: skip
+    if args.save_cache:
+        from kvsqueeze.storage import save_cache
+
+        template = bool(getattr(tokenizer, "chat_template", None))
+        save_cache(args.save_cache, out.cache, model, method, extra={"chat_template": template})
+        logger.info("Saved the compressed context to %s", args.save_cache)
     if args.json:
         doc = {"method": repr(method), "questions": questions, "answers": out.answers, "stats": out.stats.to_dict()}
         print(json.dumps(doc))
@@ -214,6 +227,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     computed = read_info(path).get("seconds")
     print(f"{method!r}: ready in {seconds:.1f} s (calibration took {computed} s when computed)")
     print(f"artifact: {path}")
+    return 0
+
+
+def _answer_saved(args: argparse.Namespace) -> int:
+    from kvsqueeze.loading import load_model
+    from kvsqueeze.storage import answer_saved
+
+    if not args.question:
+        raise ValueError("give at least one --question")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    prefix = args.answer_prefix or ""
+    answers, saved = answer_saved(model, tokenizer, args.load_cache, args.question, args.max_new_tokens, prefix,
+                                  args.decode_target, args.decode_every)  # fmt: skip
+    if args.json:
+        doc = {"method": saved.method, "questions": args.question, "answers": answers, "seen": saved.seen,
+               "loaded_from": str(args.load_cache)}  # fmt: skip
+        print(json.dumps(doc))
+        return 0
+    print(f"loaded cache: {saved.method}, {saved.seen[0]} context tokens seen")
+    for q, a in zip(args.question, answers, strict=True):
+        print(f"Q: {q}\nA: {(prefix + ' ') if prefix else ''}{a}")
     return 0
 
 

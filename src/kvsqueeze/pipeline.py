@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.cache import KVCache, cache_stats
-from kvsqueeze.methods.base import Method
+from kvsqueeze.methods.base import Method, ScorerMethod
+from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.models import get_adapter
-from kvsqueeze.press import attach, compress
+from kvsqueeze.press import compress
 
 logger = logging.getLogger("kvsqueeze")
 _SENTINEL = "\x00KVSQUEEZE_QUESTION\x00"
@@ -144,9 +145,18 @@ def prefill(
 
 @torch.no_grad()
 def answer(
-    model: Any, tokenizer: Any, cache: KVCache, rows: list[int], question_texts: list[str], max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    cache: KVCache,
+    rows: list[int],
+    question_texts: list[str],
+    max_new_tokens: int,
+    decode: Method | None = None,
 ) -> tuple[list[str], int, float]:
-    """Greedy answers for question texts; row i continues context row `rows[i]` of `cache` (left untouched)."""
+    """Greedy answers for question texts; row i continues context row `rows[i]` of `cache` (left untouched).
+
+    decode: a method applied after every question/decoding forward (e.g. `DecodingCompression`); None = no pruning.
+    """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad([_encode(tokenizer, t, False) for t in question_texts], pad_id, device)
@@ -155,7 +165,7 @@ def answer(
     generated: list[list[int]] = [[] for _ in rows]
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     start = time.perf_counter()
-    with attach(model):
+    with compress(model, decode):
         for _ in range(max_new_tokens):
             logits = model(
                 input_ids=ids, attention_mask=mask, past_key_values=work, use_cache=True, logits_to_keep=1
@@ -203,11 +213,14 @@ def generate_encoded(
     method: Method | None = None,
     max_new_tokens: int = 32,
     chunk_size: int | None = None,
+    decode_target: int | None = None,
+    decode_every: int = 32,
 ) -> GenerateOutput:
     """`generate` on encoded prompts: prefill and compress `context_rows`, then answer question i from row rows[i].
-    The answers come back flat, one per question text."""
+    The answers come back flat, one per question text. decode_target/decode_every: as in `generate`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    decode = decoding_method(method, decode_target, decode_every)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     _check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
@@ -215,7 +228,7 @@ def generate_encoded(
     ids, mask = _left_pad(context_rows, pad_id, device)
     cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
     stats = cache_stats(cache)
-    texts, n_tokens, decode_s = answer(model, tokenizer, cache, rows, question_texts, max_new_tokens)
+    texts, n_tokens, decode_s = answer(model, tokenizer, cache, rows, question_texts, max_new_tokens, decode)
     kept = [float(layer.kept.float().mean(dim=1).sum()) for layer in cache.full_layers()]
     out_stats = GenerationStats(
         tokens_before=sum(len(r) for r in context_rows),
@@ -243,8 +256,15 @@ def generate(
     answer_prefix: str = "",
     chunk_size: int | None = None,
     chat_template: bool = True,
+    decode_target: int | None = None,
+    decode_every: int = 32,
 ) -> GenerateOutput:
-    """Compress each context once (before any question is seen), then answer every question greedily."""
+    """Compress each context once (before any question is seen), then answer every question greedily.
+
+    decode_target: also compress while answering, back to this many tokens per head every `decode_every` steps
+    (`DecodingCompression`, scoring with `method` when it is a scorer, else KNorm). A `DecodingCompression` given
+    as `method` compresses the context and the answers alike.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     items = _normalize(context, questions)
@@ -252,12 +272,34 @@ def generate(
     question_texts = [t for _, texts in encoded for t in texts]
     rows = [i for i, (_, texts) in enumerate(encoded) for _ in texts]
     out = generate_encoded(
-        model, tokenizer, [ids for ids, _ in encoded], question_texts, rows, method, max_new_tokens, chunk_size
+        model,
+        tokenizer,
+        [ids for ids, _ in encoded],
+        question_texts,
+        rows,
+        method,
+        max_new_tokens,
+        chunk_size,
+        decode_target,
+        decode_every,
     )
     if not isinstance(context, str):
         it = iter([str(a) for a in out.answers])  # flat, one per question
         out.answers = [[next(it) for _ in qs] for _, qs in items]
     return out
+
+
+def decoding_method(method: Method | None, target: int | None, every: int = 32) -> Method | None:
+    """The method to apply while answering: `method` itself if it is a `DecodingCompression`, else one built from
+    `target`/`every` around `method`'s scores (KNorm when `method` is not a scorer), else None."""
+    from kvsqueeze.methods.decoding import DecodingCompression
+
+    if target is None:
+        return method if isinstance(method, DecodingCompression) else None
+    if isinstance(method, DecodingCompression):
+        raise ValueError("method is already a DecodingCompression: give its target there, not decode_target")
+    scorer = method if isinstance(method, ScorerMethod) else KNorm()
+    return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 
 
 def _check_length(
