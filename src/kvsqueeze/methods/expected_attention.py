@@ -118,10 +118,8 @@ class ExpectedAttention(ScorerMethod):
         return sinks_and_recent(ctx, self.n_sink, 0) if self.n_sink else None
 
     def stats(self, ctx: ScoreContext) -> QueryStats:
-        """Statistics of this forward's pre-RoPE queries past the sinks (all real ones where none is past them)."""
-        pos = ctx.query_positions.to(ctx.keys.device)  # (B, q)
-        weight = pos >= self.n_sink
-        weight = torch.where(weight.any(dim=1, keepdim=True), weight, pos >= 0)
+        """Statistics of this forward's pre-RoPE queries past the sinks (pad queries, position -1, left out)."""
+        weight = ctx.query_positions.to(ctx.keys.device) >= self.n_sink  # (B, q)
         return query_stats(ctx.queries(rope=False), weight)
 
     def value_norms(self, ctx: ScoreContext) -> Tensor:
