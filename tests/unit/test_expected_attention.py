@@ -185,7 +185,7 @@ def test_sinks_are_kept_and_the_rest_is_the_top_scores(make_model):
             kept = sorted(layer.positions[0, h].tolist())
             s = seen[idx][0, h]
             best = sorted(range(4, 40), key=lambda p, s=s: (-float(s[p]), p))[:16]
-            assert kept == sorted([0, 1, 2, 3] + best)
+            assert kept == sorted([0, 1, 2, 3, *best])
 
 
 def test_each_padded_row_has_its_own_statistics(make_model):
