@@ -3,7 +3,8 @@ the queries that can see it (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle", arXi
 variant as in kvpress's ObservedAttentionPress).
 
 The attention matrix is never materialized whole: queries are processed in blocks of `block_size`, each block's
-softmax computed in place in one (B, H_q, block, T) buffer, and keys no query of the block can see are skipped.
+logits and softmax held in two (B, H_q, block, T) buffers; slots no query of the block can see are skipped and only
+the columns some query of the block cannot see are masked.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ObservedAttention(ScorerMethod):
 
     needs = ("queries",)
 
-    block_size: int = 256  # queries per block: the extra memory is one (B, H_q, block_size, T) fp32 buffer
+    block_size: int = 128  # queries per block: the extra memory is two (B, H_q, block_size, T) fp32 buffers
     query_stride: int = 1  # use every query_stride-th query counted back from the last one (1: all queries)
 
     def __post_init__(self) -> None:
@@ -40,12 +41,12 @@ class ObservedAttention(ScorerMethod):
         qpos = ctx.query_positions.to(q.device)
         take = torch.arange(q.shape[2] - 1, -1, -self.query_stride, device=q.device).flip(0)  # the last one included
         q, qpos = q[:, :, take], qpos[:, take]
-        received = torch.zeros(q.shape[0], q.shape[1], ctx.keys.shape[2], device=q.device)  # (B, H_q, T)
+        b, hq = q.shape[:2]
+        h = ctx.keys.shape[1]
+        received = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)  # (B, H, T)
         for lo in range(0, q.shape[2], self.block_size):
             received += received_attention(ctx, q[:, :, lo : lo + self.block_size], qpos[:, lo : lo + self.block_size])
-        b, hq, t = received.shape
-        h = ctx.keys.shape[1]
-        return received.view(b, h, hq // h, t).mean(dim=2) / seers(ctx.positions, qpos).clamp(min=1)
+        return received / (hq // h) / seers(ctx.positions, qpos).clamp(min=1)  # mean over the group
 
 
 def seers(positions: Tensor, qpos: Tensor) -> Tensor:
@@ -58,24 +59,30 @@ def seers(positions: Tensor, qpos: Tensor) -> Tensor:
 
 
 def received_attention(ctx: ScoreContext, q: Tensor, qpos: Tensor) -> Tensor:
-    """(B, H_q, T) attention each slot receives, summed over the queries q (B, H_q, n, D) at positions qpos (B, n)
-    (causal: a query sees slots at or before its position; pad queries, position -1, add nothing)."""
+    """(B, H, T) attention each slot receives from the queries q (B, H_q, n, D) at positions qpos (B, n), summed over
+    the queries and over the query heads of each KV head (causal: a query sees slots at or before its position; pad
+    queries, position -1, add nothing)."""
     b, hq, n, d = q.shape
-    keys, pos = ctx.keys, ctx.positions  # (B, H, T, D), (B, H, T)
-    h = keys.shape[1]
-    seen = (pos >= 0) & (pos <= qpos.amax())  # skip the slots after every query of the block
-    t = int(seen.flatten(0, 1).any(dim=0).nonzero().max()) + 1 if bool(seen.any()) else 1
-    keys, pos = keys[:, :, :t].float(), pos[:, :, :t]
-    logits = torch.einsum("bhgnd,bhtd->bhgnt", q.float().view(b, h, hq // h, n, d), keys)  # (B, H, G, n, t)
-    logits.mul_(ctx.scaling)
+    pos = ctx.positions  # (B, H, T)
+    h, g = pos.shape[1], hq // pos.shape[1]
+    real = qpos >= 0
+    qpos = torch.where(real, qpos, qpos.amax())  # pad queries attend like the latest query, with weight 0
+    visible = (pos >= 0) & (pos <= qpos.amax())
+    t = int(visible.flatten(0, 1).any(dim=0).nonzero().max()) + 1 if bool(visible.any()) else 1  # later slots: unseen
+    pos = pos[:, :, :t]
     softcap = ctx.adapter.softcap(ctx.module)
+    scale = ctx.scaling / softcap if softcap is not None else ctx.scaling
+    qs = (q.float() * scale).reshape(b, h, g * n, d)  # (B, H, G*n, D), grouped by KV head
+    logits = qs @ ctx.keys[:, :, :t].float().transpose(-1, -2)  # (B, H, G*n, t)
     if softcap is not None:
-        logits.div_(softcap).tanh_().mul_(softcap)
-    hidden = (pos[:, :, None, None, :] < 0) | (pos[:, :, None, None, :] > qpos[:, None, None, :, None])  # (B,H,1,n,t)
-    logits.masked_fill_(hidden, float("-inf"))
-    top = logits.amax(dim=-1, keepdim=True)
-    logits.sub_(torch.where(torch.isfinite(top), top, 0.0)).exp_()  # softmax in place: one buffer for the block
-    logits.div_(logits.sum(dim=-1, keepdim=True).clamp(min=1e-30))
-    out = torch.zeros(b, h, hq // h, ctx.keys.shape[2], device=q.device)
-    out[..., :t] = logits.sum(dim=-2)
-    return out.view(b, hq, -1)
+        logits.tanh_().mul_(softcap)
+    blocked = ((pos < 0) | (pos > qpos.amin())).flatten(0, 1).any(dim=0)  # (t,) slots some query may not see
+    first = int(blocked.int().argmax()) if bool(blocked.any()) else t
+    hidden = (pos[:, :, None, None, first:] < 0) | (pos[:, :, None, None, first:] > qpos[:, None, None, :, None])
+    # (B, H, G, n, t - first); finite, so a pad query of a row whose real tokens come later gives no NaN (weight 0)
+    logits.view(b, h, g, n, t)[..., first:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    weight = real.float()[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, 1, g * n)
+    out = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)
+    out[..., :t] = (weight @ probs)[:, :, 0]  # sum over the block's real queries and the group
+    return out
