@@ -26,7 +26,7 @@ class ObservedAttention(ScorerMethod):
 
     needs = ("queries",)
 
-    block_size: int = 128  # queries per block: the extra memory is two (B, H_q, block_size, T) fp32 buffers
+    block_size: int = 64  # queries per block: the extra memory is two (B, H_q, block_size, T) fp32 buffers
     query_stride: int = 1  # use every query_stride-th query counted back from the last one (1: all queries)
 
     def __post_init__(self) -> None:
