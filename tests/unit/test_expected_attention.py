@@ -18,6 +18,7 @@ from kvsqueeze.methods.expected_attention import (
     query_stats,
 )
 from kvsqueeze.models import apply_rope, get_adapter
+from kvsqueeze.pipeline import prefill as pipeline_prefill
 
 
 def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -211,3 +212,16 @@ def test_validates_its_options():
             ExpectedAttention(**bad)
     with pytest.raises(ValueError, match="use_vnorm"):
         ExpectedAttention(use_vnorm=False, use_output_projection=True)
+
+
+@pytest.mark.parametrize("name", ["expected_attention", "tova", "observed_attention"])
+def test_chunked_prefill_keeps_the_budget_of_the_tokens_seen(name, make_model):
+    """Each chunk's forward prunes back to floor(seen (1 - r)); Expected Attention then uses the chunk's own query
+    statistics (the statistics of earlier chunks are not carried over yet)."""
+    model = make_model("llama")
+    ids = ids_of(50, seed=9)
+    cache, *_ = pipeline_prefill(model, ids, torch.ones_like(ids), kvs.get_method(name, ratio=0.5), chunk_size=16)
+    for layer in cache.full_layers():
+        assert layer.kept.tolist() == [[25, 25]]
+        assert int(layer.positions.max()) < 50 and int(layer.positions.min()) >= 0
+        assert all(row.unique().numel() == 25 for row in layer.positions[0])  # distinct positions per head
