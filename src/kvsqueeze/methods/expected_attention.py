@@ -5,6 +5,8 @@ Future queries are modelled as Gaussian: mean and covariance of the context's ow
 positions left out), rotated by RoPE averaged over the next `n_future` absolute positions. For q ~ N(mu, Sigma) and
 logit scale s (1/sqrt(d)), E[exp(s q.k)] = exp(s k.mu + s^2 k^T Sigma k / 2); its softmax over the non-sink keys,
 averaged over the GQA group and rescaled by the value norm, (a + eps) * ||v|| (or ||W_O v||), is the score.
+s is the layer's own logit scale (Gemma's query_pre_attn_scalar included); Gemma2's logit soft-capping is not
+modelled (the closed form is for exp(s q.k)).
 
 The query statistics come from `query_stats`, a (count, mean, centred second moment) triple that `QueryStats.merge`
 combines exactly (Chan et al.'s parallel update), so a chunked prefill can accumulate them across chunks.
