@@ -55,13 +55,12 @@ class ScoreContext:
 
     def queries(self, rope: bool = True) -> Tensor:
         """Queries of the new tokens, (B, H_q, q, D), after RoPE (at their own positions) or before it."""
-        key = "post" if rope else "pre"
-        if key not in self._cache:
-            pre = self.adapter.pre_rope_queries(self.module, self.hidden_states)
-            self._cache["pre"] = pre
+        if "pre" not in self._cache:
+            self._cache["pre"] = self.adapter.pre_rope_queries(self.module, self.hidden_states)
+        if rope and "post" not in self._cache:  # only when asked: RoPE on every query costs a third of q_proj
             cos, sin = self.position_embeddings
-            self._cache["post"] = apply_rope(pre, cos, sin)
-        return self._cache[key]
+            self._cache["post"] = apply_rope(self._cache["pre"], cos, sin)
+        return self._cache["post" if rope else "pre"]
 
 
 class Method:

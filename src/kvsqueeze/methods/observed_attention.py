@@ -1,0 +1,88 @@
+"""Observed attention: one-shot H2O, the attention each pair received from the context's own queries, averaged over
+the queries that can see it (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle", arXiv 2306.14048; one-shot prefill
+variant as in kvpress's ObservedAttentionPress).
+
+The attention matrix is never materialized whole: queries are processed in blocks of `block_size`, each block's
+logits and softmax held in two (B, H_q, block, T) buffers; slots no query of the block can see are skipped and only
+the columns some query of the block cannot see are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvsqueeze.methods.base import ScoreContext, ScorerMethod
+from kvsqueeze.methods.registry import register_method
+
+
+@register_method("observed_attention")
+@dataclass
+class ObservedAttention(ScorerMethod):
+    """Keep the pairs with the highest attention received from the context's queries (summed, divided by how many
+    queries can see the pair), averaged over the GQA group."""
+
+    needs = ("queries",)
+
+    block_size: int = 64  # queries per block: the extra memory is two (B, H_q, block_size, T) fp32 buffers
+    query_stride: int = 1  # use every query_stride-th query counted back from the last one (1: all queries)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if not isinstance(self.query_stride, int) or self.query_stride < 1:
+            raise ValueError(f"query_stride must be an integer >= 1, got {self.query_stride!r}")
+
+    def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
+        q = ctx.queries(rope=True)  # (B, H_q, q, D)
+        qpos = ctx.query_positions.to(q.device)
+        take = torch.arange(q.shape[2] - 1, -1, -self.query_stride, device=q.device).flip(0)  # the last one included
+        q, qpos = q[:, :, take], qpos[:, take]
+        b, hq = q.shape[:2]
+        h = ctx.keys.shape[1]
+        received = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)  # (B, H, T)
+        for lo in range(0, q.shape[2], self.block_size):
+            received += received_attention(ctx, q[:, :, lo : lo + self.block_size], qpos[:, lo : lo + self.block_size])
+        return received / (hq // h) / seers(ctx.positions, qpos).clamp(min=1)  # mean over the group
+
+
+def seers(positions: Tensor, qpos: Tensor) -> Tensor:
+    """(B, H, T) how many of the queries at qpos (B, n) see each slot at `positions` (B, H, T): qpos >= position
+    (pad queries, -1, see no real slot)."""
+    ordered = qpos.sort(dim=1).values.contiguous()  # (B, n)
+    b, h, t = positions.shape
+    before = torch.searchsorted(ordered, positions.reshape(b, h * t).contiguous(), side="left")
+    return (qpos.shape[1] - before).view(b, h, t)
+
+
+def received_attention(ctx: ScoreContext, q: Tensor, qpos: Tensor) -> Tensor:
+    """(B, H, T) attention each slot receives from the queries q (B, H_q, n, D) at positions qpos (B, n), summed over
+    the queries and over the query heads of each KV head (causal: a query sees slots at or before its position; pad
+    queries, position -1, add nothing)."""
+    b, hq, n, d = q.shape
+    pos = ctx.positions  # (B, H, T)
+    h, g = pos.shape[1], hq // pos.shape[1]
+    real = qpos >= 0
+    qpos = torch.where(real, qpos, qpos.amax())  # pad queries attend like the latest query, with weight 0
+    visible = (pos >= 0) & (pos <= qpos.amax())
+    t = int(visible.flatten(0, 1).any(dim=0).nonzero().max()) + 1 if bool(visible.any()) else 1  # later slots: unseen
+    pos = pos[:, :, :t]
+    softcap = ctx.adapter.softcap(ctx.module)
+    scale = ctx.scaling / softcap if softcap is not None else ctx.scaling
+    qs = (q.float() * scale).reshape(b, h, g * n, d)  # (B, H, G*n, D), grouped by KV head
+    logits = qs @ ctx.keys[:, :, :t].float().transpose(-1, -2)  # (B, H, G*n, t)
+    if softcap is not None:
+        logits.tanh_().mul_(softcap)
+    blocked = ((pos < 0) | (pos > qpos.amin())).flatten(0, 1).any(dim=0)  # (t,) slots some query may not see
+    first = int(blocked.int().argmax()) if bool(blocked.any()) else t
+    hidden = (pos[:, :, None, None, first:] < 0) | (pos[:, :, None, None, first:] > qpos[:, None, None, :, None])
+    # (B, H, G, n, t - first); finite, so a pad query of a row whose real tokens come later gives no NaN (weight 0)
+    logits.view(b, h, g, n, t)[..., first:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    weight = real.float()[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, 1, g * n)
+    out = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)
+    out[..., :t] = (weight @ probs)[:, :, 0]  # sum over the block's real queries and the group
+    return out
