@@ -178,10 +178,11 @@ def compress_layer(
     if sync:
         torch.cuda.synchronize(layer.keys.device)
     start = time.perf_counter()
+    keys, values, positions = layer.view()  # rectangular (a transient copy when the layer is ragged)
     ctx = ScoreContext(
-        keys=layer.keys,
-        values=layer.values,
-        positions=layer.positions,
+        keys=keys,
+        values=values,
+        positions=positions,
         hidden_states=inputs.hidden_states,
         query_positions=inputs.query_positions,
         position_embeddings=inputs.position_embeddings,
@@ -192,6 +193,7 @@ def compress_layer(
     )
     with torch.no_grad():
         plan = method.plan(ctx)
+    del ctx, keys, values, positions
     log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
     if plan is not None:
         layer.prune(*plan)

@@ -68,6 +68,11 @@ class Method:
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",)
+    # Who shares a budget: "head" = every KV head keeps its own count (equal across the heads of a layer);
+    # "layer" = the heads of a layer pool theirs (counts differ per head, the layer's total is fixed: Ada-KV);
+    # "model" = all full-attention layers and heads pool one budget (the model's total is fixed; the method
+    # implements `ModelScopeMethod` and `press` scores every layer before pruning any).
+    budget_scope: ClassVar[str] = "head"
 
     ratio: float
 
@@ -132,21 +137,28 @@ class ScorerMethod(Method):
         budget = torch.minimum(self.budget(ctx).to(kept_now.device), kept_now)
         if bool((budget == kept_now).all()) and bool(valid.all()):
             return None
-        protected = self.protected(ctx)
-        if protected is not None:
-            protected = protected & valid
-            n_protected = protected.sum(dim=-1)
-            if bool((n_protected > budget).any()):
-                worst = int((n_protected - budget).argmax())
-                raise ValueError(
-                    f"{self!r}: the budget of {int(budget.flatten()[worst])} tokens cannot hold the "
-                    f"{int(n_protected.flatten()[worst])} protected tokens (sinks/window) at layer {ctx.layer_idx}; "
-                    "lower the ratio or the number of protected tokens."
-                )
+        protected = checked_protected(self, ctx, budget)
         scores = self.score(ctx).float()
         if scores.shape != valid.shape:
             raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, expected {valid.shape}")
         return select(scores, valid, budget, protected)
+
+
+def checked_protected(method: ScorerMethod, ctx: ScoreContext, budget: Tensor) -> Tensor | None:
+    """`method.protected(ctx)` restricted to real slots; a ValueError if some (row, head) budget cannot hold them."""
+    protected = method.protected(ctx)
+    if protected is None:
+        return None
+    protected = protected & ctx.valid
+    n_protected = protected.sum(dim=-1)
+    if bool((n_protected > budget).any()):
+        worst = int((n_protected - budget).argmax())
+        raise ValueError(
+            f"{method!r}: the budget of {int(budget.flatten()[worst])} tokens cannot hold the "
+            f"{int(n_protected.flatten()[worst])} protected tokens (sinks/window) at layer {ctx.layer_idx}; "
+            "lower the ratio or the number of protected tokens."
+        )
+    return protected
 
 
 def select(scores: Tensor, valid: Tensor, budget: Tensor, protected: Tensor | None = None) -> tuple[Tensor, Tensor]:
