@@ -10,6 +10,7 @@ scores on one scale, the log of a distribution over its own slots:
                it is p - logsumexp(p), nearly the raw probabilities shifted per head, i.e. what Ada-KV compares
     "sum"      log(s / sum(s)) for non-negative scores (attention weights): an exact distribution per segment
     "none"     the raw scores, when the scorer already is comparable across heads and layers
+    "auto"     per row: "sum" when all its scores are non-negative (taken as attention weights), else "softmax"
 The log keeps the order of the probabilities without underflowing to ties at 0.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NORMALIZATIONS = ("softmax", "sum", "none")
+NORMALIZATIONS = ("auto", "softmax", "sum", "none")
 
 
 def comparable_scores(scores: Tensor, valid: Tensor, normalize: str) -> Tensor:
@@ -26,6 +27,12 @@ def comparable_scores(scores: Tensor, valid: Tensor, normalize: str) -> Tensor:
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     s = scores.float().masked_fill(~valid, float("-inf"))
+    if normalize == "auto":
+        negative = (scores.float() < 0) & valid
+        by_sum = ~negative.flatten(1).any(dim=1)  # (B,) rows of non-negative scores
+        shape = (-1,) + (1,) * (scores.dim() - 1)
+        both = comparable_scores(scores, valid, "softmax"), comparable_scores(scores.clamp(min=0), valid, "sum")
+        return torch.where(by_sum.view(shape), both[1], both[0])
     if normalize == "softmax":
         out = torch.log_softmax(s, dim=-1)
     elif normalize == "sum":
@@ -35,7 +42,7 @@ def comparable_scores(scores: Tensor, valid: Tensor, normalize: str) -> Tensor:
         out = torch.log(s.clamp(min=0) / total)
     else:
         out = s
-    return out.masked_fill(~valid, float("-inf")).nan_to_num(nan=float("-inf"))
+    return out.masked_fill(~valid | torch.isnan(out), float("-inf"))
 
 
 def pooled_counts(scores: Tensor, valid: Tensor, total: Tensor, safeguard: Tensor) -> Tensor:
@@ -68,15 +75,16 @@ def two_stage_order(first: Tensor, second: Tensor, valid: Tensor, n_first: Tenso
     """CriticalKV's two-stage ranking as one score (B, H, T): the `n_first` (B, H) best slots by `first` rank
     above all others (in their `first` order), then the rest by `second`. Top-k of it = stage 1 + stage 2."""
     t = first.shape[-1]
-    f = first.float().masked_fill(~valid, float("-inf"))
+    first, second = first.double(), second.double()  # float64: the lifted stage 1 scores stay above stage 2 exactly
+    f = first.masked_fill(~valid, float("-inf"))
     order = torch.sort(f, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(t, device=first.device).expand_as(order))  # rank of each slot by `first`
     stage1 = (rank < n_first[..., None]) & valid
     # stage 1 slots get scores above every stage 2 score, ordered among themselves by their `first` rank
-    top = second.float().masked_fill(~valid, float("-inf")).amax(dim=-1, keepdim=True).clamp(min=0)
-    lifted = top + 1.0 + (t - rank).float()
-    return torch.where(stage1, lifted, second.float())
+    top = second.masked_fill(~valid, float("-inf")).amax(dim=-1, keepdim=True).clamp(min=0)
+    lifted = top + 1.0 + (t - rank).double()
+    return torch.where(stage1, lifted, second)
 
 
 def spread(mean: float, weights: list[float], cap: float, floor: float = 0.0) -> list[float]:

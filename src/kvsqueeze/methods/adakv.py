@@ -3,9 +3,10 @@
 Per layer and row, the heads pool their uniform budgets (H x floor(n(1-r)) tokens). Each head first keeps a
 safeguard share alpha of its own uniform budget from its top tokens; the rest of the pool goes to the best scores
 of the layer, whatever their head, so heads with concentrated attention keep fewer tokens and flat heads more.
-Scores are made comparable across heads with `budgets.comparable_scores` (default: log-softmax per head, i.e.
-attention-like distributions as in the paper). Protected tokens (e.g. SnapKV's window) are always kept. The layer
-is then stored ragged (`cache.py`), so the memory held is the pooled total, not H x the largest head.
+Scores are made comparable across heads with `budgets.comparable_scores` (default "auto": non-negative scores
+such as SnapKV's attention are divided by their head's sum, as the paper compares attention weights; signed scores
+such as KNorm's become a distribution by a softmax per head). Protected tokens (e.g. SnapKV's window) are always
+kept. The layer is then stored ragged (`cache.py`), so the memory held is the pooled total, not H x the largest head.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class AdaKV(ScorerMethod):
 
     scorer: ScorerMethod = field(default_factory=SnapKV)
     alpha: float = 0.2  # safeguard: each head first keeps alpha x its uniform budget of its own best tokens
-    normalize: str = "softmax"  # how scores are made comparable across heads (see kvsqueeze.budgets)
+    normalize: str = "auto"  # how scores are made comparable across heads (see kvsqueeze.budgets)
 
     def __post_init__(self) -> None:
         self.scorer = wrapped_scorer(self.scorer, self.ratio)

@@ -188,3 +188,34 @@ def sinks_and_recent(ctx: ScoreContext, n_sink: int, n_recent: int) -> Tensor:
     pos = ctx.positions
     recent_from = (ctx.seen - n_recent)[:, None, None]  # positions are 0..seen-1 per row
     return (pos >= 0) & ((pos < n_sink) | (pos >= recent_from))
+
+
+@dataclass
+class LayerScores:
+    """One layer's share of a model-wide budget: what a `ModelScopeMethod` keeps from scoring it."""
+
+    scores: Tensor  # (B, H, T) comparable across layers and heads, higher = keep; protected slots +inf
+    valid: Tensor  # (B, H, T) real slots
+    protected: Tensor | None  # (B, H, T) slots that must be kept
+    budget: Tensor  # (B, H) the uniform budget this layer brings to the pool
+
+
+class ModelScopeMethod(Method):
+    """A method whose budget is shared by all full-attention layers (`budget_scope = "model"`). `press` scores every
+    layer as it fills (`layer_scores`), then plans and prunes them all at once (`plan_model`) at the end of the
+    forward (or of `compress_recording`); the uncompressed layers are held until then."""
+
+    budget_scope = "model"
+
+    def layer_scores(self, ctx: ScoreContext) -> LayerScores:
+        raise NotImplementedError
+
+    def plan_model(self, layers: dict[int, LayerScores]) -> dict[int, tuple[Tensor, Tensor] | None]:
+        """Keep plans per layer index (see `Method.plan`) from every full-attention layer's scores."""
+        raise NotImplementedError
+
+    def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+        raise ValueError(
+            f"{type(self).__name__} shares one budget across layers: it needs every layer's scores before pruning, "
+            "so it only runs through `kvsqueeze.compress` / `compress_recording`, not layer by layer."
+        )
