@@ -91,22 +91,57 @@ class KVLayer(DynamicLayer):
         b, h, q, _ = key_states.shape
         before = self.nbytes()
         new_pos = self.query_positions.to(device=self.positions.device, dtype=torch.int32)[:, None, :].expand(b, h, q)
-        past_keys, past_values, past_pos = self.view()
-        step_keys = torch.cat([past_keys, key_states], dim=-2)
-        step_values = torch.cat([past_values, value_states], dim=-2)
-        step_pos = torch.cat([past_pos, new_pos], dim=-1)
         if self.lengths is None:
+            step_keys = torch.cat([self.keys, key_states], dim=-2)
+            step_values = torch.cat([self.values, value_states], dim=-2)
+            step_pos = torch.cat([self.positions, new_pos], dim=-1)
             self.keys, self.values, self.positions = step_keys, step_values, step_pos
-        else:  # repack: every (row, head) segment gets its row's real new tokens appended
-            held = step_pos >= 0  # (B, H, T + q)
-            self.keys, self.values, self.positions = step_keys[held], step_values[held], step_pos[held]
-            self.lengths = held.sum(dim=-1)
+        else:
+            step_keys, step_values, step_pos = self._append_ragged(key_states, value_states, new_pos)
         self.step_keys, self.step_values, self.step_positions = step_keys, step_values, step_pos
         self.seen = self.seen + (self.query_positions >= 0).sum(dim=1)
         self.total_seen += q
         self.tracker.add(self.nbytes() - before)
         _UPDATED.set(self)
         return step_keys, step_values
+
+    def _append_ragged(
+        self, key_states: Tensor, value_states: Tensor, new_pos: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Append the real new tokens to every (row, head) segment; return this step's rectangular keys, values and
+        positions (B, H, T_max + q, ...): each segment left-aligned, then the q new slots (pads at -1)."""
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.lengths is not None
+        b, h, q, _ = key_states.shape
+        n = self.lengths.flatten()  # (S,) tokens per segment, S = B H
+        dev = self.keys.device
+        seg = torch.repeat_interleave(torch.arange(b * h, device=dev), n)  # (N,) segment of each stored token
+        slot = torch.arange(seg.numel(), device=dev) - segment_starts(self.lengths).flatten()[seg]  # (N,) slot in it
+        width = (int(n.max()) if n.numel() else 0) + q
+        past = seg * width + slot  # (N,) row of each stored token in the flattened (B H width) step tensors
+
+        def rectangular(flat: Tensor, new: Tensor, fill: float) -> Tensor:
+            out = flat.new_full((b, h, width, *flat.shape[1:]), fill)
+            out.view(b * h * width, *flat.shape[1:]).index_copy_(0, past, flat)
+            out[:, :, width - q :] = new
+            return out
+
+        step_keys = rectangular(self.keys, key_states, 0.0)
+        step_values = rectangular(self.values, value_states, 0.0)
+        step_pos = rectangular(self.positions, new_pos, -1)
+        # repack: segment s keeps its n[s] tokens, then its row's real new tokens, in the new flat buffers
+        real = (new_pos >= 0).reshape(b * h, q)  # (S, q)
+        lengths = n + real.sum(dim=1)
+        starts = lengths.cumsum(0) - lengths
+        dest_new = (starts + n)[:, None] + real.long().cumsum(dim=1) - 1  # (S, q), valid where real
+        dest = torch.cat([starts[seg] + slot, dest_new[real]])
+        pick = lambda flat, new: torch.cat([flat, new.reshape(b * h, q, *new.shape[3:])[real]])  # noqa: E731
+        total = int(lengths.sum())
+        for name, new in (("keys", key_states), ("values", value_states), ("positions", new_pos)):
+            src = pick(getattr(self, name), new)
+            setattr(self, name, src.new_empty((total, *src.shape[1:])).index_copy_(0, dest, src))
+        self.lengths = lengths.view(b, h)
+        return step_keys, step_values, step_pos
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T): the stored tensors in the rectangular layout;
