@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
@@ -113,33 +114,31 @@ class KVLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None and self.positions is not None
         assert self.lengths is not None
         b, h, q, _ = key_states.shape
-        n = self.lengths.flatten()  # (S,) tokens per segment, S = B H
-        dev = self.keys.device
-        seg = torch.repeat_interleave(torch.arange(b * h, device=dev), n)  # (N,) segment of each stored token
-        slot = torch.arange(seg.numel(), device=dev) - segment_starts(self.lengths).flatten()[seg]  # (N,) slot in it
-        width = (int(n.max()) if n.numel() else 0) + q
-        past = seg * width + slot  # (N,) row of each stored token in the flattened (B H width) step tensors
-
-        def rectangular(flat: Tensor, new: Tensor, fill: float) -> Tensor:
-            out = flat.new_full((b, h, width, *flat.shape[1:]), fill)
-            out.view(b * h * width, *flat.shape[1:]).index_copy_(0, past, flat)
-            out[:, :, width - q :] = new
-            return out
-
-        step_keys = rectangular(self.keys, key_states, 0.0)
-        step_values = rectangular(self.values, value_states, 0.0)
-        step_pos = rectangular(self.positions, new_pos, -1)
-        # repack: segment s keeps its n[s] tokens, then its row's real new tokens, in the new flat buffers
-        real = (new_pos >= 0).reshape(b * h, q)  # (S, q)
-        lengths = n + real.sum(dim=1)
-        starts = lengths.cumsum(0) - lengths
-        dest_new = (starts + n)[:, None] + real.long().cumsum(dim=1) - 1  # (S, q), valid where real
-        dest = torch.cat([starts[seg] + slot, dest_new[real]])
-        pick = lambda flat, new: torch.cat([flat, new.reshape(b * h, q, *new.shape[3:])[real]])  # noqa: E731
-        total = int(lengths.sum())
-        for name, new in (("keys", key_states), ("values", value_states), ("positions", new_pos)):
-            src = pick(getattr(self, name), new)
-            setattr(self, name, src.new_empty((total, *src.shape[1:])).index_copy_(0, dest, src))
+        n = self.lengths.flatten().tolist()  # tokens per segment, S = B H segments
+        width = max(n, default=0)
+        real = (new_pos >= 0).reshape(b * h, q)  # (S, q) the row's real new tokens, in every head
+        n_real = real.sum(dim=1).tolist()
+        all_real = bool(real.all())
+        steps, packed = [], []
+        for flat, new, fill in (
+            (self.keys, key_states, 0.0),
+            (self.values, value_states, 0.0),
+            (self.positions, new_pos, -1),
+        ):
+            segments = torch.split(flat, n)  # views, one per (row, head)
+            past = pad_sequence(list(segments), batch_first=True, padding_value=fill)  # (S, width, ...)
+            if past.shape[1] < width:  # pad_sequence of all-empty segments
+                past = flat.new_full((b * h, width, *flat.shape[1:]), fill)
+            steps.append(torch.cat([past.view(b, h, width, *flat.shape[1:]), new], dim=2))
+            new_s = new.reshape(b * h, q, *new.shape[3:])
+            pieces = []
+            for i, seg in enumerate(segments):  # repack: each segment, then its row's real new tokens
+                pieces.append(seg)
+                pieces.append(new_s[i] if all_real else new_s[i][real[i]])
+            packed.append(torch.cat(pieces))
+        self.keys, self.values, self.positions = packed
+        lengths = torch.tensor([a + c for a, c in zip(n, n_real, strict=True)], device=self.lengths.device)
+        step_keys, step_values, step_pos = steps
         self.lengths = lengths.view(b, h)
         return step_keys, step_values, step_pos
 
