@@ -44,8 +44,9 @@ def register() -> None:
 
 def layer_mask(layer: KVLayer, q_len: int) -> Tensor | str | None:
     """Mask for the current step of `layer`: bool (B, 1 or H_kv, q, T), "causal", or None (attend to all)."""
-    assert layer.positions is not None and layer.query_positions is not None
-    pos, qpos = layer.positions, layer.query_positions.to(layer.positions.device)  # (B, H, T), (B, q)
+    pos = layer.step_positions if layer.step_positions is not None else layer.positions
+    assert pos is not None and layer.query_positions is not None  # pos (B, H, T): the rectangular form read now
+    qpos = layer.query_positions.to(pos.device)  # (B, q)
     t_past = pos.shape[-1] - q_len
     past = pos[..., :t_past]
     past_full = t_past == 0 or bool((past >= 0).all())

@@ -6,9 +6,18 @@ Layout of one full-attention layer (shape legend in `methods/base.py`):
                                 (a left-pad token, or a row/head that keeps fewer tokens than T)
     seen          (B,)          real (non-pad) tokens this layer has seen per row, kept or not
 
-Each layer has its own T, so layers may keep different amounts (per-layer budgets). Within a layer, rows and heads
-may keep different counts: shorter ones leave empty slots, whose bytes are reported as `padding_bytes`. Pruning
-gathers the kept slots into new tensors, so the old storages are freed and `cache_bytes` drops for real.
+Each layer has its own T, so layers may keep different amounts (per-layer budgets). Pruning gathers the kept slots
+into new tensors, so the old storages are freed and `cache_bytes` drops for real.
+
+Ragged layout. When a plan keeps different counts per row or head (head-adaptive budgets, rows of a padded batch), a
+full-attention layer switches to a ragged layout that holds exactly the kept tokens, with no empty slots:
+    keys, values  (N, D)        one flat buffer per layer; N = total tokens kept over all rows and heads, stored
+                                segment after segment in (row, head) order, each segment in slot (position) order
+    positions     (N,)          int32 absolute position of each stored token
+    lengths       (B, H)        int64 tokens held by each (row, head) segment (`lengths is not None` = ragged)
+New tokens (questions, decoding) are appended to every segment of their row; pad tokens are not stored. `view()`
+unpacks a layer to the rectangular (B, H, T, D) form (a transient copy, empty slots = -1) for scoring and attention.
+Sliding-window layers stay rectangular.
 
 Every forward must tell the cache the positions and padding of its new tokens (`begin_step`); `kvsqueeze.attach`
 and `kvsqueeze.compress` install a hook that does it. The attention function in `attention.py` reads the layer that
@@ -22,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
@@ -41,6 +51,15 @@ class KVLayer(DynamicLayer):
         self.total_seen = 0  # padded steps seen (what transformers calls the sequence length)
         self.query_positions: Tensor | None = None  # (B, q) positions of the tokens of the current step, -1 = pad
         self.tracker = _BytesTracker()  # shared with the other layers of the cache, for the peak
+        self.lengths: Tensor | None = None  # (B, H) int64 in the ragged layout, None in the rectangular one
+        # what the current step's attention reads (rectangular; a transient unpacked copy when ragged)
+        self.step_keys: Tensor | None = None
+        self.step_values: Tensor | None = None
+        self.step_positions: Tensor | None = None  # (B, H, T) int32
+
+    @property
+    def is_ragged(self) -> bool:
+        return self.lengths is not None
 
     @property
     def is_sliding(self) -> bool:  # type: ignore[override]
@@ -72,18 +91,72 @@ class KVLayer(DynamicLayer):
         assert self.seen is not None
         b, h, q, _ = key_states.shape
         before = self.nbytes()
-        new_pos = self.query_positions.to(torch.int32)[:, None, :].expand(b, h, q)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        new_pos = self.query_positions.to(device=self.positions.device, dtype=torch.int32)[:, None, :].expand(b, h, q)
+        if self.lengths is None:
+            step_keys = torch.cat([self.keys, key_states], dim=-2)
+            step_values = torch.cat([self.values, value_states], dim=-2)
+            step_pos = torch.cat([self.positions, new_pos], dim=-1)
+            self.keys, self.values, self.positions = step_keys, step_values, step_pos
+        else:
+            step_keys, step_values, step_pos = self._append_ragged(key_states, value_states, new_pos)
+        self.step_keys, self.step_values, self.step_positions = step_keys, step_values, step_pos
         self.seen = self.seen + (self.query_positions >= 0).sum(dim=1)
         self.total_seen += q
         self.tracker.add(self.nbytes() - before)
         _UPDATED.set(self)
-        return self.keys, self.values
+        return step_keys, step_values
+
+    def _append_ragged(
+        self, key_states: Tensor, value_states: Tensor, new_pos: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Append the real new tokens to every (row, head) segment; return this step's rectangular keys, values and
+        positions (B, H, T_max + q, ...): each segment left-aligned, then the q new slots (pads at -1)."""
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.lengths is not None
+        b, h, q, _ = key_states.shape
+        n = self.lengths.flatten().tolist()  # tokens per segment, S = B H segments
+        width = max(n, default=0)
+        real = (new_pos >= 0).reshape(b * h, q)  # (S, q) the row's real new tokens, in every head
+        n_real = real.sum(dim=1).tolist()
+        all_real = bool(real.all())
+        steps, packed = [], []
+        for flat, new, fill in (
+            (self.keys, key_states, 0.0),
+            (self.values, value_states, 0.0),
+            (self.positions, new_pos, -1),
+        ):
+            segments = torch.split(flat, n)  # views, one per (row, head)
+            past = pad_sequence(list(segments), batch_first=True, padding_value=fill)  # (S, width, ...)
+            if past.shape[1] < width:  # pad_sequence of all-empty segments
+                past = flat.new_full((b * h, width, *flat.shape[1:]), fill)
+            steps.append(torch.cat([past.view(b, h, width, *flat.shape[1:]), new], dim=2))
+            new_s = new.reshape(b * h, q, *new.shape[3:])
+            pieces = []
+            for i, seg in enumerate(segments):  # repack: each segment, then its row's real new tokens
+                pieces.append(seg)
+                pieces.append(new_s[i] if all_real else new_s[i][real[i]])
+            packed.append(torch.cat(pieces))
+        self.keys, self.values, self.positions = packed
+        lengths = torch.tensor([a + c for a, c in zip(n, n_real, strict=True)], device=self.lengths.device)
+        step_keys, step_values, step_pos = steps
+        self.lengths = lengths.view(b, h)
+        return step_keys, step_values, step_pos
+
+    def view(self) -> tuple[Tensor, Tensor, Tensor]:
+        """keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T): the stored tensors in the rectangular layout;
+        in the ragged one a transient copy, each (row, head) left-aligned, slots beyond its length empty (-1)."""
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        if self.lengths is None:
+            return self.keys, self.values, self.positions
+        return (
+            unpack(self.keys, self.lengths, 0.0),
+            unpack(self.values, self.lengths, 0.0),
+            unpack(self.positions, self.lengths, -1),
+        )
 
     def finish_step(self) -> None:
         """Called once attention has read the layer: sliding layers drop what no future query can see."""
+        self.step_keys = self.step_values = self.step_positions = None  # frees the transient copy of a ragged layer
         if self.sliding_window is None or self.positions is None:
             return
         if self.positions.shape[-1] < self.sliding_window:
@@ -107,7 +180,10 @@ class KVLayer(DynamicLayer):
         return self.total_seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = 0 if self.positions is None else self.positions.shape[-1]
+        if self.lengths is not None:
+            stored = int(self.lengths.max()) if self.lengths.numel() else 0
+        else:
+            stored = 0 if self.positions is None else self.positions.shape[-1]
         return stored + query_length, 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -130,8 +206,16 @@ class KVLayer(DynamicLayer):
             assert self.seen is not None
             new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
             rows = rows.to(self.keys.device)
-            new.keys, new.values = self.keys[rows], self.values[rows]
-            new.positions, new.seen = self.positions[rows], self.seen[rows]
+            new.seen = self.seen[rows]
+            if self.lengths is None:
+                new.keys, new.values, new.positions = self.keys[rows], self.values[rows], self.positions[rows]
+            else:  # gather the rows' runs of segments from the flat buffers
+                per_row = self.lengths.sum(dim=1)
+                starts = per_row.cumsum(0) - per_row
+                idx = torch.cat([torch.arange(int(starts[r]), int(starts[r] + per_row[r])) for r in rows.tolist()])
+                idx = idx.to(self.keys.device)
+                new.keys, new.values, new.positions = self.keys[idx], self.values[idx], self.positions[idx]
+                new.lengths = self.lengths[rows]
         new.total_seen = self.total_seen
         return new
 
@@ -144,24 +228,49 @@ class KVLayer(DynamicLayer):
     @property
     def kept(self) -> Tensor:
         """(B, H) number of filled slots per row and head."""
+        if self.lengths is not None:
+            return self.lengths.clone()
         assert self.positions is not None
         return (self.positions >= 0).sum(dim=-1)
 
     def prune(self, indices: Tensor, counts: Tensor) -> None:
-        """Keep, for each (row, head), the slots `indices[b, h, :counts[b, h]]`; the rest become empty slots.
+        """Keep, for each (row, head), the slots `indices[b, h, :counts[b, h]]` of `view()`.
 
-        indices: (B, H, K) long slot indices into the current T; counts: (B, H) long, counts <= K.
-        The new tensors hold K slots; the old storages are released.
+        indices: (B, H, K) long slot indices into the current T of `view()`; counts: (B, H) long, counts <= K.
+        Equal counts everywhere keep the rectangular layout (K slots); otherwise a full-attention layer switches to
+        the ragged layout (exactly sum(counts) tokens) and sliding ones keep K slots with empty ones. The old
+        storages are released.
         """
         assert self.keys is not None and self.values is not None and self.positions is not None
         b, h, k = indices.shape
         before = self.nbytes()
+        uneven = bool((counts != counts.flatten()[0]).any()) if counts.numel() else False
+        if self.lengths is not None or (uneven and not self.is_sliding):
+            self._prune_ragged(indices, counts)
+            self.tracker.add(self.nbytes() - before)
+            return
         d, dv = self.keys.shape[-1], self.values.shape[-1]
         filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
         self.keys = self.keys.gather(2, indices[..., None].expand(b, h, k, d))
         self.values = self.values.gather(2, indices[..., None].expand(b, h, k, dv))
         self.positions = torch.where(filled, self.positions.gather(2, indices), -1)
         self.tracker.add(self.nbytes() - before)
+
+    def _prune_ragged(self, indices: Tensor, counts: Tensor) -> None:
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        b, h, k = indices.shape
+        if self.lengths is None:  # rectangular -> ragged: segment (b, h) starts at (b H + h) T in the flattened tensors
+            t = self.positions.shape[-1]
+            starts = torch.arange(b * h, device=indices.device).view(b, h) * t
+            keys, values = self.keys.reshape(b * h * t, -1), self.values.reshape(b * h * t, -1)
+            positions = self.positions.reshape(-1)
+        else:
+            starts = segment_starts(self.lengths)
+            keys, values, positions = self.keys, self.values, self.positions
+        filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
+        flat = (starts[..., None] + indices)[filled]  # (N,) in (row, head, slot) order
+        self.keys, self.values, self.positions = keys[flat], values[flat], positions[flat]
+        self.lengths = counts.to(torch.long).clone()
 
 
 class _BytesTracker:
@@ -261,7 +370,8 @@ class KVCache(Cache):
 
     # -- serialization: flat name -> tensor dicts (what safetensors stores); see kvsqueeze.storage
     def to_tensors(self) -> dict[str, Tensor]:
-        """Everything needed to rebuild this cache, as `layers.{i}.{keys,values,positions,seen,total_seen}`."""
+        """Everything needed to rebuild this cache, as `layers.{i}.{keys,values,positions,seen,total_seen}` (and
+        `layers.{i}.lengths` for a ragged layer, whose keys/values/positions are flat buffers)."""
         out: dict[str, Tensor] = {}
         for i, layer in enumerate(self.kv_layers()):
             if not layer.is_initialized:
@@ -270,6 +380,8 @@ class KVCache(Cache):
             assert layer.positions is not None and layer.seen is not None
             parts = {"keys": layer.keys, "values": layer.values, "positions": layer.positions, "seen": layer.seen}
             parts["total_seen"] = torch.tensor([layer.total_seen], dtype=torch.long)
+            if layer.lengths is not None:
+                parts["lengths"] = layer.lengths
             out.update({f"layers.{i}.{name}": t.contiguous() for name, t in parts.items()})
         return out
 
@@ -284,9 +396,27 @@ class KVCache(Cache):
             layer.keys, layer.values = part["keys"], part["values"]
             layer.positions, layer.seen = part["positions"].to(torch.int32), part["seen"].long()
             layer.total_seen = int(tensors[f"layers.{i}.total_seen"][0])
+            lengths = tensors.get(f"layers.{i}.lengths")
+            layer.lengths = None if lengths is None else lengths.long()
             layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
             cache.tracker.add(layer.nbytes())
         return cache
+
+
+def segment_starts(lengths: Tensor) -> Tensor:
+    """(B, H) offset of each (row, head) segment in a flat buffer holding `lengths` (B, H) tokens per segment."""
+    flat = lengths.flatten()
+    return (flat.cumsum(0) - flat).view_as(lengths)
+
+
+def unpack(flat: Tensor, lengths: Tensor, fill: float) -> Tensor:
+    """(N, ...) segments in (row, head) order -> (B, H, T, ...) left-aligned, T = the longest, `fill` beyond."""
+    b, h = lengths.shape
+    t = int(lengths.max()) if lengths.numel() else 0
+    filled = torch.arange(t, device=flat.device)[None, None, :] < lengths[..., None]  # (B, H, T)
+    out = flat.new_full((b, h, t, *flat.shape[1:]), fill)
+    out[filled] = flat
+    return out
 
 
 def layer_windows(config: PretrainedConfig) -> list[int | None]:
@@ -302,7 +432,7 @@ def layer_windows(config: PretrainedConfig) -> list[int | None]:
 def take_updated_layer(key: Tensor) -> KVLayer | None:
     """The KVLayer whose `update` returned `key` just now (consumed), or None if `key` did not come from one."""
     layer = _UPDATED.get()
-    if layer is None or layer.keys is not key:
+    if layer is None or layer.step_keys is not key:
         return None
     _UPDATED.set(None)
     return layer
@@ -335,9 +465,11 @@ def cache_stats(cache: Cache) -> CacheStats:
             continue
         kv += nbytes
         if isinstance(layer, KVLayer) and layer.positions is not None:
-            meta += _storage_bytes([layer.positions, layer.seen] if layer.seen is not None else [], seen_ptrs)
+            extra = [t for t in (layer.positions, layer.seen, layer.lengths) if t is not None]
+            meta += _storage_bytes(extra, seen_ptrs)
             per_slot = keys.element_size() * keys.shape[-1] + values.element_size() * values.shape[-1]
-            padding += int((layer.positions < 0).sum()) * per_slot
+            if not layer.is_ragged:  # the ragged layout has no empty slots
+                padding += int((layer.positions < 0).sum()) * per_slot
             kept.append(int(layer.kept.float().mean()))
         else:
             kept.append(keys.shape[-2])

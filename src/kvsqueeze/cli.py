@@ -107,6 +107,10 @@ def _add_bench_parser(sub: Any) -> None:
     p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
 
 
+# --budget-policy NAME wraps the --method scorer in this registered method
+BUDGET_POLICIES = {"adakv": "adakv", "criticalkv": "criticalkv", "global": "global_budget", "pyramid": "pyramidkv"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvsqueeze", description="KV cache compression for Hugging Face LMs.")
     parser.add_argument("--version", action="version", version=f"kvsqueeze {__version__}")
@@ -125,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--method", default="knorm", help="compression method (see `kvsqueeze list`); 'none' = off")
     p_gen.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of context tokens removed, in [0, 1)")
     p_gen.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
+    p_gen.add_argument(
+        "--budget-policy",
+        choices=sorted(BUDGET_POLICIES),
+        default=None,
+        help="wrap --method (the scorer, with its --option) in a budget policy: adakv (heads of a layer pool their "
+        "budget), criticalkv (two-stage, value-aware), global (one budget for all layers and heads), pyramid",
+    )
     p_gen.add_argument("--answer-prefix", default=None, help="text the answer starts with")
     p_gen.add_argument("--max-new-tokens", type=_positive, default=32)
     p_gen.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
@@ -188,6 +199,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give at least one --question")
     options = dict(args.option)
     method = None if args.method.lower() == "none" else get_method(args.method, ratio=args.ratio, **options)
+    if args.budget_policy is not None:
+        if method is None:
+            raise ValueError(f"--budget-policy {args.budget_policy} needs a scoring --method, not 'none'")
+        method = get_method(BUDGET_POLICIES[args.budget_policy], ratio=args.ratio, scorer=method)
     logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))

@@ -2,7 +2,9 @@
 method):` also prunes every layer right after each forward fills it. Hooks are always removed on exit.
 
 Inside `compress`, after every forward each full-attention layer is pruned back to what the method keeps of the
-tokens it has seen (one-shot prefill, chunked prefill and, under `model.generate`, decoding alike).
+tokens it has seen (one-shot prefill, chunked prefill and, under `model.generate`, decoding alike). A method with a
+model-wide budget (`ModelScopeMethod`, e.g. the global budget) scores each layer as it fills and prunes every layer
+when the model's forward ends.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from kvsqueeze.attention import BACKENDS, implementation_name, register
 from kvsqueeze.cache import KVCache
-from kvsqueeze.methods.base import Method, ScoreContext
+from kvsqueeze.methods.base import LayerScores, Method, ModelScopeMethod, ScoreContext
 from kvsqueeze.models import ModelAdapter, get_adapter
 
 
@@ -139,18 +141,22 @@ def _layer_bytes(keys: Tensor | None, values: Tensor | None) -> int:
 def compress(model: Any, method: Method | None, backend: str | None = None) -> Iterator[CompressionLog]:
     """Inside this block, every forward prunes each full-attention layer with `method` right after filling it.
 
-    Yields a `CompressionLog` (seconds spent compressing, bytes before/after per layer). `method=None` only
-    attaches kvsqueeze's attention (no pruning).
+    A method with a model-wide budget (`budget_scope == "model"`) scores each layer as it fills and prunes them all
+    when the forward ends. Yields a `CompressionLog` (seconds spent compressing, bytes before/after per layer).
+    `method=None` only attaches kvsqueeze's attention (no pruning).
     """
     log = CompressionLog()
     with attach(model, backend) as adapter:
         handles = []
         if method is not None:
+            pending: dict[int, LayerScores] = {}
             for idx, module in enumerate(adapter.attention_modules):
                 if adapter.is_sliding(idx):
                     continue
-                hook = _make_hook(method, adapter, idx, log)
+                hook = _make_hook(method, adapter, idx, log, pending)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            if isinstance(method, ModelScopeMethod):
+                handles.append(model.register_forward_hook(_make_model_hook(method, pending, log), with_kwargs=True))
         try:
             yield log
         finally:
@@ -167,21 +173,29 @@ class LayerInputs:
     query_positions: Tensor  # (B, q), -1 = pad
 
 
-def compress_layer(
-    method: Method, adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: LayerInputs, log: CompressionLog
-) -> None:
-    """Score and prune one full-attention layer of `cache` with `method`, logging bytes and time."""
+@contextmanager
+def _timed(device: torch.device, log: CompressionLog) -> Iterator[None]:
+    sync = device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync:
+            torch.cuda.synchronize(device)
+        log.seconds += time.perf_counter() - start
+
+
+def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: LayerInputs) -> ScoreContext | None:
     layer = cache.layer(layer_idx)
     if layer.keys is None or layer.values is None or layer.positions is None or layer.seen is None:
-        return
-    sync = layer.keys.device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(layer.keys.device)
-    start = time.perf_counter()
-    ctx = ScoreContext(
-        keys=layer.keys,
-        values=layer.values,
-        positions=layer.positions,
+        return None
+    keys, values, positions = layer.view()  # rectangular (a transient copy when the layer is ragged)
+    return ScoreContext(
+        keys=keys,
+        values=values,
+        positions=positions,
         hidden_states=inputs.hidden_states,
         query_positions=inputs.query_positions,
         position_embeddings=inputs.position_embeddings,
@@ -190,18 +204,62 @@ def compress_layer(
         module=adapter.attention_modules[layer_idx],
         adapter=adapter,
     )
-    with torch.no_grad():
-        plan = method.plan(ctx)
+
+
+def _apply(cache: KVCache, layer_idx: int, plan: tuple[Tensor, Tensor] | None, log: CompressionLog) -> None:
+    layer = cache.layer(layer_idx)
     log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
     if plan is not None:
         layer.prune(*plan)
     log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
-    if sync:
-        torch.cuda.synchronize(layer.keys.device)
-    log.seconds += time.perf_counter() - start
 
 
-def _make_hook(method: Method, adapter: ModelAdapter, layer_idx: int, log: CompressionLog):
+def compress_layer(
+    method: Method, adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: LayerInputs, log: CompressionLog
+) -> None:
+    """Score and prune one full-attention layer of `cache` with `method`, logging bytes and time."""
+    ctx = _context(adapter, cache, layer_idx, inputs)
+    if ctx is None:
+        return
+    with _timed(ctx.keys.device, log), torch.no_grad():
+        plan = method.plan(ctx)
+        del ctx
+        _apply(cache, layer_idx, plan, log)
+
+
+def score_layer(
+    method: ModelScopeMethod,
+    adapter: ModelAdapter,
+    cache: KVCache,
+    layer_idx: int,
+    inputs: LayerInputs,
+    log: CompressionLog,
+    pending: dict[int, LayerScores],
+) -> None:
+    """Score one layer for a model-wide budget; it is pruned later by `prune_scored`."""
+    ctx = _context(adapter, cache, layer_idx, inputs)
+    if ctx is None:
+        return
+    with _timed(ctx.keys.device, log), torch.no_grad():
+        pending[layer_idx] = method.layer_scores(ctx)
+
+
+def prune_scored(
+    method: ModelScopeMethod, cache: KVCache, pending: dict[int, LayerScores], log: CompressionLog
+) -> None:
+    """Plan the model-wide budget over every scored layer and prune them all (then forget the scores)."""
+    if not pending:
+        return
+    with _timed(cache.device, log), torch.no_grad():
+        plans = method.plan_model(pending)
+        pending.clear()
+        for layer_idx, plan in sorted(plans.items()):
+            _apply(cache, layer_idx, plan, log)
+
+
+def _make_hook(
+    method: Method, adapter: ModelAdapter, layer_idx: int, log: CompressionLog, pending: dict[int, LayerScores]
+):
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, KVCache):
@@ -210,7 +268,22 @@ def _make_hook(method: Method, adapter: ModelAdapter, layer_idx: int, log: Compr
         if pos is None:
             return
         inputs = LayerInputs(_hidden_states(args, kwargs), kwargs["position_embeddings"], pos)
-        compress_layer(method, adapter, cache, layer_idx, inputs, log)
+        if isinstance(method, ModelScopeMethod):
+            score_layer(method, adapter, cache, layer_idx, inputs, log, pending)
+        else:
+            compress_layer(method, adapter, cache, layer_idx, inputs, log)
+
+    return hook
+
+
+def _make_model_hook(method: ModelScopeMethod, pending: dict[int, LayerScores], log: CompressionLog):
+    def hook(model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if isinstance(cache, KVCache):
+            prune_scored(method, cache, pending, log)
+        pending.clear()
 
     return hook
 
@@ -258,7 +331,12 @@ def compress_recording(recording: Recording, method: Method | None) -> tuple[KVC
     rows = torch.arange(recording.cache.batch_size, device=recording.cache.device)
     cache = recording.cache.select_rows(rows)
     log = CompressionLog()
-    if method is not None:
+    if isinstance(method, ModelScopeMethod):
+        pending: dict[int, LayerScores] = {}
+        for layer_idx, inputs in sorted(recording.inputs.items()):
+            score_layer(method, recording.adapter, cache, layer_idx, inputs, log, pending)
+        prune_scored(method, cache, pending, log)
+    elif method is not None:
         for layer_idx, inputs in sorted(recording.inputs.items()):
             compress_layer(method, recording.adapter, cache, layer_idx, inputs, log)
     return cache, log

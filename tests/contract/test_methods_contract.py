@@ -39,6 +39,19 @@ def small_options(name: str) -> dict[str, object]:
     return options
 
 
+def scope(name: str) -> str:
+    """Who shares a budget (`Method.budget_scope`): "head" (each head keeps the target), "layer" (the heads of a layer
+    pool theirs: per-layer totals are checked), "model" (one pool for all layers and heads: the model total)."""
+    return METHODS.get(name).budget_scope
+
+
+def per_head_counts(kept: list[list[int]], name: str, n_heads: int = 2) -> list[list[int]]:
+    """Per-layer kept counts [row][head], with pooled heads replaced by their mean (exact when the total is)."""
+    if scope(name) == "head":
+        return kept
+    return [[sum(row) / n_heads] * n_heads for row in kept]
+
+
 def build(name: str, ratio: float) -> kvs.Method:
     return kvs.get_method(name, ratio=ratio, **small_options(name))
 
@@ -99,11 +112,14 @@ def test_target_size_is_reached(name, family, make_model):
             continue
         kept = layer.kept
         assert kept.shape == (1, 2)
-        assert kept.min() == kept.max(), "every head of a layer keeps the same number of tokens"
-        assert layer.keys.shape[-2] == int(kept.max()), "storage holds exactly the kept slots (no empty ones)"
-        kept_per_layer.append(int(kept[0, 0]))
+        if scope(name) == "head":
+            assert kept.min() == kept.max(), "every head of a layer keeps the same number of tokens"
+        assert layer.keys.numel() == int(kept.sum()) * 16, "storage holds exactly the kept slots (no empty ones)"
+        kept_per_layer.append(int(kept.sum()) / 2)
     target = math.floor(N_CTX * (1 - ratio))
-    if name == "pyramidkv":
+    if scope(name) == "model":  # one pool: the model total is exact, layers may differ
+        assert sum(kept_per_layer) == target * len(full)
+    elif name == "pyramidkv":
         assert len(set(kept_per_layer)) == len(kept_per_layer), "PyramidKV budgets differ per layer"
         # each layer floors its own budget: the sum is within one token per layer of n(1-r) per layer
         exact = N_CTX * (1 - ratio) * len(full)
@@ -118,9 +134,12 @@ def test_target_size_other_ratios(name, ratio, make_model):
     model = make_model("llama")
     n = 100  # 0.25 and 0.75 are exact in binary, so floor(n(1-r)) has no rounding ambiguity
     cache, _, _ = prefill(model, context_ids(n), build(name, ratio))
-    kept = [layer.kept.tolist() for layer in cache.full_layers()]
+    kept = [per_head_counts(layer.kept.tolist(), name) for layer in cache.full_layers()]
     expected = [[[expected_keep(name, n, ratio, i, 4)] * 2] for i in range(4)]
-    assert kept == expected
+    if scope(name) == "model":
+        assert sum(sum(row[0]) for row in kept) == sum(sum(row[0]) for row in expected)
+    else:
+        assert kept == expected
 
 
 @pytest.mark.parametrize(("n", "ratio", "keep"), [(100, 0.8, 20), (100, 0.9, 10), (90, 0.3, 63)])
@@ -152,7 +171,10 @@ def test_bytes_drop_by_the_ratio(name, family, make_model):
     else:
         assert after.kv_bytes == math.floor(N_CTX * 0.5) * per_token
     assert kvs.cache_bytes(cache) == after.kv_bytes + after.sliding_kv_bytes
-    assert after.peak_kv_bytes < before.kv_bytes + before.sliding_kv_bytes  # never held all layers uncompressed
+    if scope(name) == "model":  # one budget for all layers: every layer is scored before any is pruned
+        assert after.peak_kv_bytes == before.kv_bytes + before.sliding_kv_bytes
+    else:
+        assert after.peak_kv_bytes < before.kv_bytes + before.sliding_kv_bytes  # never held all layers uncompressed
 
 
 # --- (c) ratio 0 changes nothing --------------------------------------------------------------------------------------
@@ -236,27 +258,30 @@ def test_padding_is_never_kept(name, family, make_model):
     assert cache.real_tokens_seen().tolist() == lengths
     for idx in full:
         layer, ref = cache.layer(idx), dense.layer(idx)
+        keys, values, positions = layer.view()  # rectangular (B, H, T, ...) also when the layer is stored ragged
         for b, n in enumerate(lengths):
             pad = ids.shape[1] - n
-            pos = layer.positions[b]  # (H, T)
+            pos = positions[b]  # (H, T)
             filled = pos >= 0
             # exactly the budget of this row's own length, as when the row runs alone
             assert filled.sum(-1).tolist() == alone[b].layer(idx).kept[0].tolist()
-            if name != "pyramidkv":
-                assert filled.sum(-1).tolist() == [math.floor(n * (1 - ratio))] * 2
+            if name != "pyramidkv" and scope(name) != "model":
+                expected = [math.floor(n * (1 - ratio))] * 2
+                assert per_head_counts([filled.sum(-1).tolist()], name)[0] == expected
             for h in range(2):
                 kept_pos = pos[h][filled[h]].long()
                 assert kept_pos.unique().numel() == kept_pos.numel()
                 assert int(kept_pos.min()) >= 0 and int(kept_pos.max()) < n
                 # each kept slot holds the key/value of the token at that position (pads sit at the left)
-                torch.testing.assert_close(layer.keys[b, h][filled[h]], ref.keys[b, h, pad + kept_pos], rtol=0, atol=0)
-                torch.testing.assert_close(
-                    layer.values[b, h][filled[h]], ref.values[b, h, pad + kept_pos], rtol=0, atol=0
-                )
-    # the shorter row leaves empty slots, reported as padding bytes (one key and one value of 16 fp32 each)
-    empty = sum(int((cache.layer(i).positions < 0).sum()) for i in full)
-    assert empty > 0
-    assert kvs.cache_stats(cache).padding_bytes == empty * 2 * 16 * 4
+                torch.testing.assert_close(keys[b, h][filled[h]], ref.keys[b, h, pad + kept_pos], rtol=0, atol=0)
+                torch.testing.assert_close(values[b, h][filled[h]], ref.values[b, h, pad + kept_pos], rtol=0, atol=0)
+    # rows keeping different counts are stored ragged, without empty slots (one key and value of 16 fp32 per kept
+    # token and head)
+    assert any(cache.layer(i).is_ragged for i in full)
+    stats = kvs.cache_stats(cache)
+    assert stats.padding_bytes == 0
+    kept = sum(int(cache.layer(i).kept.sum()) for i in full)
+    assert stats.kv_bytes == kept * 2 * 16 * 4
 
 
 # --- (f) questions after compression ----------------------------------------------------------------------------------
@@ -268,7 +293,7 @@ def test_question_after_compression(name, family, make_model):
     ids = context_ids()
     question = context_ids(9, seed=2)
     cache, _, _ = prefill(model, ids, build(name, 0.5))
-    kept_before = [int(layer.kept.max()) for layer in cache.full_layers()]
+    kept_before = [layer.kept.clone() for layer in cache.full_layers()]
     with torch.no_grad(), kvs.attach(model):
         logits = model(question, past_key_values=cache).logits
         step = model(logits[:, -1:].argmax(-1), past_key_values=cache).logits
@@ -276,9 +301,10 @@ def test_question_after_compression(name, family, make_model):
     assert torch.isfinite(logits).all()
     assert torch.isfinite(step).all()
     assert cache.real_tokens_seen().tolist() == [N_CTX + 10]
-    assert [int(layer.kept.max()) for layer in cache.full_layers()] == [k + 10 for k in kept_before]
-    for layer in cache.full_layers():  # questions continue from the uncompressed length
-        assert layer.positions[0, :, -10:].tolist() == [list(range(N_CTX, N_CTX + 10))] * 2
+    assert all(torch.equal(layer.kept, k + 10) for layer, k in zip(cache.full_layers(), kept_before, strict=True))
+    for layer in cache.full_layers():  # questions continue from the uncompressed length (in every head)
+        pos = layer.view()[2][0]  # (H, T), empty slots -1 at the end of shorter heads of a ragged layer
+        assert [p[p >= 0][-10:].tolist() for p in pos] == [list(range(N_CTX, N_CTX + 10))] * 2
 
 
 # --- (g) validation ---------------------------------------------------------------------------------------------------

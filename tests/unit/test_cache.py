@@ -46,17 +46,20 @@ def test_prune_frees_storage(make_model):
     gc.collect()
 
     assert old_keys() is None and old_values() is None, "the old tensors (and their storages) are released"
-    assert layer.keys.shape == (1, 2, 5, 16)
-    assert layer.keys.untyped_storage().nbytes() == 5 * 2 * 16 * 4
-    assert layer.values.untyped_storage().nbytes() == 5 * 2 * 16 * 4
-    assert kvs.cache_bytes(cache) == total_before - 35 * PER_TOKEN
+    # heads keep different counts: the layer switches to the ragged layout, 4 + 5 tokens and no empty slot
+    assert layer.is_ragged
+    assert layer.keys.shape == (9, 16)
+    assert layer.keys.untyped_storage().nbytes() == 9 * 16 * 4
+    assert layer.values.untyped_storage().nbytes() == 9 * 16 * 4
+    assert kvs.cache_bytes(cache) == total_before - (80 - 9) * PER_TOKEN // 2
     assert layer.kept.tolist() == [[4, 5]]
-    assert layer.positions[0, 0].tolist() == [1, 5, 7, 39, -1]  # the slot beyond the count is empty
-    assert layer.positions[0, 1].tolist() == positions_before[0, 1, [0, 2, 4, 6, 8]].tolist()
-    torch.testing.assert_close(layer.keys[0, 0, :4], expected_keys[0], rtol=0, atol=0)
-    torch.testing.assert_close(layer.keys[0, 1], expected_keys[1], rtol=0, atol=0)
+    keys, _, positions = layer.view()  # rectangular copy: head 0's slot beyond its count is empty
+    assert positions[0, 0].tolist() == [1, 5, 7, 39, -1]
+    assert positions[0, 1].tolist() == positions_before[0, 1, [0, 2, 4, 6, 8]].tolist()
+    torch.testing.assert_close(keys[0, 0, :4], expected_keys[0], rtol=0, atol=0)
+    torch.testing.assert_close(keys[0, 1], expected_keys[1], rtol=0, atol=0)
     stats = kvs.cache_stats(cache)
-    assert stats.padding_bytes == 1 * 2 * 16 * 4  # one empty slot: its key and its value
+    assert stats.padding_bytes == 0
     assert layer.seen.tolist() == [40]  # the uncompressed length is remembered
 
 
@@ -121,14 +124,14 @@ def test_select_rows_copies(make_model):
     new = cache.select_rows(torch.tensor([1, 1, 0]))
     assert new.real_tokens_seen().tolist() == [14, 14, 20]
     for old_layer, new_layer in zip(cache.kv_layers(), new.kv_layers(), strict=True):
-        assert torch.equal(new_layer.keys, old_layer.keys[[1, 1, 0]])
-        assert torch.equal(new_layer.positions, old_layer.positions[[1, 1, 0]])
+        for new_t, old_t in zip(new_layer.view(), old_layer.view(), strict=True):  # rows of uneven length: ragged
+            assert torch.equal(new_t, old_t[[1, 1, 0]])
         assert new_layer.keys.untyped_storage().data_ptr() != old_layer.keys.untyped_storage().data_ptr()
         assert new_layer.tracker is new.tracker
     original = [layer.keys.clone() for layer in cache.kv_layers()]
     new.layer(0).keys.add_(1.0)
     assert torch.equal(cache.layer(0).keys, original[0]), "writing the copy leaves the original alone"
-    assert new.tracker.current == kvs.cache_bytes(new) == 3 * 4 * 10 * PER_TOKEN
+    assert new.tracker.current == kvs.cache_bytes(new) == 4 * (7 + 7 + 10) * PER_TOKEN  # ragged: no empty slots
     kept_before = [layer.kept.clone() for layer in cache.kv_layers()]
     with torch.no_grad(), kvs.attach(model):
         model(ids_of(3, batch=3), past_key_values=new)

@@ -29,7 +29,7 @@ def prefill(model, ids, method, mask=None) -> kvs.KVCache:
 
 
 def kept_positions(layer, row: int, head: int) -> list[int]:
-    pos = layer.positions[row, head]
+    pos = layer.view()[2][row, head]  # rectangular positions (B, H, T), also for a ragged layer
     return sorted(pos[pos >= 0].tolist())
 
 

@@ -20,17 +20,23 @@ CONTEXT = (
 QUESTIONS = ["Who sold apples?", "When did the keeper count the boats?"]
 
 
-@pytest.mark.parametrize(("family", "name"), [("llama", "knorm"), ("gemma3", "snapkv"), ("qwen3", "pyramidkv")])
+@pytest.mark.parametrize(
+    ("family", "name"), [("llama", "knorm"), ("gemma3", "snapkv"), ("qwen3", "pyramidkv"), ("llama", "adakv")]
+)
 def test_round_trip_gives_identical_answers(family, name, make_model, tokenizer, tmp_path):
     model = make_model(family)
-    options = {"snapkv": {"window": 8}, "pyramidkv": {"scorer": kvs.get_method("snapkv", window=8)}}.get(name, {})
-    method = kvs.get_method(name, ratio=0.5, **options)
+    small = kvs.get_method("snapkv", window=8)
+    options = {"snapkv": {"window": 8}, "pyramidkv": {"scorer": small}, "adakv": {"scorer": kvs.get_method("knorm")}}
+    method = kvs.get_method(name, ratio=0.5, **options.get(name, {}))
     out = kvs.generate(model, tokenizer, CONTEXT, QUESTIONS, method=method, max_new_tokens=8)
+    if name == "adakv":
+        assert any(layer.is_ragged for layer in out.cache.kv_layers()), "Ada-KV should store uneven heads ragged"
     path = kvs.save_cache(tmp_path / "ctx.safetensors", out.cache, model, method)
     saved = kvs.load_cache(path, model)
     for a, b in zip(out.cache.kv_layers(), saved.cache.kv_layers(), strict=True):
         for name_ in ("keys", "values", "positions", "seen"):
             assert torch.equal(getattr(a, name_), getattr(b, name_))
+        assert a.is_ragged == b.is_ragged and (not a.is_ragged or torch.equal(a.lengths, b.lengths))
         assert a.total_seen == b.total_seen and a.sliding_window == b.sliding_window
     assert kvs.cache_stats(saved.cache).kv_bytes == kvs.cache_stats(out.cache).kv_bytes
     assert saved.method == repr(method) and saved.ratio == 0.5

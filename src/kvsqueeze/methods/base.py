@@ -71,6 +71,11 @@ class Method:
     # True when compressing a copy of a recorded one-shot prefill (press.compress_recording) gives what compressing
     # in the forward gives; chunked or decoding-time methods set False and the benchmark runs them for real.
     shared_prefill: ClassVar[bool] = True
+    # Who shares a budget: "head" = every KV head keeps its own count (equal across the heads of a layer);
+    # "layer" = the heads of a layer pool theirs (counts differ per head, the layer's total is fixed: Ada-KV);
+    # "model" = all full-attention layers and heads pool one budget (the model's total is fixed; the method
+    # implements `ModelScopeMethod` and `press` scores every layer before pruning any).
+    budget_scope: ClassVar[str] = "head"
 
     ratio: float
 
@@ -142,21 +147,28 @@ class ScorerMethod(Method):
         budget = torch.minimum(self.budget(ctx).to(kept_now.device), kept_now)
         if bool((budget == kept_now).all()) and bool(valid.all()):
             return None
-        protected = self.protected(ctx)
-        if protected is not None:
-            protected = protected & valid
-            n_protected = protected.sum(dim=-1)
-            if bool((n_protected > budget).any()):
-                worst = int((n_protected - budget).argmax())
-                raise ValueError(
-                    f"{self!r}: the budget of {int(budget.flatten()[worst])} tokens cannot hold the "
-                    f"{int(n_protected.flatten()[worst])} protected tokens (sinks/window) at layer {ctx.layer_idx}; "
-                    "lower the ratio or the number of protected tokens."
-                )
+        protected = checked_protected(self, ctx, budget)
         scores = self.score(ctx).float()
         if scores.shape != valid.shape:
             raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, expected {valid.shape}")
         return select(scores, valid, budget, protected)
+
+
+def checked_protected(method: ScorerMethod, ctx: ScoreContext, budget: Tensor) -> Tensor | None:
+    """`method.protected(ctx)` restricted to real slots; a ValueError if some (row, head) budget cannot hold them."""
+    protected = method.protected(ctx)
+    if protected is None:
+        return None
+    protected = protected & ctx.valid
+    n_protected = protected.sum(dim=-1)
+    if bool((n_protected > budget).any()):
+        worst = int((n_protected - budget).argmax())
+        raise ValueError(
+            f"{method!r}: the budget of {int(budget.flatten()[worst])} tokens cannot hold the "
+            f"{int(n_protected.flatten()[worst])} protected tokens (sinks/window) at layer {ctx.layer_idx}; "
+            "lower the ratio or the number of protected tokens."
+        )
+    return protected
 
 
 def select(scores: Tensor, valid: Tensor, budget: Tensor, protected: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -186,3 +198,34 @@ def sinks_and_recent(ctx: ScoreContext, n_sink: int, n_recent: int) -> Tensor:
     pos = ctx.positions
     recent_from = (ctx.seen - n_recent)[:, None, None]  # positions are 0..seen-1 per row
     return (pos >= 0) & ((pos < n_sink) | (pos >= recent_from))
+
+
+@dataclass
+class LayerScores:
+    """One layer's share of a model-wide budget: what a `ModelScopeMethod` keeps from scoring it."""
+
+    scores: Tensor  # (B, H, T) comparable across layers and heads, higher = keep; protected slots +inf
+    valid: Tensor  # (B, H, T) real slots
+    protected: Tensor | None  # (B, H, T) slots that must be kept
+    budget: Tensor  # (B, H) the uniform budget this layer brings to the pool
+
+
+class ModelScopeMethod(Method):
+    """A method whose budget is shared by all full-attention layers (`budget_scope = "model"`). `press` scores every
+    layer as it fills (`layer_scores`), then plans and prunes them all at once (`plan_model`) at the end of the
+    forward (or of `compress_recording`); the uncompressed layers are held until then."""
+
+    budget_scope = "model"
+
+    def layer_scores(self, ctx: ScoreContext) -> LayerScores:
+        raise NotImplementedError
+
+    def plan_model(self, layers: dict[int, LayerScores]) -> dict[int, tuple[Tensor, Tensor] | None]:
+        """Keep plans per layer index (see `Method.plan`) from every full-attention layer's scores."""
+        raise NotImplementedError
+
+    def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+        raise ValueError(
+            f"{type(self).__name__} shares one budget across layers: it needs every layer's scores before pruning, "
+            "so it only runs through `kvsqueeze.compress` / `compress_recording`, not layer by layer."
+        )
