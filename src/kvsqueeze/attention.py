@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvsqueeze.cache import KVLayer, take_updated_layer
+from kvsqueeze.cache import KVLayer, capture_queries, take_updated_layer
 
 BACKENDS = ("sdpa", "eager")
 _registered = False
@@ -102,6 +102,7 @@ def _mask_for(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> tupl
     layer = take_updated_layer(key)
     if layer is None:
         return _fallback_mask(attention_mask, query.shape[-2], key.shape[-2], query.device), None
+    capture_queries(layer, query)
     return layer_mask(layer, query.shape[-2]), layer
 
 

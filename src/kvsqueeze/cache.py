@@ -26,6 +26,8 @@ was just updated (`take_updated_layer`) and builds the mask from that layer's ow
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -56,6 +58,7 @@ class KVLayer(DynamicLayer):
         self.step_keys: Tensor | None = None
         self.step_values: Tensor | None = None
         self.step_positions: Tensor | None = None  # (B, H, T) int32
+        self.step_queries: Tensor | None = None  # (B, H_q, q, D) post-RoPE queries, captured inside `compress`
 
     @property
     def is_ragged(self) -> bool:
@@ -427,6 +430,26 @@ def layer_windows(config: PretrainedConfig) -> list[int | None]:
         raise ValueError(f"kvsqueeze supports full and sliding-window attention layers, not {unsupported}")
     pairs = zip(kinds, kwargs, strict=True)
     return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in pairs]
+
+
+_CAPTURE_QUERIES: ContextVar[bool] = ContextVar("kvsqueeze_capture_queries", default=False)
+
+
+@contextmanager
+def capturing_queries() -> Iterator[None]:
+    """Inside this block the attention function leaves each layer's queries in `KVLayer.step_queries` for the
+    compression hook that runs right after it (which takes them), so scorers need not recompute q_proj and RoPE."""
+    token = _CAPTURE_QUERIES.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURE_QUERIES.reset(token)
+
+
+def capture_queries(layer: KVLayer, query: Tensor) -> None:
+    """Called by the attention function: keep `query` on the layer if capturing is on."""
+    if _CAPTURE_QUERIES.get() and not layer.is_sliding:  # sliding layers are never scored
+        layer.step_queries = query
 
 
 def take_updated_layer(key: Tensor) -> KVLayer | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kvsqueeze.attention import BACKENDS, implementation_name, register
-from kvsqueeze.cache import KVCache
+from kvsqueeze.cache import KVCache, capturing_queries
 from kvsqueeze.methods.base import LayerScores, Method, ModelScopeMethod, ScoreContext
 from kvsqueeze.models import ModelAdapter, get_adapter
 
@@ -146,7 +146,7 @@ def compress(model: Any, method: Method | None, backend: str | None = None) -> I
     `method=None` only attaches kvsqueeze's attention (no pruning).
     """
     log = CompressionLog()
-    with attach(model, backend) as adapter:
+    with attach(model, backend) as adapter, capturing_queries() if method is not None else nullcontext():
         handles = []
         if method is not None:
             pending: dict[int, LayerScores] = {}
@@ -171,6 +171,7 @@ class LayerInputs:
     hidden_states: Tensor  # (B, q, hidden)
     position_embeddings: tuple[Tensor, Tensor]  # cos, sin (B, q, R)
     query_positions: Tensor  # (B, q), -1 = pad
+    queries: Tensor | None = None  # (B, H_q, q, D) post-RoPE, when the attention function's were captured
 
 
 @contextmanager
@@ -199,6 +200,7 @@ def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: Laye
         hidden_states=inputs.hidden_states,
         query_positions=inputs.query_positions,
         position_embeddings=inputs.position_embeddings,
+        captured_queries=inputs.queries,
         seen=layer.seen,
         layer_idx=layer_idx,
         module=adapter.attention_modules[layer_idx],
@@ -267,7 +269,9 @@ def _make_hook(
         pos = cache.layer(layer_idx).query_positions
         if pos is None:
             return
-        inputs = LayerInputs(_hidden_states(args, kwargs), kwargs["position_embeddings"], pos)
+        layer = cache.layer(layer_idx)
+        queries, layer.step_queries = layer.step_queries, None
+        inputs = LayerInputs(_hidden_states(args, kwargs), kwargs["position_embeddings"], pos, queries)
         if isinstance(method, ModelScopeMethod):
             score_layer(method, adapter, cache, layer_idx, inputs, log, pending)
         else:

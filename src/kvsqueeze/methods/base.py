@@ -38,6 +38,9 @@ class ScoreContext:
     layer_idx: int
     module: nn.Module = field(repr=False)
     adapter: ModelAdapter = field(repr=False)
+    # (B, H_q, q, D) post-RoPE queries the attention function received in this forward, when they were captured
+    # (inside `compress`); else queries are recomputed from the hidden states
+    captured_queries: Tensor | None = field(default=None, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -53,14 +56,27 @@ class ScoreContext:
     def scaling(self) -> float:
         return float(getattr(self.module, "scaling", self.keys.shape[-1] ** -0.5))
 
-    def queries(self, rope: bool = True) -> Tensor:
-        """Queries of the new tokens, (B, H_q, q, D), after RoPE (at their own positions) or before it."""
-        if "pre" not in self._cache:
-            self._cache["pre"] = self.adapter.pre_rope_queries(self.module, self.hidden_states)
-        if rope and "post" not in self._cache:  # only when asked: RoPE on every query costs a third of q_proj
-            cos, sin = self.position_embeddings
-            self._cache["post"] = apply_rope(self._cache["pre"], cos, sin)
-        return self._cache["post" if rope else "pre"]
+    def queries(self, rope: bool = True, last: int | None = None) -> Tensor:
+        """Queries of the new tokens, (B, H_q, q, D), after RoPE (at their own positions) or before it.
+
+        last: only the last `last` new tokens (SnapKV's window), without computing the others. Captured queries are
+        reused as they are (post-RoPE) or rotated back (pre-RoPE: RoPE is a rotation, its inverse uses -sin)."""
+        n = self.hidden_states.shape[1]
+        last = n if last is None else max(0, min(int(last), n))
+        key = f"{'post' if rope else 'pre'}:{last}"
+        if key in self._cache:
+            return self._cache[key]
+        cos, sin = (t[:, n - last :] for t in self.position_embeddings)
+        if self.captured_queries is not None:
+            post = self.captured_queries[:, :, n - last :]
+            out = post if rope else apply_rope(post.float(), cos, -sin)
+        else:
+            pre_key = f"pre:{last}"
+            if pre_key not in self._cache:
+                self._cache[pre_key] = self.adapter.pre_rope_queries(self.module, self.hidden_states[:, n - last :])
+            out = apply_rope(self._cache[pre_key], cos, sin) if rope else self._cache[pre_key]
+        self._cache[key] = out
+        return out
 
 
 class Method:

@@ -139,4 +139,6 @@ class DecodingCompression(ScorerMethod):
             parts = [torch.cat([a, b], dim=1) for a, b in zip(old, parts, strict=True)]
         h, p, c, s = (t[:, -w:].clone() for t in parts)  # clone: a slice would hold the whole prefill's storage
         self._recent[ctx.layer_idx] = _Recent(h, p, c, s, ctx.seen.clone())
-        return dataclasses.replace(ctx, hidden_states=h, query_positions=p, position_embeddings=(c, s), _cache={})
+        return dataclasses.replace(
+            ctx, hidden_states=h, query_positions=p, position_embeddings=(c, s), captured_queries=None, _cache={}
+        )

@@ -18,8 +18,8 @@ def window_attention(ctx: ScoreContext, window: int) -> Tensor:
     Queries are recomputed with RoPE at their own absolute positions and are causal: a query sees the slots at or
     before its position. Pad queries are left out of the mean.
     """
-    q = ctx.queries(rope=True)  # (B, H_q, q, D)
-    w = min(window, q.shape[2])
+    q = ctx.queries(rope=True, last=window)  # (B, H_q, w, D): only the window's queries are computed
+    w = q.shape[2]
     b, hq, _, d = q.shape
     h = ctx.keys.shape[1]
     qw = q[:, :, -w:].float().view(b, h, hq // h, w, d)  # (B, H, G, w, D)
