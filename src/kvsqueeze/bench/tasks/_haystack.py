@@ -28,8 +28,8 @@ _TOWN_HEADS += "Red Shep Silver Stan Swan Tarn Wolf"
 _TOWN_TAILS = "bridge bury cliff cross end gate haven holm hythe mouth stead thorpe ton vale wick"
 TOWNS = tuple(h + t for h in _TOWN_HEADS.split() for t in _TOWN_TAILS.split())
 RIVERS = tuple(
-    "Ollen Varra Tessel Brune Idle Maren Corrow Lisk Amble Severn Fennick Dapple Orrin Wendle Calder Hesk Tamber "
-    "Quill Rothe Sallow Ember Yarrow Glissen Morrow Kest Loddon Ashby Wyre Tane Ivel Nethe Pell Sorrow Brisk".split()
+    "Ollen Varra Tessel Brune Idle Teverin Corrow Lisk Amble Severn Fennick Dapple Orrin Wendle Calder Hesk Tamber "
+    "Quill Rothe Sallow Ember Yarrow Glissen Morrow Kest Loddon Ombre Wyre Tane Ivel Nethe Pell Sorrow Brisk".split()
 )
 TRADES = (
     "baker blacksmith cooper weaver miller potter tanner glassblower chandler cartwright ferryman beekeeper "
