@@ -47,21 +47,29 @@ def main() -> None:
                 answers = [str(a) for a in out.answers]
                 per_question = question_scores(sample, answers)
                 scores.append(sum(per_question) / len(per_question))
-                rows.append({"task": name, "length": length, "index": sample.index, "answers": answers,
-                             "references": sample.answers, "scores": per_question})
+                rows.append(
+                    {
+                        "task": name,
+                        "length": length,
+                        "index": sample.index,
+                        "answers": answers,
+                        "references": sample.answers,
+                        "scores": per_question,
+                    }
+                )
                 if args.show:
                     print(f"{name}@{length}#{sample.index} {per_question} {answers} <- {sample.answers}", flush=True)
             table.setdefault(name, {})[length] = sum(scores) / len(scores)
             print(f"{name} {length}: {table[name][length]:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    lines = ["| task | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |",
-             "|---|" + "---|" * len(args.lengths)]
+    lines = ["| task | " + " | ".join(f"{n} tokens" for n in args.lengths) + " |", "|---|" + "---|" * len(args.lengths)]
     lines += [f"| {t} | " + " | ".join(f"{v[n]:.2f}" for n in args.lengths) + " |" for t, v in table.items()]
     print("\n".join(lines))
     if not args.no_save:
         OUT.mkdir(exist_ok=True)
         (OUT / "task_accuracy.md").write_text(
             f"SmolLM2-135M-Instruct, no compression, n={args.n} samples per cell, seed {args.seed}\n\n"
-            + "\n".join(lines) + "\n"
+            + "\n".join(lines)
+            + "\n"
         )
         (OUT / "task_accuracy.json").write_text(json.dumps({"table": table, "rows": rows}, indent=1))
 

@@ -13,17 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvsqueeze.bench.tasks._haystack import words
 from kvsqueeze.bench.tasks.base import Sample, Task
 
 TOLERANCE = 0.05  # a context is within 5% of its target length, or the task raises ValueError
 
-ADJECTIVES = (
+ADJECTIVES = words(
     "amber ancient bitter brave bright brisk calm clever cold crimson curious damp dark dusty eager early faint "
     "fierce fragile gentle golden grand hollow humble icy idle jolly keen lively lonely lucky mellow misty narrow "
     "noble odd pale patient plain proud quick quiet rapid rare restless rough rusty scarlet shy silent silver sleepy "
     "slow smooth solemn sour steady stormy sturdy sunny swift tender tidy velvet vivid wary wild windy wise witty"
-).split()
-NOUNS = (
+)
+NOUNS = words(
     "anchor apple arrow badger basket beacon beetle bell bison blossom bottle bramble bridge bucket button candle "
     "canyon carpet castle cedar chimney cliff clock comet copper cradle crane crater crow cypress dagger daisy "
     "dolphin dragon drum eagle ember falcon feather fern fiddle flute forest fountain fox garden garnet glacier goblet "
@@ -32,13 +33,13 @@ NOUNS = (
     "paddle panther parrot pebble pepper pigeon pillow pine planet pond quartz quill rabbit raven reef ribbon river "
     "robin saddle salmon sparrow spider spoon spruce squirrel star stone tiger timber tulip turtle valley violin "
     "walnut whale willow wolf zebra"
-).split()
+)
 # A larger pool of common single words (common/uncommon words extraction): nouns, verbs and adjectives.
 COMMON_WORDS = tuple(
     dict.fromkeys(
         NOUNS
         + ADJECTIVES
-        + (
+        + words(
             "acre actor album alley altar angle ankle apron arch arena armor atlas attic autumn avenue bacon badge "
             "bakery ballad bamboo banana banner barrel basin beard belt bench berry blade blanket bloom board boat "
             "bone bonnet boot border bowl box bracelet branch bread brick broom brush cabin cable cactus cake camel "
@@ -62,7 +63,7 @@ COMMON_WORDS = tuple(
             "throne thunder ticket tile toast tomato tongue tower town toy tractor trail train tray treasure tree "
             "trumpet tunnel umbrella uniform vase vest village vine wagon wallet wand wardrobe water wax wheat wheel "
             "whistle window wine wing winter wire wizard wool yacht yarn yard"
-        ).split()
+        )
     )
 )
 VALUE_TYPES = ("numbers", "words", "uuids")

@@ -12,67 +12,86 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-FIRST_NAMES = (
+
+def words(text: str, sep: str | None = None) -> tuple[str, ...]:
+    """A tuple of the parts of `text` (vocabularies are written as long strings to stay readable)."""
+    return tuple(text.split(sep))
+
+
+FIRST_NAMES = words(
     "Abel Ada Agnes Alma Anselm Arlo Astrid Bastian Beatrix Bertram Briony Cara Casimir Cecily Cedric Clement Corin "
     "Cosima Dara Delphine Dorian Edda Edric Elspeth Emeric Enid Esme Ewan Fenna Florian Freya Gideon Greta Gwen "
     "Hallam Hedda Hollis Ida Imre Isolde Ivo Jasper Juno Kester Linnea Lorcan Mabel Magnus Maren Marius Maud Milo "
     "Mira Nell Nils Odile Orla Osric Perrin Rhea Rowan Ruth Saskia Silas Solveig Sorrel Tamsin Teodor Thea Tobin "
     "Ulla Vesna Viggo Wren Yara Yorick Zora"
-).split()
+)
 _SURNAME_HEADS = "Ash Black Bram Brook Carr Dun Fen Gale Hawk Hollow Iron Kettle Marl Moss Nettle Oak Pike Rook Salt "
 _SURNAME_HEADS += "Thorn Wither Yew Birch Cobble"
 _SURNAME_TAILS = "by combe dale field ford hurst ley mere more ridge stone well worth"
-SURNAMES = tuple(h + t for h in _SURNAME_HEADS.split() for t in _SURNAME_TAILS.split())
+SURNAMES = tuple(h + t for h in words(_SURNAME_HEADS) for t in words(_SURNAME_TAILS))
 _TOWN_HEADS = "Amber Bar Bel Cold Crane Dry Elder Fair Frost Glen Gold Green Harrow High Kings Low Mill North Raven "
 _TOWN_HEADS += "Red Shep Silver Stan Swan Tarn Wolf"
 _TOWN_TAILS = "bridge bury cliff cross end gate haven holm hythe mouth stead thorpe ton vale wick"
-TOWNS = tuple(h + t for h in _TOWN_HEADS.split() for t in _TOWN_TAILS.split())
-RIVERS = tuple(
+TOWNS = tuple(h + t for h in words(_TOWN_HEADS) for t in words(_TOWN_TAILS))
+RIVERS = words(
     "Ollen Varra Tessel Brune Idle Teverin Corrow Lisk Amble Severn Fennick Dapple Orrin Wendle Calder Hesk Tamber "
-    "Quill Rothe Sallow Ember Yarrow Glissen Morrow Kest Loddon Ombre Wyre Tane Ivel Nethe Pell Sorrow Brisk".split()
+    "Quill Rothe Sallow Ember Yarrow Glissen Morrow Kest Loddon Ombre Wyre Tane Ivel Nethe Pell Sorrow Brisk"
 )
-TRADES = (
+TRADES = words(
     "baker blacksmith cooper weaver miller potter tanner glassblower chandler cartwright ferryman beekeeper "
     "bookbinder clockmaker dyer fishmonger herbalist innkeeper lamplighter mason saddler shepherd stonecutter "
     "tailor thatcher wheelwright carpenter brewer cheesemaker"
-).split()
-PLACES = (
+)
+PLACES = words(
     "the old bridge|the market square|the harbour|the chapel|the mill pond|the orchard|the north road|the village "
     "green|the lighthouse|the granary|the town hall|the ferry landing|the schoolhouse|the tannery yard|the east "
-    "meadow|the stone well|the cattle market|the inn by the ford|the south gate|the ruined tower"
-).split("|")
-MONTHS = "January February March April May June July August September October November December".split()
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+    "meadow|the stone well|the cattle market|the inn by the ford|the south gate|the ruined tower",
+    "|",
+)
+MONTHS = words("January February March April May June July August September October November December")
+DAYS = words("Monday Tuesday Wednesday Thursday Friday Saturday Sunday")
 SEASONS = ("spring", "summer", "autumn", "winter")
 TIMES = ("at dawn", "by midday", "in the late afternoon", "after dusk", "before the bells rang", "at first light")
-WEATHER = (
+WEATHER = words(
     "a cold rain fell all morning|the fog lay thick over the fields|a warm wind came up from the south|the first "
     "snow settled on the rooftops|the sky stayed clear and pale|thunder rolled over the hills|a light drizzle came "
-    "and went|frost covered every window|the heat made the roads dusty|heavy clouds gathered in the west"
-).split("|")
+    "and went|frost covered every window|the heat made the roads dusty|heavy clouds gathered in the west",
+    "|",
+)
 STORMS = ("the storm", "the heavy rain", "the flood", "the great snowfall", "the gales", "the hailstorm")
-EVENTS = (
+EVENTS = words(
     "spring fair|harvest festival|lantern procession|horse market|boat race|wool auction|council meeting|midsummer "
-    "dance|apple pressing|travelling theatre|bell ringing contest|cheese fair|sheep shearing|winter market"
-).split("|")
-OBJECTS = (
+    "dance|apple pressing|travelling theatre|bell ringing contest|cheese fair|sheep shearing|winter market",
+    "|",
+)
+OBJECTS = words(
     "a copper kettle|a bolt of blue linen|a crate of pears|an old map|a wooden chest|a set of brass scales|a bundle "
     "of letters|a cracked lantern|a pair of boots|a basket of eggs|a fiddle|a sack of barley|a painted sign|a silver "
-    "spoon|a heavy ledger|a fishing net|a clay jug|a woollen blanket"
-).split("|")
-ANIMALS = (
+    "spoon|a heavy ledger|a fishing net|a clay jug|a woollen blanket",
+    "|",
+)
+ANIMALS = words(
     "a grey heron|the miller's dog|a flock of geese|an old mare|a pair of ravens|a stray cat|a herd of goats|a red "
-    "fox|a swarm of bees|a family of otters|a lame donkey|a white owl"
-).split("|")
+    "fox|a swarm of bees|a family of otters|a lame donkey|a white owl",
+    "|",
+)
 GOODS_LIST = ("wool", "salt", "timber", "honey", "lamp oil", "flour", "apples", "rope", "candles", "cheese", "cider")
 FEELINGS = ("pleased", "worried", "tired", "curious", "cheerful", "restless", "proud", "annoyed", "hopeful", "quiet")
 COUNTS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve", "twenty", "forty")
-TOPICS = (
+TOPICS = words(
     "the new tax|the price of grain|the broken dam|the coming winter|the lost ferry|the council election|the well "
-    "that ran dry|the wolves in the hills|the road to the coast|the new schoolteacher"
-).split("|")
+    "that ran dry|the wolves in the hills|the road to the coast|the new schoolteacher",
+    "|",
+)
 COLOURS = ("red", "ochre", "green", "blue", "grey", "white", "yellow", "violet", "brown")
-PASTIMES = ("mended nets", "went over the accounts", "baked bread", "read old letters", "sharpened tools", "played cards")
+PASTIMES = (
+    "mended nets",
+    "went over the accounts",
+    "baked bread",
+    "read old letters",
+    "sharpened tools",
+    "played cards",
+)
 FRUIT = ("apples", "pears", "plums", "cherries", "quinces", "damsons")
 ACTIONS = ("repaired", "sold", "found", "carried", "painted", "lost", "bought", "mended", "delivered", "polished")
 

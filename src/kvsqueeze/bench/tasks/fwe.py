@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from kvsqueeze.bench.tasks._common import GeneratedTask, check_count, fit, sample_rng
+from kvsqueeze.bench.tasks._common import GeneratedTask, fit, sample_rng
 from kvsqueeze.bench.tasks.base import Sample, register_task
 
 INTRO = "Read the coded text below and keep track of how often each coded word appears in it."

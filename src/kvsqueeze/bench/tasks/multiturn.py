@@ -62,5 +62,10 @@ class MultiTurn(GeneratedTask):
             answer_prefix=f"The special magic {name} mentioned in the provided text is",
             max_new_tokens=8 + _TOKENS_PER_VALUE[self.values],
             metric="all",
-            meta={"depth": depth, "length": length, "tokens": n_tokens, "needles": list(zip(keys, values, strict=True))},
+            meta={
+                "depth": depth,
+                "length": length,
+                "tokens": n_tokens,
+                "needles": list(zip(keys, values, strict=True)),
+            },
         )

@@ -20,15 +20,16 @@ from kvsqueeze.bench.tasks._common import (
     sample_rng,
     spread_depth,
 )
-from kvsqueeze.bench.tasks._haystack import FIRST_NAMES, MONTHS, RIVERS, SURNAMES, TOWNS, TRADES, sentence
+from kvsqueeze.bench.tasks._haystack import FIRST_NAMES, MONTHS, RIVERS, SURNAMES, TOWNS, TRADES, sentence, words
 from kvsqueeze.bench.tasks.base import Sample, register_task
 
-PRODUCTS = (
+PRODUCTS = words(
     "copper kettle|glass bead|wool blanket|clay pipe|smoked eel|rope ladder|brass bell|goat cheese|honey cake|wicker "
     "basket|linen sail|oak barrel|silver buckle|paper lantern|tin whistle|salted herring|plum tart|felt hat|leather "
     "saddle|beeswax candle|iron nail|stone mortar|willow chair|painted tile|cork float|rye biscuit|wooden clog|lace "
-    "collar|walnut cake|pewter mug"
-).split("|")
+    "collar|walnut cake|pewter mug",
+    "|",
+)
 FACTS = ("mayor", "river", "product", "month")
 INTRO = "Answer the question using the documents below. Give only the answer, without any other words."
 
@@ -53,7 +54,7 @@ class Town:
 
 
 def _town(rng: random.Random, name: str, surname: str, gold: Town | None) -> Town:
-    def pick(options: list[str] | tuple[str, ...], gold_value: str | None) -> str:
+    def pick(options: tuple[str, ...], gold_value: str | None) -> str:
         return rng.choice([o for o in options if o != gold_value])
 
     return Town(
@@ -106,7 +107,9 @@ class DocumentQA(GeneratedTask):
             while k > 0:
                 if len(kept) == len(docs):
                     if len(docs) + 1 >= min(len(names), len(surnames)):
-                        raise ValueError(f"qa: ran out of invented towns at {len(docs)} documents; ask a shorter length")
+                        raise ValueError(
+                            f"qa: ran out of invented towns at {len(docs)} documents; ask a shorter length"
+                        )
                     docs.append(_town(rng, names[len(docs) + 1], surnames[len(docs) + 1], gold).sentences(rng))
                 kept.append(docs[len(kept)][:k])
                 k -= len(kept[-1])

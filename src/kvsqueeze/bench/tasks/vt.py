@@ -68,8 +68,10 @@ class VariableTracking(GeneratedTask):
             task=self.name,
             index=index,
             context=context,
-            questions=(f"Find every variable that is assigned the value {values[0]}, directly or through other "
-                       "variables, in the text above.",),
+            questions=(
+                f"Find every variable that is assigned the value {values[0]}, directly or through other "
+                "variables, in the text above.",
+            ),
             answers=(tuple(asked),),
             answer_prefix=f"Answer: Following the chains of assignments, {n} variables are assigned the value "
             f"{values[0]}. They are:",

@@ -26,7 +26,11 @@ def test_sample_rng_is_reproducible_and_distinct() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "pattern"),
-    [("numbers", r"\d{7}"), ("words", r"[a-z]+-[a-z]+"), ("uuids", r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")],
+    [
+        ("numbers", r"\d{7}"),
+        ("words", r"[a-z]+-[a-z]+"),
+        ("uuids", r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"),
+    ],
 )
 def test_values_have_their_format_and_are_distinct(kind: str, pattern: str) -> None:
     values = make_values(random.Random(0), kind, 50)

@@ -35,3 +35,11 @@ def test_needles_sit_at_their_depths() -> None:
     middle = text.index("MIDDLE.") / len(text)
     assert 0.4 < middle < 0.6
     assert text.count("MIDDLE.") == 1
+
+
+def test_phrase_vocabularies_are_split_into_phrases() -> None:
+    from kvsqueeze.bench.tasks._haystack import ANIMALS, OBJECTS, PLACES, WEATHER
+    from kvsqueeze.bench.tasks.qa import PRODUCTS
+
+    assert all(p.startswith("the ") for p in PLACES)
+    assert all(" " in phrase for phrase in (*WEATHER, *OBJECTS, *ANIMALS, *PRODUCTS))

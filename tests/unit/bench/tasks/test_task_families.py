@@ -136,7 +136,8 @@ def test_multiturn_asks_each_needle_once(tokenizer: Any) -> None:
     sample = get_task("multiturn", num_questions=3).samples(tokenizer, 1500, 1)[0]
     needles = _needles(sample.context)
     assert len(sample.questions) == 3 == len(needles)
-    for (key, value), question, refs in zip(needles and sample.meta["needles"], sample.questions, sample.answers):
+    assert sorted(needles) == sorted(sample.meta["needles"])
+    for (key, value), question, refs in zip(sample.meta["needles"], sample.questions, sample.answers, strict=True):
         assert key in question and refs == (value,)
     assert not any(k in sample.answer_prefix for k, _ in needles)  # one prefix serves every question
 
