@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 import re
 
-from kvsqueeze.bench.tasks._haystack import Haystack, sentence
+from kvsqueeze.bench.tasks._haystack import ANIMALS, OBJECTS, PLACES, WEATHER, Haystack, sentence
+from kvsqueeze.bench.tasks.qa import PRODUCTS
 
 
 def test_prose_is_varied_and_has_no_digits() -> None:
@@ -38,8 +39,5 @@ def test_needles_sit_at_their_depths() -> None:
 
 
 def test_phrase_vocabularies_are_split_into_phrases() -> None:
-    from kvsqueeze.bench.tasks._haystack import ANIMALS, OBJECTS, PLACES, WEATHER
-    from kvsqueeze.bench.tasks.qa import PRODUCTS
-
     assert all(p.startswith("the ") for p in PLACES)
     assert all(" " in phrase for phrase in (*WEATHER, *OBJECTS, *ANIMALS, *PRODUCTS))
