@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import kvsqueeze as kvs
 from kvsqueeze.bench.metrics import question_scores
 from kvsqueeze.bench.tasks import get_task, list_tasks
@@ -27,7 +29,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", action="store_true")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = kvs.load_model()
     table: dict[str, dict[int, float]] = {}
     rows = []
