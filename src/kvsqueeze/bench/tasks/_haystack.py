@@ -11,12 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-
-def words(text: str, sep: str | None = None) -> tuple[str, ...]:
-    """A tuple of the parts of `text` (vocabularies are written as long strings to stay readable)."""
-    return tuple(text.split(sep))
-
+from kvsqueeze.bench.tasks._common import fit, words
 
 FIRST_NAMES = words(
     "Abel Ada Agnes Alma Anselm Arlo Astrid Bastian Beatrix Bertram Briony Cara Casimir Cecily Cedric Clement Corin "
@@ -208,3 +205,14 @@ class Haystack:
                 parts.append(self._sentences[i])
                 parts.append("\n\n" if self._breaks[i] else " ")
         return "".join(parts).strip()
+
+
+def fill(
+    tokenizer: Any, length: int, rng: random.Random, head: str, needles: Sequence[tuple[float, str]], what: str
+) -> tuple[str, int]:
+    """`head`, a blank line, then prose with `(depth, text)` needles at their depths, fitted to `length` tokens.
+
+    Returns (context, its token count). Raises ValueError when `length` cannot be met within 5%.
+    """
+    hay = Haystack(rng)
+    return fit(tokenizer, length, lambda k: f"{head}\n\n{hay.render(k, needles)}", max(1, length // 16), what)

@@ -22,8 +22,9 @@ from kvsqueeze.bench.tasks._common import (
     spread_depth,
     value_name,
 )
+from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
-from kvsqueeze.bench.tasks.niah import intro, needle_context, needle_text
+from kvsqueeze.bench.tasks.niah import intro, needle_text
 
 _TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 40}
 
@@ -51,7 +52,7 @@ class MultiTurn(GeneratedTask):
             (depth if i == 0 else rng.random(), needle_text(self.values, k, v))
             for i, (k, v) in enumerate(zip(keys, values, strict=True))
         ]
-        context, n_tokens = needle_context(tokenizer, length, rng, intro(self.values), placed, self.name)
+        context, n_tokens = fill(tokenizer, length, rng, intro(self.values), placed, self.name)
         name = value_name(self.values)
         return Sample(
             task=self.name,

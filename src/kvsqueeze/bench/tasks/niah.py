@@ -23,13 +23,12 @@ from kvsqueeze.bench.tasks._common import (
     check_choice,
     check_count,
     check_depth,
-    fit,
     make_values,
     sample_rng,
     spread_depth,
     value_name,
 )
-from kvsqueeze.bench.tasks._haystack import Haystack
+from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
 
 _TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 40}
@@ -52,14 +51,6 @@ def intro(kind: str) -> str:
     )
 
 
-def needle_context(
-    tokenizer: Any, length: int, rng: random.Random, head: str, needles: list[tuple[float, str]], what: str
-) -> tuple[str, int]:
-    """`head`, a blank line, then haystack prose with the needles at their depths, fitted to `length` tokens."""
-    hay = Haystack(rng)
-    return fit(tokenizer, length, lambda k: f"{head}\n\n{hay.render(k, needles)}", max(1, length // 16), what)
-
-
 @dataclass
 class _Niah(GeneratedTask):
     values: str = "numbers"  # numbers | words | uuids
@@ -80,7 +71,7 @@ class _Niah(GeneratedTask):
         pairs, asked, expected = self.plan(rng)
         depth = self.depth if self.depth is not None else spread_depth(index)
         placed = [(depth if i == 0 else rng.random(), needle_text(self.values, k, v)) for i, (k, v) in enumerate(pairs)]
-        context, n_tokens = needle_context(tokenizer, length, rng, intro(self.values), placed, self.name)
+        context, n_tokens = fill(tokenizer, length, rng, intro(self.values), placed, self.name)
         name = value_name(self.values)
         keys = join_keys(asked)
         if len(expected) == 1:

@@ -19,8 +19,9 @@ from kvsqueeze.bench.tasks._common import (
     fit,
     sample_rng,
     spread_depth,
+    words,
 )
-from kvsqueeze.bench.tasks._haystack import FIRST_NAMES, MONTHS, RIVERS, SURNAMES, TOWNS, TRADES, sentence, words
+from kvsqueeze.bench.tasks._haystack import FIRST_NAMES, MONTHS, RIVERS, SURNAMES, TOWNS, TRADES, sentence
 from kvsqueeze.bench.tasks.base import Sample, register_task
 
 PRODUCTS = words(

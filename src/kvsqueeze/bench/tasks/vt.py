@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvsqueeze.bench.tasks._common import GeneratedTask, check_count, check_depth, sample_rng, spread_depth
+from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
-from kvsqueeze.bench.tasks.niah import needle_context
 
 INTRO = "Memorize and follow the chains of variable assignments hidden in the text below."
 
@@ -61,7 +61,7 @@ class VariableTracking(GeneratedTask):
             texts += [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, len(chain))]
             placed += list(zip(depths, texts, strict=True))
         placed.sort(key=lambda p: p[0])  # stable: hops of one chain keep their order at equal depths
-        context, n_tokens = needle_context(tokenizer, length, rng, INTRO, placed, self.name)
+        context, n_tokens = fill(tokenizer, length, rng, INTRO, placed, self.name)
         asked = names[: self.num_hops + 1]
         n = len(asked)
         return Sample(
