@@ -29,6 +29,7 @@ FILLER = (
     "Here we go.",
     "There and back again.",
 )
+QUESTION = "What is the pass key? Answer with the number only."  # the bare question: 3/5 right at 1k (135M)
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it: I will ask you about it afterwards."
@@ -73,7 +74,7 @@ class Passkey(GeneratedTask):
             task=self.name,
             index=index,
             context=context,
-            questions=("What is the pass key?",),
+            questions=(QUESTION,),
             answers=((key,),),
             answer_prefix="The pass key is",
             max_new_tokens=self.digits + 6,
