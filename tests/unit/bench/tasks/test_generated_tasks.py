@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,3 +116,23 @@ def test_bad_sample_requests_raise(length: int, n: int, seed: Any, tokenizer: An
 
 def test_zero_samples_is_an_empty_list(tokenizer: Any) -> None:
     assert get_task("qa").samples(tokenizer, 1000, 0) == []
+
+
+@pytest.mark.slow  # two fresh interpreters importing transformers: ~10 s idle, minutes on a busy machine
+def test_samples_do_not_depend_on_the_process_hash_seed() -> None:
+    script = (
+        "import hashlib; from tests.tiny import tiny_tokenizer; from kvsqueeze.bench.tasks import get_task, list_tasks;"
+        "t = tiny_tokenizer(); h = hashlib.sha256()\n"
+        "for name in list_tasks():\n"
+        "    for s in get_task(name).samples(t, 600 if name != 'cwe' else 900, 1):\n"
+        "        h.update(repr((s.context, s.questions, s.answers)).encode())\n"
+        "print(h.hexdigest())"
+    )
+    root = Path(__file__).resolve().parents[4]
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}
+        result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        digests.add(result.stdout.strip())
+    assert len(digests) == 1
