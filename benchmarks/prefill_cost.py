@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "snapkv": ("snapkv", {}),
     "tova": ("tova", {}),
     "expected_attention": ("expected_attention", {}),
+    "qfilters": ("qfilters", {}),  # calibrated beforehand (`kvsqueeze calibrate qfilters`); loading is warm-up
     "observed_attention": ("observed_attention", {}),
     "observed_attention_stride8": ("observed_attention", {"query_stride": 8}),
 }
