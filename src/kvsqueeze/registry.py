@@ -63,3 +63,9 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring on one line (a registered class's one-line description)."""
+    head = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in head.splitlines())

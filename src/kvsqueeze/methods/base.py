@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kvsqueeze.models import ModelAdapter, apply_rope
+from kvsqueeze.registry import first_paragraph
 
 
 @dataclass
@@ -108,8 +109,7 @@ class Method:
 
     @classmethod
     def description(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else cls.__name__
+        return first_paragraph(cls.__doc__) or cls.__name__
 
     @classmethod
     def options(cls) -> dict[str, object]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
-from kvsqueeze.registry import Registry
+from kvsqueeze.registry import Registry, first_paragraph
 
 Metric = Literal["all", "any"]  # RULER string match: every reference contained / at least one (QA)
 
@@ -52,8 +52,7 @@ class Task:
 
     @classmethod
     def description(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else cls.__name__
+        return first_paragraph(cls.__doc__) or cls.__name__
 
 
 TASKS: Registry[type[Task]] = Registry("task")
