@@ -26,17 +26,37 @@ SMALL_WINDOW = 8
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
 
+# Size options a ~60-token context can afford, capped at these values wherever a method has them (also inside a
+# wrapped scorer or a tuple of methods): windows, partitions and chunks of 8 tokens, at most 4 sinks.
+SMALL_SIZES: dict[str, int] = {"window": SMALL_WINDOW, "partition_size": 8, "chunk_size": 8, "n_sink": 4}
+
+
+def _shrink(value: object) -> object:
+    """A method with its size options capped (a tuple of methods: each of them), else the value unchanged."""
+    if isinstance(value, tuple):
+        return tuple(_shrink(v) for v in value)
+    if isinstance(value, kvs.Method):
+        changes = _small_changes(type(value).options(), value)
+        return dataclasses.replace(value, **changes) if changes else value  # type: ignore[type-var]
+    return value
+
+
+def _small_changes(defaults: dict[str, object], current: object) -> dict[str, object]:
+    changes: dict[str, object] = {}
+    for key, default in defaults.items():
+        value = getattr(current, key, default)
+        if key in SMALL_SIZES and isinstance(value, int) and value > SMALL_SIZES[key]:
+            changes[key] = SMALL_SIZES[key]
+        elif (shrunk := _shrink(value)) != value:
+            changes[key] = shrunk
+    return changes
+
+
 def small_options(name: str) -> dict[str, object]:
-    """Options that make a method usable on ~60-token contexts: any `window` option becomes 8 (also inside a wrapped
-    scorer, e.g. PyramidKV's SnapKV)."""
+    """Options that make a method usable on ~60-token contexts: the size options in SMALL_SIZES are capped (also
+    inside a wrapped scorer, e.g. PyramidKV's SnapKV); only options that differ from the defaults are returned."""
     defaults = METHODS.get(name).options()
-    options: dict[str, object] = {}
-    if "window" in defaults:
-        options["window"] = SMALL_WINDOW
-    for key, value in defaults.items():
-        if isinstance(value, kvs.Method) and "window" in type(value).options():
-            options[key] = dataclasses.replace(value, window=SMALL_WINDOW)
-    return options
+    return _small_changes(defaults, None)
 
 
 def build(name: str, ratio: float) -> kvs.Method:

@@ -17,7 +17,8 @@ def _reference(keys: list[list[float]]) -> list[float]:
     norms = [math.sqrt(sum(x * x for x in k)) for k in keys]
     anchor = [sum(k[c] / n for k, n in zip(keys, norms, strict=True)) / len(keys) for c in range(d)]
     a_norm = math.sqrt(sum(x * x for x in anchor))
-    return [-sum(x * y for x, y in zip(k, anchor, strict=True)) / (n * a_norm) for k, n in zip(keys, norms, strict=True)]
+    dot = [sum(x * y for x, y in zip(k, anchor, strict=True)) for k in keys]
+    return [-p / (n * a_norm) for p, n in zip(dot, norms, strict=True)]
 
 
 def test_keydiff_score_by_hand():
