@@ -62,8 +62,8 @@ def small_options(name: str) -> dict[str, object]:
 def budget_kind(name: str) -> str:
     """ "uniform" (floor(n(1-r)) per head; PyramidKV: per-layer budgets averaging it) or "adaptive": the rule decides
     each layer's size (e.g. SimLayerKV keeps all of a non-lazy layer), so only the bounds and the bytes are checked.
-    Read from the method class's `budget_kind` attribute (default "uniform")."""
-    return str(getattr(METHODS.get(name), "budget_kind", "uniform"))
+    Read from the method class's `budget_kind` attribute (`Method.budget_kind`, default "uniform")."""
+    return METHODS.get(name).budget_kind
 
 
 def build(name: str, ratio: float) -> kvs.Method:
@@ -108,6 +108,15 @@ def assert_sliding_layer_untouched(layer, dense_layer, n: int, window: int) -> N
     assert layer.positions.tolist() == [[list(range(n - held, n))] * 2]
 
 
+def assert_sliding_layer_shifted(model, idx: int, layer, dense_layer, shift: int) -> None:
+    """With key re-rotation (`Method.rerotates_keys`), a sliding layer holds the same tokens, `shift` positions
+    earlier, with its keys re-rotated there."""
+    assert torch.equal(layer.values, dense_layer.values)
+    assert torch.equal(layer.positions, dense_layer.positions - shift)
+    expected = kvs.get_adapter(model).rerotate(idx, dense_layer.keys, dense_layer.positions, layer.positions)
+    torch.testing.assert_close(layer.keys, expected, rtol=0, atol=0)
+
+
 # --- (a) target size --------------------------------------------------------------------------------------------------
 
 
@@ -121,6 +130,9 @@ def test_target_size_is_reached(name, family, make_model):
     kept_per_layer = []
     for idx, layer in enumerate(cache.kv_layers()):
         assert layer.seen.tolist() == [N_CTX]
+        if idx not in full and METHODS.get(name).rerotates_keys:  # never pruned, but moved with the others
+            assert_sliding_layer_shifted(model, idx, layer, dense.layer(idx), N_CTX - math.floor(N_CTX * (1 - ratio)))
+            continue
         if idx not in full:  # sliding layers are never pruned
             assert_sliding_layer_untouched(layer, dense.layer(idx), N_CTX, model.config.sliding_window)
             continue
@@ -285,6 +297,16 @@ def test_padding_is_never_kept(name, family, make_model):
                 assert kept_pos.unique().numel() == kept_pos.numel()
                 assert int(kept_pos.min()) >= 0 and int(kept_pos.max()) < n
                 # each kept slot holds the key/value of the token at that position (pads sit at the left)
+                if METHODS.get(name).rerotates_keys:  # moved to contiguous positions: the same as the row alone
+                    mine = alone[b].layer(idx)
+                    assert kept_pos.tolist() == mine.positions[0, h][mine.positions[0, h] >= 0].tolist()
+                    assert kept_pos.tolist() == list(
+                        range(int(kept_pos.max()) + 1 - kept_pos.numel(), int(kept_pos.max()) + 1)
+                    )
+                    own = mine.positions[0, h] >= 0
+                    torch.testing.assert_close(layer.keys[b, h][filled[h]], mine.keys[0, h][own])
+                    torch.testing.assert_close(layer.values[b, h][filled[h]], mine.values[0, h][own])
+                    continue
                 torch.testing.assert_close(layer.keys[b, h][filled[h]], ref.keys[b, h, pad + kept_pos], rtol=0, atol=0)
                 torch.testing.assert_close(
                     layer.values[b, h][filled[h]], ref.values[b, h, pad + kept_pos], rtol=0, atol=0
@@ -313,8 +335,9 @@ def test_question_after_compression(name, family, make_model):
     assert torch.isfinite(step).all()
     assert cache.real_tokens_seen().tolist() == [N_CTX + 10]
     assert [int(layer.kept.max()) for layer in cache.full_layers()] == [k + 10 for k in kept_before]
+    start = N_CTX if not METHODS.get(name).rerotates_keys else max(kept_before)  # re-rotated: from the cache size
     for layer in cache.full_layers():  # questions continue from the uncompressed length
-        assert layer.positions[0, :, -10:].tolist() == [list(range(N_CTX, N_CTX + 10))] * 2
+        assert layer.positions[0, :, -10:].tolist() == [list(range(start, start + 10))] * 2
 
 
 # --- (g) validation ---------------------------------------------------------------------------------------------------

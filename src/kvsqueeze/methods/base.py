@@ -68,6 +68,8 @@ class Method:
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",)
+    budget_kind: ClassVar[str] = "uniform"  # "adaptive": the rule decides each layer's size (e.g. SimLayerKV)
+    rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (press.py)
 
     ratio: float
 

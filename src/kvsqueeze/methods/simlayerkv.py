@@ -15,7 +15,6 @@ The paper tunes the threshold per model family.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -31,7 +30,7 @@ class SimLayerKV(ScorerMethod):
     """Layers whose last queries attend mostly to the first + recent tokens keep only those; others keep all."""
 
     needs = ("queries",)
-    budget_kind: ClassVar[str] = "adaptive"  # per-layer sizes are decided by the rule (floor(n(1-r)) or n)
+    budget_kind = "adaptive"  # per-layer sizes are decided by the rule (floor(n(1-r)) or n)
 
     threshold: float = 0.9
     window: int = 1
