@@ -236,6 +236,21 @@ class KVLayer(DynamicLayer):
         assert self.positions is not None
         return (self.positions >= 0).sum(dim=-1)
 
+    def replace_keys(self, keys: Tensor, positions: Tensor) -> None:
+        """Rewrite keys and slot positions in place of the current ones (the shapes of `view()`): for key re-rotation,
+        which moves kept tokens to new positions. Values, `seen` and the bytes held are unchanged."""
+        assert self.keys is not None and self.positions is not None
+        if self.lengths is not None:  # ragged: `keys`/`positions` have the shapes of `view()`; pack them back
+            filled = self.view()[2] >= 0
+            if keys.shape[:-1] != filled.shape or positions.shape != filled.shape:
+                raise ValueError(f"replace_keys: shapes {tuple(keys.shape)} do not match the layer's view")
+            keys, positions = keys[filled], positions[filled]  # (row, head, slot) order = the segments' order
+        if keys.shape != self.keys.shape or positions.shape != self.positions.shape:
+            shapes = f"{tuple(keys.shape)}, {tuple(positions.shape)}"
+            raise ValueError(f"replace_keys: shapes {shapes} do not match the layer's")
+        self.keys = keys.to(self.keys.dtype)
+        self.positions = positions.to(torch.int32)
+
     def prune(self, indices: Tensor, counts: Tensor) -> None:
         """Keep, for each (row, head), the slots `indices[b, h, :counts[b, h]]` of `view()`.
 
@@ -310,6 +325,7 @@ class KVCache(Cache):
         for layer in layers:
             layer.tracker = self.tracker
         self.step_positions: Tensor | None = None  # (B, q) of the current forward
+        self.position_offset: Tensor | None = None  # (B,) positions removed by key re-rotation (None: none)
 
     # -- the step protocol: positions and padding of the new tokens of each forward
     def begin_step(self, positions: Tensor, valid: Tensor | None = None) -> None:
@@ -345,6 +361,13 @@ class KVCache(Cache):
         layers = self.kv_layers()
         return layers[0].seen if layers else None
 
+    def next_positions(self) -> Tensor | None:
+        """(B,) position of each row's next token: the uncompressed length, minus what key re-rotation removed."""
+        seen = self.real_tokens_seen()
+        if seen is None or self.position_offset is None:
+            return seen
+        return seen - self.position_offset.to(seen.device)
+
     def kv_layers(self) -> list[KVLayer]:
         return [layer for layer in self.layers if isinstance(layer, KVLayer)]
 
@@ -364,6 +387,7 @@ class KVCache(Cache):
             layer.tracker = new.tracker
         new.tracker.add(sum(layer.nbytes() for layer in layers))
         new.step_positions = None
+        new.position_offset = None if self.position_offset is None else self.position_offset[rows.to(self.device)]
         return new
 
     def layer(self, idx: int) -> KVLayer:

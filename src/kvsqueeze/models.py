@@ -95,6 +95,23 @@ class ModelAdapter:
             return self.rotary(like, positions, self.layer_types[layer_idx])
         return self.rotary(like, positions)
 
+    def rerotate(self, layer_idx: int, keys: Tensor, old: Tensor, new: Tensor) -> Tensor:
+        """Keys (B, H, T, D) cached with RoPE at positions `old` (B, H, T), moved to positions `new`.
+
+        Undoes RoPE at `old` exactly (x = (c k - s rotate_half(k)) / (c^2 + s^2), which also covers scaled cos/sin)
+        and applies it at `new`. Slots whose position does not change (or is -1) are returned bit for bit.
+        """
+        b, h, t, _ = keys.shape
+        like = keys.float()
+        cos_o, sin_o = (x.view(b, h, t, -1) for x in self.rope_at(layer_idx, old.clamp(min=0).reshape(b, h * t), like))
+        cos_n, sin_n = (x.view(b, h, t, -1) for x in self.rope_at(layer_idx, new.clamp(min=0).reshape(b, h * t), like))
+        r = cos_o.shape[-1]
+        rot = like[..., :r]
+        plain = (rot * cos_o - rotate_half(rot) * sin_o) / (cos_o**2 + sin_o**2)
+        moved = torch.cat([plain * cos_n + rotate_half(plain) * sin_n, like[..., r:]], dim=-1).to(keys.dtype)
+        changed = (old != new) & (old >= 0) & (new >= 0)
+        return torch.where(changed[..., None], moved, keys)
+
     def output_projection(self, module: Any) -> Tensor:
         """W_O as (H_q, D, hidden): the slice of o_proj each query head writes through."""
         weight = module.o_proj.weight  # (hidden, H_q * D)

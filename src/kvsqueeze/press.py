@@ -89,7 +89,7 @@ def _prepare_step(model: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
     )
     positions = kw.get("position_ids")
     if positions is None:
-        seen = cache.real_tokens_seen()
+        seen = cache.next_positions()  # the uncompressed length, unless keys were re-rotated
         start = seen.to(tokens.device)[:, None] if seen is not None else 0
         positions = (start + valid.long().cumsum(dim=1) - 1).clamp(min=0)
         kw["position_ids"] = positions
@@ -137,6 +137,55 @@ def _layer_bytes(keys: Tensor | None, values: Tensor | None) -> int:
     return keys.untyped_storage().nbytes() + values.untyped_storage().nbytes()
 
 
+def rerotate_cache(cache: KVCache, adapter: ModelAdapter) -> None:
+    """Key re-rotation after a compressed forward: every layer's tokens are moved to contiguous positions ending right
+    before the row's next token, at P = the most tokens any full-attention layer keeps for the row.
+
+    Full layers: the kept tokens of each (row, head), in order, take positions P - K .. P - 1 (K = how many it keeps;
+    with a uniform budget that is 0 .. K - 1, StreamingLLM as published). Sliding layers (never pruned) shift by the
+    same amount as the row's newest position. Keys are re-rotated with the model's own RoPE; values are unchanged; the
+    next tokens continue at P (`KVCache.next_positions`), while `seen` keeps the uncompressed length for budgets.
+    """
+    full = [i for i, layer in enumerate(cache.kv_layers()) if not layer.is_sliding and layer.positions is not None]
+    nxt = cache.next_positions()
+    if not full or nxt is None:
+        return
+    kept = {i: cache.layer(i).kept for i in full}  # (B, H)
+    target = torch.stack([k.amax(dim=1) for k in kept.values()]).amax(dim=0)  # (B,) P
+    for i, layer in enumerate(cache.kv_layers()):
+        if layer.positions is None or layer.keys is None:
+            continue
+        keys, _, pos = layer.view()  # rectangular, also for a ragged layer
+        valid = pos >= 0
+        if layer.is_sliding:
+            new = torch.where(valid, pos - (nxt - target).to(pos.device)[:, None, None], -1)
+            if bool((valid & (new < 0)).any()):
+                raise ValueError(
+                    f"key re-rotation: sliding-window layer {i} holds more tokens than the {int(target.min())} "
+                    "positions of the re-rotated context; lower the ratio."
+                )
+        else:
+            rank = valid.long().cumsum(dim=-1) - 1  # slots are in position order
+            start = target.to(pos.device)[:, None, None] - kept[i][..., None]
+            new = torch.where(valid, start + rank, -1)
+        if not torch.equal(new.to(pos.dtype), pos):
+            layer.replace_keys(adapter.rerotate(i, keys, pos, new), new)
+    seen = cache.real_tokens_seen()
+    assert seen is not None
+    cache.position_offset = seen - target.to(seen.device)
+
+
+def _rerotate_after_forward(adapter: ModelAdapter):
+    def hook(model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if isinstance(cache, KVCache):
+            rerotate_cache(cache, adapter)
+
+    return hook
+
+
 @contextmanager
 def compress(model: Any, method: Method | None, backend: str | None = None) -> Iterator[CompressionLog]:
     """Inside this block, every forward prunes each full-attention layer with `method` right after filling it.
@@ -157,6 +206,8 @@ def compress(model: Any, method: Method | None, backend: str | None = None) -> I
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
             if isinstance(method, ModelScopeMethod):
                 handles.append(model.register_forward_hook(_make_model_hook(method, pending, log), with_kwargs=True))
+            if method.rerotates_keys:
+                handles.append(model.register_forward_hook(_rerotate_after_forward(adapter), with_kwargs=True))
         try:
             yield log
         finally:
@@ -343,4 +394,6 @@ def compress_recording(recording: Recording, method: Method | None) -> tuple[KVC
     elif method is not None:
         for layer_idx, inputs in sorted(recording.inputs.items()):
             compress_layer(method, recording.adapter, cache, layer_idx, inputs, log)
+    if method is not None and method.rerotates_keys:
+        rerotate_cache(cache, recording.adapter)
     return cache, log

@@ -79,7 +79,16 @@ def test_bad_ratio_is_rejected(ratio: str, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_calibrate_once_then_cached(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["calibrate", "qfilters", "--model", str(model_dir), "--option", "n_tokens=128", "--option", "chunk_size=64"]
+    argv = [
+        "calibrate",
+        "qfilters",
+        "--model",
+        str(model_dir),
+        "--option",
+        "n_tokens=128",
+        "--option",
+        "calibration_chunk=64",
+    ]
     assert main(argv) == 0
     first = capsys.readouterr()
     path = Path(first.out.split("artifact: ")[1].strip())

@@ -26,17 +26,44 @@ SMALL_WINDOW = 8
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
 
+# Size options a ~60-token context can afford, capped at these values wherever a method has them (also inside a
+# wrapped scorer or a tuple of methods): windows, partitions and chunks of 8 tokens, at most 4 sinks.
+SMALL_SIZES: dict[str, int] = {"window": SMALL_WINDOW, "partition_size": 8, "chunk_size": 8, "n_sink": 4}
+
+
+def _shrink(value: object) -> object:
+    """A method with its size options capped (a tuple of methods: each of them), else the value unchanged."""
+    if isinstance(value, tuple):
+        return tuple(_shrink(v) for v in value)
+    if isinstance(value, kvs.Method):
+        changes = _small_changes(type(value).options(), value)
+        return dataclasses.replace(value, **changes) if changes else value  # type: ignore[type-var]
+    return value
+
+
+def _small_changes(defaults: dict[str, object], current: object) -> dict[str, object]:
+    changes: dict[str, object] = {}
+    for key, default in defaults.items():
+        value = getattr(current, key, default)
+        if key in SMALL_SIZES and isinstance(value, int) and value > SMALL_SIZES[key]:
+            changes[key] = SMALL_SIZES[key]
+        elif (shrunk := _shrink(value)) != value:
+            changes[key] = shrunk
+    return changes
+
+
 def small_options(name: str) -> dict[str, object]:
-    """Options that make a method usable on ~60-token contexts: any `window` option becomes 8 (also inside a wrapped
-    scorer, e.g. PyramidKV's SnapKV)."""
+    """Options that make a method usable on ~60-token contexts: the size options in SMALL_SIZES are capped (also
+    inside a wrapped scorer, e.g. PyramidKV's SnapKV); only options that differ from the defaults are returned."""
     defaults = METHODS.get(name).options()
-    options: dict[str, object] = {}
-    if "window" in defaults:
-        options["window"] = SMALL_WINDOW
-    for key, value in defaults.items():
-        if isinstance(value, kvs.Method) and "window" in type(value).options():
-            options[key] = dataclasses.replace(value, window=SMALL_WINDOW)
-    return options
+    return _small_changes(defaults, None)
+
+
+def budget_kind(name: str) -> str:
+    """ "uniform" (floor(n(1-r)) per head; PyramidKV: per-layer budgets averaging it) or "adaptive": the rule decides
+    each layer's size (e.g. SimLayerKV keeps all of a non-lazy layer), so only the bounds and the bytes are checked.
+    Read from the method class's `budget_kind` attribute (`Method.budget_kind`, default "uniform")."""
+    return METHODS.get(name).budget_kind
 
 
 def scope(name: str) -> str:
@@ -94,6 +121,15 @@ def assert_sliding_layer_untouched(layer, dense_layer, n: int, window: int) -> N
     assert layer.positions.tolist() == [[list(range(n - held, n))] * 2]
 
 
+def assert_sliding_layer_shifted(model, idx: int, layer, dense_layer, shift: int) -> None:
+    """With key re-rotation (`Method.rerotates_keys`), a sliding layer holds the same tokens, `shift` positions
+    earlier, with its keys re-rotated there."""
+    assert torch.equal(layer.values, dense_layer.values)
+    assert torch.equal(layer.positions, dense_layer.positions - shift)
+    expected = kvs.get_adapter(model).rerotate(idx, dense_layer.keys, dense_layer.positions, layer.positions)
+    torch.testing.assert_close(layer.keys, expected, rtol=0, atol=0)
+
+
 # --- (a) target size --------------------------------------------------------------------------------------------------
 
 
@@ -107,6 +143,9 @@ def test_target_size_is_reached(name, family, make_model):
     kept_per_layer = []
     for idx, layer in enumerate(cache.kv_layers()):
         assert layer.seen.tolist() == [N_CTX]
+        if idx not in full and METHODS.get(name).rerotates_keys:  # never pruned, but moved with the others
+            assert_sliding_layer_shifted(model, idx, layer, dense.layer(idx), N_CTX - math.floor(N_CTX * (1 - ratio)))
+            continue
         if idx not in full:  # sliding layers are never pruned
             assert_sliding_layer_untouched(layer, dense.layer(idx), N_CTX, model.config.sliding_window)
             continue
@@ -117,7 +156,9 @@ def test_target_size_is_reached(name, family, make_model):
         assert layer.keys.numel() == int(kept.sum()) * 16, "storage holds exactly the kept slots (no empty ones)"
         kept_per_layer.append(int(kept.sum()) / 2)
     target = math.floor(N_CTX * (1 - ratio))
-    if scope(name) == "model":  # one pool: the model total is exact, layers may differ
+    if budget_kind(name) == "adaptive":
+        assert all(1 <= kept <= N_CTX for kept in kept_per_layer)
+    elif scope(name) == "model":  # one pool: the model total is exact, layers may differ
         assert sum(kept_per_layer) == target * len(full)
     elif name == "pyramidkv":
         assert len(set(kept_per_layer)) == len(kept_per_layer), "PyramidKV budgets differ per layer"
@@ -135,6 +176,9 @@ def test_target_size_other_ratios(name, ratio, make_model):
     n = 100  # 0.25 and 0.75 are exact in binary, so floor(n(1-r)) has no rounding ambiguity
     cache, _, _ = prefill(model, context_ids(n), build(name, ratio))
     kept = [per_head_counts(layer.kept.tolist(), name) for layer in cache.full_layers()]
+    if budget_kind(name) == "adaptive":
+        assert all(k[0][0] == k[0][1] and 1 <= k[0][0] <= n for k in kept)
+        return
     expected = [[[expected_keep(name, n, ratio, i, 4)] * 2] for i in range(4)]
     if scope(name) == "model":
         assert sum(sum(row[0]) for row in kept) == sum(sum(row[0]) for row in expected)
@@ -166,14 +210,17 @@ def test_bytes_drop_by_the_ratio(name, family, make_model):
     assert log.kv_bytes_after == after.kv_bytes
     assert after.padding_bytes == 0
     assert after.sliding_kv_bytes == before.sliding_kv_bytes  # sliding layers are never pruned
-    if name == "pyramidkv":  # per-layer floors: at most one token per layer under half
+    if budget_kind(name) == "adaptive":  # the bytes held are those of the kept tokens, never more than before
+        kept = sum(int(layer.kept.max()) for layer in cache.full_layers())
+        assert after.kv_bytes == kept * per_token // n_full <= before.kv_bytes
+    elif name == "pyramidkv":  # per-layer floors: at most one token per layer under half
         assert before.kv_bytes * 0.5 - per_token <= after.kv_bytes <= before.kv_bytes * 0.5
     else:
         assert after.kv_bytes == math.floor(N_CTX * 0.5) * per_token
     assert kvs.cache_bytes(cache) == after.kv_bytes + after.sliding_kv_bytes
     if scope(name) == "model":  # one budget for all layers: every layer is scored before any is pruned
         assert after.peak_kv_bytes == before.kv_bytes + before.sliding_kv_bytes
-    else:
+    elif after.kv_bytes < before.kv_bytes:  # (an adaptive rule may keep everything on a tiny random model)
         assert after.peak_kv_bytes < before.kv_bytes + before.sliding_kv_bytes  # never held all layers uncompressed
 
 
@@ -265,7 +312,7 @@ def test_padding_is_never_kept(name, family, make_model):
             filled = pos >= 0
             # exactly the budget of this row's own length, as when the row runs alone
             assert filled.sum(-1).tolist() == alone[b].layer(idx).kept[0].tolist()
-            if name != "pyramidkv" and scope(name) != "model":
+            if name != "pyramidkv" and scope(name) != "model" and budget_kind(name) == "uniform":
                 expected = [math.floor(n * (1 - ratio))] * 2
                 assert per_head_counts([filled.sum(-1).tolist()], name)[0] == expected
             for h in range(2):
@@ -273,6 +320,15 @@ def test_padding_is_never_kept(name, family, make_model):
                 assert kept_pos.unique().numel() == kept_pos.numel()
                 assert int(kept_pos.min()) >= 0 and int(kept_pos.max()) < n
                 # each kept slot holds the key/value of the token at that position (pads sit at the left)
+                if METHODS.get(name).rerotates_keys:  # moved to contiguous positions: the same as the row alone
+                    mk, mv, mp = alone[b].layer(idx).view()
+                    own = mp[0, h] >= 0
+                    assert kept_pos.tolist() == mp[0, h][own].tolist()
+                    top = int(kept_pos.max()) + 1
+                    assert kept_pos.tolist() == list(range(top - kept_pos.numel(), top))
+                    torch.testing.assert_close(keys[b, h][filled[h]], mk[0, h][own])
+                    torch.testing.assert_close(values[b, h][filled[h]], mv[0, h][own])
+                    continue
                 torch.testing.assert_close(keys[b, h][filled[h]], ref.keys[b, h, pad + kept_pos], rtol=0, atol=0)
                 torch.testing.assert_close(values[b, h][filled[h]], ref.values[b, h, pad + kept_pos], rtol=0, atol=0)
     # rows keeping different counts are stored ragged, without empty slots (one key and value of 16 fp32 per kept
@@ -302,9 +358,11 @@ def test_question_after_compression(name, family, make_model):
     assert torch.isfinite(step).all()
     assert cache.real_tokens_seen().tolist() == [N_CTX + 10]
     assert all(torch.equal(layer.kept, k + 10) for layer, k in zip(cache.full_layers(), kept_before, strict=True))
-    for layer in cache.full_layers():  # questions continue from the uncompressed length (in every head)
+    rerotated = METHODS.get(name).rerotates_keys
+    for layer in cache.full_layers():  # questions continue from the uncompressed length (re-rotated: the cache size)
         pos = layer.view()[2][0]  # (H, T), empty slots -1 at the end of shorter heads of a ragged layer
-        assert [p[p >= 0][-10:].tolist() for p in pos] == [list(range(N_CTX, N_CTX + 10))] * 2
+        start = int(layer.kept.max()) - 10 if rerotated else N_CTX
+        assert [p[p >= 0][-10:].tolist() for p in pos] == [list(range(start, start + 10))] * 2
 
 
 # --- (g) validation ---------------------------------------------------------------------------------------------------

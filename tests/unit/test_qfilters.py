@@ -98,7 +98,7 @@ def test_lazy_calibration_matches_calibrating_ahead(make_model, tmp_path, monkey
     calibrating ahead of time with the model's own attention."""
     monkeypatch.setenv("KVSQUEEZE_CALIBRATION_DIR", str(tmp_path))  # empty: the first use must compute
     ids = torch.randint(5, 400, (1, 61), generator=torch.Generator().manual_seed(0))
-    method = kvs.get_method("qfilters", ratio=0.5, n_tokens=256, chunk_size=128)
+    method = kvs.get_method("qfilters", ratio=0.5, n_tokens=256, calibration_chunk=128)
     kept, models = [], []
     for ahead in (False, True):
         model = make_model("mistral")
@@ -117,7 +117,7 @@ def test_lazy_calibration_matches_calibrating_ahead(make_model, tmp_path, monkey
 
 def test_calibrate_returns_the_artifact(make_model, tokenizer):
     model = make_model("qwen2")
-    method = QFilters(n_tokens=128, chunk_size=64)
+    method = QFilters(n_tokens=128, calibration_chunk=64)
     path = method.calibrate(model, tokenizer=tokenizer)
     info = read_info(path)
     assert info["settings"]["text"] == "text" and info["settings"]["n_tokens"] == 128
@@ -130,11 +130,12 @@ def test_needs_calibration():
     assert QFilters.needs == ("calibration",)
     described = {d["name"]: d for d in kvs.describe_methods()}["qfilters"]
     assert described["needs"] == ["calibration"]
-    assert described["options"] == {"ratio": 0.0, "n_tokens": 4096, "seed": 0, "chunk_size": 1024}
+    assert described["options"] == {"ratio": 0.0, "n_tokens": 4096, "seed": 0, "calibration_chunk": 1024}
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("n_tokens", 8), ("n_tokens", 2.5), ("seed", -1), ("chunk_size", 0), ("chunk_size", True)]
+    ("option", "value"),
+    [("n_tokens", 8), ("n_tokens", 2.5), ("seed", -1), ("calibration_chunk", 0), ("calibration_chunk", True)],
 )
 def test_bad_options(option, value):
     with pytest.raises(ValueError, match=rf"{option} must be an integer in \[.*got {value!r}"):

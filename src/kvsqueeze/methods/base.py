@@ -93,6 +93,8 @@ class Method:
     # "model" = all full-attention layers and heads pool one budget (the model's total is fixed; the method
     # implements `ModelScopeMethod` and `press` scores every layer before pruning any).
     budget_scope: ClassVar[str] = "head"
+    budget_kind: ClassVar[str] = "uniform"  # "adaptive": the rule decides each layer's size (e.g. SimLayerKV)
+    rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (press.py)
 
     ratio: float
 

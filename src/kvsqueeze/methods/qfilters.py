@@ -67,20 +67,20 @@ class QFilters(ScorerMethod):
 
     n_tokens: int = 4096  # calibration tokens of generic text
     seed: int = 0  # which generic text
-    chunk_size: int = 1024  # tokens per calibration forward (capped by the model's max positions)
+    calibration_chunk: int = 1024  # tokens per calibration forward (capped by the model's max positions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("n_tokens", self.n_tokens, 16, 1_000_000)
         _check_int("seed", self.seed, 0, 2**31 - 1)
-        _check_int("chunk_size", self.chunk_size, 16, 1_000_000)
+        _check_int("calibration_chunk", self.calibration_chunk, 16, 1_000_000)
 
     def _settings(self) -> tuple[int, int, int]:
-        return self.n_tokens, self.seed, self.chunk_size
+        return self.n_tokens, self.seed, self.calibration_chunk
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
         ids, source = calibration_ids(model, self.n_tokens, self.seed, tokenizer)
-        chunk = min(self.chunk_size, get_adapter(model).max_positions or self.chunk_size)
+        chunk = min(self.calibration_chunk, get_adapter(model).max_positions or self.calibration_chunk)
         settings = {"n_tokens": self.n_tokens, "seed": self.seed, "chunk_size": chunk, "text": source}
         settings["ids"] = ids_digest(ids)
         tensors = calibrated("qfilters", model, settings, lambda: compute_filters(model, ids, chunk), force=force)

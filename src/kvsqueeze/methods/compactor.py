@@ -1,0 +1,64 @@
+"""Compactor: leverage scores blended with non-causal chunked attention (Chari & Van Durme 2025, arXiv 2507.08143).
+
+Two query-agnostic views of a token's importance are combined: its key's approximate statistical leverage (a
+geometric outlier among the head's keys, see `leverage.py`) and the attention it receives inside its chunk of the
+context when every token of the chunk may attend to it (see `noncausal_attention.py`). Each score is standardized
+over the valid slots of its head (zero mean, unit variance) and the two are blended:
+    s_i = (1 - blend) * z(leverage)_i + blend * z(attention)_i.
+The first `n_sink` tokens are always kept. (The paper's context-calibrated choice of the ratio is not part of this
+rule: the ratio is given, as for every method.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
+from kvsqueeze.methods.leverage import leverage_scores
+from kvsqueeze.methods.noncausal_attention import chunk_attention, impute_mean
+from kvsqueeze.methods.registry import register_method
+
+
+def standardize(x: Tensor, valid: Tensor) -> Tensor:
+    """(x - mean) / std over the valid slots of each (row, head); empty slots get 0."""
+    n = valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    mean = (x * valid).sum(dim=-1, keepdim=True) / n
+    var = (((x - mean) * valid) ** 2).sum(dim=-1, keepdim=True) / n
+    return ((x - mean) / var.sqrt().clamp(min=1e-12)) * valid
+
+
+@register_method("compactor")
+@dataclass
+class Compactor(ScorerMethod):
+    """Blend of standardized key leverage scores and non-causal chunked attention; sinks kept."""
+
+    needs = ("queries",)
+
+    blend: float = 0.5  # weight of the attention score
+    chunk_size: int = 256
+    sketch_rows: int = 256  # 0: exact leverage scores
+    n_sink: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"blend must be in [0, 1] (the weight of the attention score), got {self.blend}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        if not isinstance(self.sketch_rows, int) or self.sketch_rows < 0:
+            raise ValueError(f"sketch_rows must be an integer >= 0 (0 = exact scores), got {self.sketch_rows!r}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+
+    def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
+        valid = ctx.valid
+        seed = self.seed * 1_000_003 + ctx.layer_idx
+        lev = leverage_scores(ctx.keys, ctx.positions, self.sketch_rows, seed).float()
+        attn = impute_mean(*chunk_attention(ctx, self.chunk_size))
+        return (1 - self.blend) * standardize(lev, valid) + self.blend * standardize(attn, valid)
+
+    def protected(self, ctx: ScoreContext) -> Tensor:
+        return sinks_and_recent(ctx, self.n_sink, 0)
