@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/kvsqueeze generate --example --method knorm --ratio 0.25
+	$(BIN)/kvsqueeze bench
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
