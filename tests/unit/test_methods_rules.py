@@ -147,7 +147,7 @@ def test_pyramidkv_validates_its_options():
     with pytest.raises(ValueError, match="slope"):
         PyramidKV(ratio=0.5, slope=1.5)
     with pytest.raises(ValueError, match="scorer"):
-        PyramidKV(ratio=0.5, scorer="snapkv")  # type: ignore[arg-type]
+        PyramidKV(ratio=0.5, scorer=42)  # type: ignore[arg-type]
 
 
 # --- SnapKV -----------------------------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ beyond the protected tokens. Chunks follow absolute positions, so padding and ea
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from kvsqueeze.methods._segments import gather_segments, segment_ids, segment_reduce
+from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
@@ -54,9 +54,7 @@ class ChunkKV(ScorerMethod):
         check_ratio(self.ratio)
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
-        if not isinstance(self.scorer, ScorerMethod):
-            raise ValueError(f"scorer must be a scoring method, got {self.scorer!r}")
-        self.scorer = dataclasses.replace(self.scorer, ratio=self.ratio)
+        self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         chunk = segment_ids(ctx.positions, self.chunk_size)

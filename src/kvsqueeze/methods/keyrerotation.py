@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.streaming_llm import StreamingLLM
@@ -41,9 +42,7 @@ class KeyRerotation(ScorerMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        if not isinstance(self.scorer, ScorerMethod):
-            raise ValueError(f"scorer must be a scoring method, got {self.scorer!r}")
-        self.scorer = dataclasses.replace(self.scorer, ratio=self.ratio)
+        self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:
         return self.scorer.score(frame_context(ctx))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
@@ -37,9 +37,7 @@ class PyramidKV(ScorerMethod):
         check_ratio(self.ratio)
         if not 0.0 <= self.slope <= 1.0:
             raise ValueError(f"slope must be in [0, 1], got {self.slope}")
-        if not isinstance(self.scorer, ScorerMethod):
-            raise ValueError(f"scorer must be a scoring method, got {self.scorer!r}")
-        self.scorer = dataclasses.replace(self.scorer, ratio=self.ratio)
+        self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:
         return self.scorer.score(ctx)

@@ -79,5 +79,6 @@ def test_chunkkv_validates_options():
     with pytest.raises(ValueError, match="chunk_size"):
         ChunkKV(chunk_size=0)
     with pytest.raises(ValueError, match="scorer"):
-        ChunkKV(scorer="snapkv")  # type: ignore[arg-type]
+        ChunkKV(scorer=42)  # type: ignore[arg-type]
+    assert isinstance(ChunkKV(scorer="knorm").scorer, KNorm)  # a registered name works too (as on the CLI)
     assert ChunkKV(ratio=0.25).scorer.ratio == 0.25

@@ -81,4 +81,4 @@ def test_chunkwise_validates():
     with pytest.raises(ValueError, match="chunk_size"):
         ChunkWise(chunk_size=0)
     with pytest.raises(ValueError, match="scorer"):
-        ChunkWise(scorer="snapkv")  # type: ignore[arg-type]
+        ChunkWise(scorer=42)  # type: ignore[arg-type]
