@@ -228,3 +228,9 @@ def test_generate_with_decode_target(make_model, tokenizer):
     assert 20 < max(peaks[4:]) <= 20 + 5  # then at most target + every before each compression
     with pytest.raises(ValueError, match="already a DecodingCompression"):
         kvs.generate(model, tokenizer, CONTEXT, ["Who?"], method=DecodingCompression(), decode_target=5)
+
+
+def test_benchmark_runs_decoding_compression_for_real():
+    from kvsqueeze.methods.decoding import DecodingCompression
+
+    assert DecodingCompression.shared_prefill is False  # a recorded prefill would skip the decoding-time part
