@@ -265,8 +265,6 @@ def generate(
     (`DecodingCompression`, scoring with `method` when it is a scorer, else KNorm). A `DecodingCompression` given
     as `method` compresses the context and the answers alike.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     items = _normalize(context, questions)
     encoded = [encode_prompt(tokenizer, c, qs, answer_prefix, chat_template) for c, qs in items]
     question_texts = [t for _, texts in encoded for t in texts]

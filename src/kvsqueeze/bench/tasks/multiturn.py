@@ -24,9 +24,7 @@ from kvsqueeze.bench.tasks._common import (
 )
 from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
-from kvsqueeze.bench.tasks.niah import intro, needle_text
-
-_TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 40}
+from kvsqueeze.bench.tasks.niah import TOKENS_PER_VALUE, intro, needle_text
 
 
 @register_task("multiturn")
@@ -61,7 +59,7 @@ class MultiTurn(GeneratedTask):
             questions=tuple(f"What is the special magic {name} for {k} mentioned in the provided text?" for k in keys),
             answers=tuple((v,) for v in values),
             answer_prefix=f"The special magic {name} mentioned in the provided text is",
-            max_new_tokens=8 + _TOKENS_PER_VALUE[self.values],
+            max_new_tokens=8 + TOKENS_PER_VALUE[self.values],
             metric="all",
             meta={
                 "depth": depth,

@@ -31,7 +31,7 @@ from kvsqueeze.bench.tasks._common import (
 from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
 
-_TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 40}
+TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 40}  # answer tokens to allow per value
 
 
 def join_keys(keys: list[str]) -> str:
@@ -87,7 +87,7 @@ class _Niah(GeneratedTask):
             questions=(question,),
             answers=(tuple(expected),),
             answer_prefix=prefix,
-            max_new_tokens=8 + _TOKENS_PER_VALUE[self.values] * len(expected),
+            max_new_tokens=8 + TOKENS_PER_VALUE[self.values] * len(expected),
             metric="all",
             meta={"depth": depth, "length": length, "tokens": n_tokens, "needles": pairs},
         )
