@@ -35,9 +35,12 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on (B, H, T, D) with cos/sin (B, T, R), R <= D (partial rotary rotates the first R dims)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    r = cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    return torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)
+    r, half = cos.shape[-1], cos.shape[-1] // 2
+    rot = x[..., :r]
+    out = rot * cos  # the only full-size temporary: x * cos + rotate_half(x) * sin, accumulated in place
+    out[..., :half].addcmul_(rot[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(rot[..., :half], sin[..., half:])
+    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
 
 @dataclass

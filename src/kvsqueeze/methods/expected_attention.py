@@ -48,9 +48,22 @@ def query_stats(queries: Tensor, weight: Tensor) -> QueryStats:
     """Statistics of the queries (B, H_q, q, D) where `weight` (B, q) is 1 (0 leaves a query out), in fp32."""
     q, w = queries.float(), weight.float()
     count = w.sum(dim=1)  # (B,)
-    mean = torch.einsum("bhqd,bq->bhd", q, w) / count.clamp(min=1)[:, None, None]
-    centred = (q - mean[:, :, None, :]) * w[:, None, :, None]  # (B, H_q, q, D), left-out queries zeroed
+    start = _common_start(weight)
+    if start is not None:  # the counted queries are one suffix shared by every row (no padding): slice, no mask
+        q, w = q[:, :, start:], None
+    mean = (q.sum(dim=2) if w is None else torch.einsum("bhqd,bq->bhd", q, w)) / count.clamp(min=1)[:, None, None]
+    centred = q - mean[:, :, None, :]  # (B, H_q, q, D)
+    if w is not None:
+        centred.mul_(w[:, None, :, None])  # left-out queries zeroed
     return QueryStats(count, mean, centred.transpose(-1, -2) @ centred)
+
+
+def _common_start(weight: Tensor) -> int | None:
+    """s when every row of the 0/1 `weight` (B, q) is 0 before s and 1 from s on, else None."""
+    counted = weight.bool()
+    start = int(counted.shape[1] - counted.sum(dim=1).min()) if counted.numel() else 0
+    ok = bool(counted[:, start:].all()) and not bool(counted[:, :start].any())
+    return start if ok else None
 
 
 def averaged_rope(ctx: ScoreContext, n_future: int) -> tuple[Tensor, Tensor]:
@@ -64,13 +77,14 @@ def expected_logits(keys: Tensor, mean: Tensor, cov: Tensor | None, scale: float
     """log E[exp(scale q.k)] for q ~ N(mean, cov): (B, H_q, T) from keys (B, H, T, D), mean (B, H_q, D), cov
     (B, H_q, D, D) or None (mean only)."""
     b, h, t, d = keys.shape
-    k = keys.float()[:, :, None]  # (B, H, 1, T, D)
-    mu = mean.view(b, h, -1, 1, d)  # (B, H, G, 1, D)
-    z = scale * (k * mu).sum(dim=-1)  # (B, H, G, T)
-    if cov is not None:
-        kc = k @ cov.view(b, h, -1, d, d)  # (B, H, G, T, D)
-        z = z + 0.5 * scale**2 * (kc * k).sum(dim=-1)
-    return z.reshape(b, -1, t)
+    k = keys.float()
+    g = mean.shape[1] // h
+    z = k @ (scale * mean).view(b, h, g, d).transpose(-1, -2)  # (B, H, T, G): matmuls, no (T, D) broadcast product
+    if cov is not None:  # k^T Sigma_g k for the G query heads of each KV head: one matmul against [Sigma_1 .. Sigma_G]
+        kc = k @ cov.view(b, h, g, d, d).permute(0, 1, 3, 2, 4).reshape(b, h, d, g * d)  # (B, H, T, G*D)
+        quad = kc.view(b, h, t, g, d).mul_(k[:, :, :, None, :]).sum(dim=-1)  # (B, H, T, G)
+        z = z.add_(quad, alpha=0.5 * scale**2)
+    return z.transpose(-1, -2).reshape(b, h * g, t)
 
 
 @register_method("expected_attention")
@@ -111,9 +125,9 @@ class ExpectedAttention(ScorerMethod):
         h = ctx.keys.shape[1]
         sinks = sinks_and_recent(ctx, self.n_sink, 0).repeat_interleave(hq // h, dim=1)  # (B, H_q, T)
         counted = ctx.valid.repeat_interleave(hq // h, dim=1) & ~sinks
-        attn = torch.softmax(z.masked_fill(~counted, float("-inf")), dim=-1).nan_to_num(0.0) + self.eps
+        attn = torch.softmax(z.masked_fill_(~counted, float("-inf")), dim=-1).nan_to_num_(0.0).add_(self.eps)
         if self.use_vnorm:
-            attn = attn * self.value_norms(ctx)
+            attn = attn.mul_(self.value_norms(ctx))
         return attn.view(b, h, hq // h, t).mean(dim=2)
 
     def protected(self, ctx: ScoreContext) -> Tensor | None:

@@ -3,7 +3,7 @@ the queries that can see it (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle", arXi
 variant as in kvpress's ObservedAttentionPress).
 
 The attention matrix is never materialized whole: queries are processed in blocks of `block_size`, each block's
-logits and softmax held in two (B, H_q, block, T) buffers; slots no query of the block can see are skipped and only
+logits and softmax held in one (B, H_q, block, T) buffer; slots no query of the block can see are skipped and only
 the columns some query of the block cannot see are masked.
 """
 
@@ -26,7 +26,7 @@ class ObservedAttention(ScorerMethod):
 
     needs = ("queries",)
 
-    block_size: int = 64  # queries per block: the extra memory is two (B, H_q, block_size, T) fp32 buffers
+    block_size: int = 64  # queries per block: the extra memory is one (B, H_q, block_size, T) fp32 buffer
     query_stride: int = 1  # use every query_stride-th query counted back from the last one (1: all queries)
 
     def __post_init__(self) -> None:
@@ -81,8 +81,9 @@ def received_attention(ctx: ScoreContext, q: Tensor, qpos: Tensor) -> Tensor:
     hidden = (pos[:, :, None, None, first:] < 0) | (pos[:, :, None, None, first:] > qpos[:, None, None, :, None])
     # (B, H, G, n, t - first); finite, so a pad query of a row whose real tokens come later gives no NaN (weight 0)
     logits.view(b, h, g, n, t)[..., first:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1)
-    weight = real.float()[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, 1, g * n)
+    # softmax in place, its normalisation folded into the weights of the sum over queries: no second buffer
+    exp = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # (B, H, G*n, t)
+    weight = real.float()[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, 1, g * n) / exp.sum(dim=-1)[:, :, None]
     out = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)
-    out[..., :t] = (weight @ probs)[:, :, 0]  # sum over the block's real queries and the group
+    out[..., :t] = (weight @ exp)[:, :, 0]  # sum over the block's real queries and the group
     return out

@@ -19,20 +19,31 @@ def window_attention(ctx: ScoreContext, window: int) -> Tensor:
     before its position. Pad queries are left out of the mean.
     """
     q = ctx.queries(rope=True, last=window)  # (B, H_q, w, D): only the window's queries are computed
-    w = q.shape[2]
-    b, hq, _, d = q.shape
+    b, hq, w, d = q.shape
     h = ctx.keys.shape[1]
-    qw = q[:, :, -w:].float().view(b, h, hq // h, w, d)  # (B, H, G, w, D)
-    qpos = ctx.query_positions[:, -w:]  # (B, w)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, ctx.keys.float()) * ctx.scaling  # (B, H, G, w, T)
     softcap = ctx.adapter.softcap(ctx.module)
+    scale = ctx.scaling if softcap is None else ctx.scaling / softcap
+    qw = (q.float() * scale).reshape(b, h, (hq // h) * w, d)  # (B, H, G*w, D), the logit scale folded into the queries
+    qpos = ctx.query_positions[:, -w:].to(ctx.positions.device)  # (B, w)
+    # every temporary of size (B, H, G, w, T) is this one buffer, updated in place
+    logits = (qw @ ctx.keys.float().transpose(-1, -2)).view(b, h, hq // h, w, -1)  # (B, H, G, w, T)
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    pos = ctx.positions[:, :, None, None, :]  # (B, H, 1, 1, T)
-    allowed = (pos >= 0) & (pos <= qpos[:, None, None, :, None])
-    attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    real = (qpos >= 0).float()  # (B, w)
-    mean = torch.einsum("bhgwt,bw->bhgt", attn, real) / real.sum(dim=1).clamp(min=1)[:, None, None, None]
+        logits.tanh_().mul_(softcap)
+    # only slots from the earliest one some window query cannot see need a mask (usually the window itself)
+    pos = ctx.positions  # (B, H, T)
+    earliest = torch.where(qpos >= 0, qpos, qpos.amax(dim=1, keepdim=True)).amin(dim=1)  # (B,) first real query
+    cols = ((pos < 0) | (pos > earliest[:, None, None])).flatten(end_dim=-2).any(dim=0).nonzero()
+    if cols.numel():
+        c0 = int(cols[0])
+        tail = pos[:, :, None, None, c0:]  # (B, H, 1, 1, T - c0)
+        hidden = (tail < 0) | (tail > qpos[:, None, None, :, None])  # (B, H, 1, w, T - c0)
+        # a large finite fill instead of -inf: a pad query that sees nothing gets a uniform row (weighted 0 below)
+        logits[..., c0:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    attn = logits.div_(logits.sum(dim=-1, keepdim=True))
+    real = (qpos >= 0).to(attn.dtype)  # (B, w)
+    real = (real / real.sum(dim=1, keepdim=True).clamp(min=1))[:, None, None, None, :]  # (B, 1, 1, 1, w)
+    mean = real @ attn  # (B, H, G, 1, T): the mean over the window's real queries
     return mean.reshape(b, hq, -1)
 
 
