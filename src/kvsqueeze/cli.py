@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsqueeze import __version__
+from kvsqueeze.methods.registry import BUDGET_POLICIES
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -93,6 +94,15 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="override each sample's own")
     p.add_argument("--query-aware", action="store_true", help="compress each question with the context")
     p.add_argument(
+        "--budget-policy",
+        choices=sorted(BUDGET_POLICIES),
+        default=None,
+        help="wrap every method in a budget policy (as in `generate`); rows are labelled e.g. adakv(knorm)",
+    )
+    p.add_argument("--chunk-size", type=_positive, default=None, help="prefill each context in chunks of N tokens")
+    p.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
+    p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens (default 32)")
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -105,10 +115,6 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_report = sub.add_parser("report", help="(re)write the Markdown/HTML report and plots of a results directory")
     p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
-
-
-# --budget-policy NAME wraps the --method scorer in this registered method
-BUDGET_POLICIES = {"adakv": "adakv", "criticalkv": "criticalkv", "global": "global_budget", "pyramid": "pyramidkv"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +187,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.loading import load_model
     from kvsqueeze.methods import get_method
+    from kvsqueeze.methods.registry import with_budget_policy
     from kvsqueeze.pipeline import generate
 
     if args.load_cache:
@@ -202,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.budget_policy is not None:
         if method is None:
             raise ValueError(f"--budget-policy {args.budget_policy} needs a scoring --method, not 'none'")
-        method = get_method(BUDGET_POLICIES[args.budget_policy], ratio=args.ratio, scorer=method)
+        method = with_budget_policy(args.budget_policy, method, args.ratio)
     logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))
@@ -291,14 +298,17 @@ def _bench_config(args: argparse.Namespace) -> Any:
 
     grid = {"methods": args.methods, "ratios": args.ratios, "tasks": args.tasks, "lengths": args.lengths,
             "samples": args.samples, "seed": args.seed}  # fmt: skip
-    custom = any(v is not None for v in grid.values()) or bool(args.dataset or args.option or args.query_aware)
+    forward = {"budget_policy": args.budget_policy, "chunk_size": args.chunk_size, "decode_target": args.decode_target}
+    custom = any(v is not None for v in [*grid.values(), *forward.values()])
+    custom = custom or bool(args.dataset or args.option or args.query_aware)
     if args.dataset and args.tasks is None:
         grid["tasks"] = []  # a dataset alone: no generated tasks
     options: dict[str, dict[str, Any]] = {}
     for method, key, value in args.option:
         options.setdefault(method, {})[key] = value
     return default_config(**grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
-                          max_new_tokens=args.max_new_tokens, name="custom" if custom else "default")  # fmt: skip
+                          max_new_tokens=args.max_new_tokens, decode_every=args.decode_every, **forward,
+                          name="custom" if custom else "default")  # fmt: skip
 
 
 def _default_out(config: Any, model: str) -> Path:

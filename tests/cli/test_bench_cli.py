@@ -50,6 +50,15 @@ def test_bench_runs_prints_the_table_and_writes_the_report(model_dir: Path, tmp_
     assert "| knorm |" in capsys.readouterr().out
 
 
+def test_bench_takes_the_forward_options_of_generate(model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["--methods", "knorm", "--budget-policy", "adakv", "--chunk-size", "16", "--decode-target", "24"]
+    assert main(_bench(model_dir, out, *args)) == 0
+    assert "| adakv(knorm) |" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    assert rows and all(r["chunk_size"] == 16 and r["decode_target"] == 24 and r["decode_every"] == 32 for r in rows)
+
+
 def test_ctrl_c_exits_130_and_says_how_to_resume(model_dir: Path, tmp_path: Path, capsys) -> None:
     Interrupt.after = 0
     assert main(_bench(model_dir, tmp_path, "--methods", "none,fake_interrupt")) == 130
@@ -67,6 +76,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(model_dir: Path, tmp_path: Path
         (["--samples", "0"], "expected a positive integer"),
         (["--dataset", "missing.jsonl"], "does not exist"),
         (["--option", "window=8"], "METHOD.KEY=VALUE"),
+        (["--budget-policy", "adakvv"], "invalid choice: 'adakvv'"),
+        (["--chunk-size", "0"], "expected a positive integer"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(args: list[str], message: str, capsys) -> None:

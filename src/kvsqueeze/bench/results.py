@@ -17,11 +17,18 @@ NONE = "none"  # the method name of the uncompressed baseline (run once, at rati
 def row_key(row: dict[str, Any]) -> tuple:
     """What identifies a result row: rerunning skips rows whose key is already in results.jsonl."""
     return (row["task"], row["context_length"], row["sample"], row["question_index"], row["method"],
-            float(row["ratio"]), row["model"], row["seed"], bool(row.get("query_aware", False)))  # fmt: skip
+            float(row["ratio"]), row["model"], row["seed"], bool(row.get("query_aware", False)),
+            *_run_key(row))  # fmt: skip
 
 
 def cost_key(row: dict[str, Any]) -> tuple:
-    return (row["method"], float(row["ratio"]), row["group"], row["model"], row["seed"], bool(row["query_aware"]))
+    return (row["method"], float(row["ratio"]), row["group"], row["model"], row["seed"], bool(row["query_aware"]),
+            *_run_key(row))  # fmt: skip
+
+
+def _run_key(row: dict[str, Any]) -> tuple:
+    """How a compressed row ran (chunked prefill, compression while answering); absent in one-shot rows."""
+    return tuple(row.get(k) for k in ("chunk_size", "decode_target", "decode_every"))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

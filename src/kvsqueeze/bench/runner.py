@@ -33,6 +33,7 @@ from kvsqueeze.bench.results import CONFIG, COSTS, NONE, RESULTS, Appender, cost
 from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
 from kvsqueeze.cache import KVCache, cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
+from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
 from kvsqueeze.pipeline import _check_length, answer, encode_prompt, encode_query_aware, generate_encoded, prefill
 from kvsqueeze.press import Recording, compress_recording, record
@@ -69,6 +70,11 @@ class BenchConfig:
     query_aware: bool = False
     max_new_tokens: int | None = None  # overrides each sample's own
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> options, e.g. window=8
+    # how every compressed cell runs (the uncompressed 'none' cell is left as it is):
+    budget_policy: str | None = None  # wrap each method in this policy (a key of BUDGET_POLICIES), e.g. "adakv"
+    chunk_size: int | None = None  # prefill in chunks of this many tokens, compressing after each
+    decode_target: int | None = None  # while answering, compress back to this many tokens per head ...
+    decode_every: int = 32  # ... every this many new tokens
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -88,6 +94,13 @@ class BenchConfig:
                 raise ValueError(f"context length must be an integer >= 1, got {length!r}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.budget_policy is not None and self.budget_policy not in BUDGET_POLICIES:
+            known = ", ".join(sorted(BUDGET_POLICIES))
+            raise ValueError(f"unknown budget policy {self.budget_policy!r}; known: {known}")
+        for key in ("chunk_size", "decode_target", "decode_every"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.tasks and not self.datasets:
@@ -112,7 +125,24 @@ class BenchConfig:
                 out.append((NONE, None, 0.0))
             else:
                 opts = self.options.get(name, {})
-                out += [(name, get_method(name, ratio=float(r), **opts), float(r)) for r in self.ratios]
+                label = name if self.budget_policy is None else f"{BUDGET_POLICIES[self.budget_policy]}({name})"
+                for r in self.ratios:
+                    method = with_budget_policy(self.budget_policy, get_method(name, ratio=float(r), **opts), float(r))
+                    out.append((label, method, float(r)))
+        return out
+
+    @property
+    def forward_time(self) -> bool:
+        """True when compression must run inside the real forward (chunked prefill, compression while answering)."""
+        return self.chunk_size is not None or self.decode_target is not None
+
+    def run_fields(self) -> dict[str, Any]:
+        """How the compressed cells run, stored in every row (only what differs from a one-shot prefill)."""
+        out: dict[str, Any] = {}
+        if self.chunk_size is not None:
+            out["chunk_size"] = self.chunk_size
+        if self.decode_target is not None:
+            out["decode_target"], out["decode_every"] = self.decode_target, self.decode_every
         return out
 
 
@@ -260,6 +290,7 @@ class _RunContext:
             "method_name": cell[0], "ratio": cell[2], "query_aware": self.config.query_aware, "group": unit.group,
             "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
             "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed, "sample_meta": s.meta,
+            **(self.config.run_fields() if cell[1] is not None else {}),
         }  # fmt: skip
 
     def compute(
@@ -276,7 +307,7 @@ class _RunContext:
             if ckey not in self.costs:
                 self._warm_method(cell[0], method, unit)
                 predictions, before, after = self._cost_pass(unit, method, rows[0], cost_file, ckey)
-            elif method is None or method.shared_prefill:
+            elif method is None or (method.shared_prefill and not self.config.forward_time):
                 predictions, before, after = self._from_recording(unit, method)
             else:
                 out = self._generate(unit, method)
@@ -298,8 +329,11 @@ class _RunContext:
 
     def _generate(self, unit: Unit, method: Method | None) -> Any:
         texts, rows = unit.question_texts, [0] * len(unit.question_texts)
-        new = unit.max_new_tokens
-        return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, method, new)
+        new, c = unit.max_new_tokens, self.config
+        if method is None:  # the uncompressed baseline runs one-shot
+            return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, None, new)
+        return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, method, new,
+                                c.chunk_size, c.decode_target, c.decode_every)  # fmt: skip
 
     def _warm_method(self, name: str, method: Method | None, unit: Unit) -> None:
         """Run a method once on a short prefix before its first cost pass, so one-off work (loading calibration
@@ -320,6 +354,7 @@ class _RunContext:
         cost = {
             "method": row["method"], "ratio": row["ratio"], "group": unit.group, "model": self.name,
             "seed": self.config.seed, "query_aware": self.config.query_aware,
+            **(self.config.run_fields() if method is not None else {}),
             "sample": f"{unit.sample.task}#{unit.sample.index}", "context_tokens": len(unit.context_ids),
             "prefill_seconds": s.prefill_seconds, "compression_seconds": s.compression_seconds,
             "decode_tokens_per_second": s.decode_tokens_per_second, "peak_memory_bytes": mem.peak_bytes,

@@ -11,6 +11,9 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 M = TypeVar("M", bound=type[Method])
 
+# `--budget-policy NAME` (generate and bench) wraps the chosen scorer in this registered method
+BUDGET_POLICIES = {"adakv": "adakv", "criticalkv": "criticalkv", "global": "global_budget", "pyramid": "pyramidkv"}
+
 
 def register_method(name: str):
     """Class decorator registering a Method under `name` (also stored as the class's `name`)."""
@@ -40,3 +43,12 @@ def describe_methods() -> list[dict[str, Any]]:
         for n in METHODS.names()
         for cls in [METHODS.get(n)]
     ]
+
+
+def with_budget_policy(policy: str | None, scorer: Method, ratio: float) -> Method:
+    """`scorer` wrapped in the budget policy `policy` (a key of BUDGET_POLICIES); None returns it unchanged."""
+    if policy is None:
+        return scorer
+    if policy not in BUDGET_POLICIES:
+        raise ValueError(f"unknown budget policy {policy!r}; known: {', '.join(sorted(BUDGET_POLICIES))}")
+    return get_method(BUDGET_POLICIES[policy], ratio=ratio, scorer=scorer)

@@ -117,6 +117,30 @@ def test_methods_without_shared_prefill_run_for_real(fakes, llama, tmp_path: Pat
     assert all(r["kv_bytes_after"] < r["kv_bytes_before"] for r in _rows(tmp_path))
 
 
+def test_budget_policy_wraps_every_method_and_labels_its_rows(fakes, llama, tmp_path: Path) -> None:
+    model, tok = llama
+    run_bench(model, tok, _config(budget_policy="adakv"), tmp_path, progress=False)
+    rows = _rows(tmp_path)
+    assert {r["method_name"] for r in rows} == {"none", "adakv(knorm)"}
+    adakv = [r for r in rows if r["method_name"] == "adakv(knorm)"]
+    assert all(r["method"].startswith("AdaKV(") and "KNorm" in r["method"] for r in adakv)
+    assert all(r["kv_bytes_after"] < r["kv_bytes_before"] for r in adakv)
+
+
+def test_chunked_prefill_and_decoding_compression_run_in_the_forward(fakes, llama, tmp_path: Path) -> None:
+    model, tok = llama
+    run = run_bench(model, tok, _config(chunk_size=16, decode_target=20, decode_every=4), tmp_path, progress=False)
+    rows = _rows(tmp_path)
+    assert run.prefills == 1  # only the uncompressed 'none' cell uses the shared prefill
+    knorm = [r for r in rows if r["method_name"] == "knorm"]
+    assert len(knorm) == 4 and all(r["chunk_size"] == 16 and r["decode_target"] == 20 for r in knorm)
+    assert all("chunk_size" not in r for r in rows if r["method_name"] == "none")
+    # the rows are those of generate with the same settings
+    one_shot = tmp_path / "one-shot"
+    run_bench(model, tok, _config(methods=("knorm",)), one_shot, progress=False)
+    assert {row_key(r) for r in _rows(one_shot)}.isdisjoint({row_key(r) for r in knorm})  # distinct runs, own keys
+
+
 def test_query_aware_compresses_each_question_with_the_context(fakes, llama, tmp_path: Path) -> None:
     model, tok = llama
     run = run_bench(model, tok, _config(methods=("knorm",), query_aware=True), tmp_path, progress=False)
@@ -152,6 +176,9 @@ def test_a_dataset_joins_the_grid(fakes, llama, tmp_path: Path) -> None:
         ({"options": {"snapkv": {"window": 8}}}, "not among the methods"),
         ({"options": {"knorm": {"windw": 8}}}, "Unknown option 'windw'"),
         ({"tasks": (), "lengths": ()}, "at least one task"),
+        ({"budget_policy": "adakvv"}, "unknown budget policy 'adakvv'"),
+        ({"chunk_size": 0}, "chunk_size must be an integer >= 1, got 0"),
+        ({"decode_target": -3}, "decode_target must be an integer >= 1, got -3"),
     ],
 )
 def test_bad_configs_fail_before_running(fakes, kw: dict, match: str) -> None:
