@@ -46,9 +46,10 @@ class QueryStats:
 
 def query_stats(queries: Tensor, weight: Tensor) -> QueryStats:
     """Statistics of the queries (B, H_q, q, D) where `weight` (B, q) is 1 (0 leaves a query out), in fp32."""
-    q, w = queries.float(), weight.float()
-    count = w.sum(dim=1)  # (B,)
+    q, w_all = queries.float(), weight.float()
+    count = w_all.sum(dim=1)  # (B,)
     start = _common_start(weight)
+    w: Tensor | None = w_all
     if start is not None:  # the counted queries are one suffix shared by every row (no padding): slice, no mask
         q, w = q[:, :, start:], None
     mean = (q.sum(dim=2) if w is None else torch.einsum("bhqd,bq->bhd", q, w)) / count.clamp(min=1)[:, None, None]
