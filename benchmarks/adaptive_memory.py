@@ -30,6 +30,8 @@ METHODS: list[tuple[str, dict]] = [
     ("adakv", {"scorer": "knorm"}),
     ("snapkv", {}),
     ("adakv", {"scorer": "snapkv"}),
+    ("expected_attention", {}),
+    ("adakv", {"scorer": "expected_attention"}),
     ("criticalkv", {"scorer": "knorm"}),
     ("global_budget", {"scorer": "knorm"}),
 ]

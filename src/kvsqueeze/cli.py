@@ -83,6 +83,13 @@ def _add_bench_parser(sub: Any) -> None:
         description="Run a benchmark grid (with no arguments: the default suite); finished rows are skipped on a rerun "
         "of the same command, so an interrupted run resumes where it stopped.",
     )
+    p.add_argument(
+        "--suite",
+        choices=["default", "full"],
+        default="default",
+        help="the grid the other options change: default (6 methods, 4 tasks, 4 samples) or full (every registered "
+        "method on niah_single and passkey, 2 samples)",
+    )
     p.add_argument("--methods", type=_names, help="comma-separated methods; 'none' = no compression")
     p.add_argument("--ratios", type=_ratios, help="comma-separated compression ratios in [0, 1)")
     p.add_argument("--tasks", type=_names, help="comma-separated benchmark tasks")
@@ -306,9 +313,9 @@ def _bench_config(args: argparse.Namespace) -> Any:
     options: dict[str, dict[str, Any]] = {}
     for method, key, value in args.option:
         options.setdefault(method, {})[key] = value
-    return default_config(**grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
+    return default_config(args.suite, **grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
                           max_new_tokens=args.max_new_tokens, decode_every=args.decode_every, **forward,
-                          name="custom" if custom else "default")  # fmt: skip
+                          name="custom" if custom else args.suite)  # fmt: skip
 
 
 def _default_out(config: Any, model: str) -> Path:
@@ -316,8 +323,10 @@ def _default_out(config: Any, model: str) -> Path:
     import dataclasses
     import hashlib
 
-    if config.name == "default" and config.max_new_tokens is None:
-        return Path("results") / "bench" / "default"
+    from kvsqueeze.bench.runner import SUITES
+
+    if config.name in SUITES and config.max_new_tokens is None:
+        return Path("results") / "bench" / config.name
     doc = json.dumps([dataclasses.asdict(config), model], sort_keys=True, default=str)
     return Path("results") / "bench" / f"custom-{hashlib.sha1(doc.encode()).hexdigest()[:8]}"
 

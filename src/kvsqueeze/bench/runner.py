@@ -146,9 +146,31 @@ class BenchConfig:
         return out
 
 
-def default_config(**overrides: Any) -> BenchConfig:
-    """The default suite, keeping only registered methods and tasks, with `overrides` applied."""
-    suite = dict(DEFAULT_SUITE)
+# `kvsqueeze bench --suite full`: every registered method (ALL_METHODS is expanded when the suite is built) on two
+# retrieval tasks, fewer samples, so that the whole catalog runs in well under an hour on 2 CPU cores.
+ALL_METHODS = "*"
+FULL_SUITE: dict[str, Any] = {
+    "name": "full",
+    "methods": (NONE, ALL_METHODS),
+    "ratios": (0.25, 0.5, 0.75),
+    "tasks": ("niah_single", "passkey"),
+    "lengths": (1024,),
+    "samples": 2,
+    "seed": 0,
+}
+SUITES = {"default": DEFAULT_SUITE, "full": FULL_SUITE}
+
+
+def default_config(suite_name: str = "default", **overrides: Any) -> BenchConfig:
+    """A named suite (SUITES: "default", "full"), keeping only registered methods and tasks, with `overrides`
+    applied."""
+    if suite_name not in SUITES:
+        raise ValueError(f"unknown suite {suite_name!r}; known: {', '.join(SUITES)}")
+    suite = dict(SUITES[suite_name])
+    expanded: list[str] = []
+    for m in suite["methods"]:
+        expanded += list_methods() if m == ALL_METHODS else [m]
+    suite["methods"] = tuple(expanded)
     known_methods, known_tasks = set(list_methods()), set(list_tasks())
     suite["methods"] = tuple(m for m in suite["methods"] if m == NONE or m in known_methods)
     suite["tasks"] = tuple(t for t in suite["tasks"] if t in known_tasks)

@@ -10,6 +10,7 @@ import torch
 
 from kvsqueeze.bench.results import COSTS, RESULTS, read_jsonl, row_key
 from kvsqueeze.bench.runner import BenchConfig, default_config, run_bench
+from kvsqueeze.methods import list_methods
 from kvsqueeze.pipeline import generate
 from tests.tiny import tiny_model, tiny_tokenizer
 from tests.unit.bench.runner_fakes import FakeTask, Interrupt, register_fakes
@@ -197,6 +198,13 @@ def test_default_config_keeps_registered_names(fakes) -> None:
     config = default_config(tasks=("fake",))
     assert config.methods[0] == "none" and "knorm" in config.methods
     assert config.ratios == (0.25, 0.5, 0.75) and config.name == "default"
+
+
+def test_full_suite_holds_every_registered_method(fakes) -> None:
+    config = default_config("full", tasks=("fake",))
+    assert config.methods == ("none", *list_methods()) and config.name == "full"
+    with pytest.raises(ValueError, match="unknown suite 'ful'; known: default, full"):
+        default_config("ful")
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:
