@@ -66,13 +66,15 @@ def token_scorer(scorer: object, ratio: float) -> Method:
         raise ValueError(f"scorer {scorer!r} re-rotates keys, which thin keys (pruned key channels) cannot follow")
     if not type(scorer).shared_prefill:
         raise ValueError(f"scorer {scorer!r} runs while the context streams in or while decoding; ThinK does not")
-    return dataclasses.replace(scorer, ratio=ratio)  # type: ignore[type-var]
+    return dataclasses.replace(scorer, ratio=ratio)
 
 
 @register_method("think")
 @dataclass
 class ThinK(Method):
-    """Keep the key channels the recent queries use most (ThinK), stored thinner for real; tokens by an optional scorer."""
+    """Keep the key channels the recent queries use most (ThinK), stored thinner for real; tokens by an optional scorer.
+
+    See the module docstring for the rule and the storage."""
 
     needs = ("queries",)
 
