@@ -79,7 +79,7 @@ class ThinK(Method):
     needs = ("queries",)
 
     ratio: float = 0.0  # tokens removed by `scorer` (0 without one)
-    key_channel_ratio: float = 0.5  # fraction of each head's key channels removed (floor(D * key_channel_ratio))
+    key_channel_ratio: float = 0.4  # fraction of each head's key channels removed (floor(D * key_channel_ratio))
     window: int = 32  # recent context queries that score the channels
     scorer: Method | None = None  # token method run first (a method or a registered name); None keeps every token
 
@@ -95,7 +95,7 @@ class ThinK(Method):
                 raise ValueError(
                     f"ratio={self.ratio} is the fraction of tokens a token scorer removes, but no scorer is given: "
                     "ThinK alone keeps every token and prunes key channels (key_channel_ratio). Give scorer=NAME "
-                    "(e.g. 'snapkv') or ratio=0."
+                    "(e.g. 'snapkv') or ratio=0 (--ratio 0 on the command line)."
                 )
         else:
             self.scorer = token_scorer(self.scorer, self.ratio)
