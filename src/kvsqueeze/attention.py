@@ -9,6 +9,9 @@ hold different numbers of tokens, so kvsqueeze registers its own attention funct
 
 Because these names are unknown to transformers' mask registry, the model skips building its own mask (returns None)
 and the whole decision is made here. Pad queries attend to themselves only, so no row is fully masked (no NaNs).
+
+A layer storing thin keys (D' < D key channels, `cache.py`) is attended with the matching channels of the queries,
+scaled by 1/sqrt(D) as the model would (`_thin_queries`).
 """
 
 from __future__ import annotations
@@ -106,6 +109,13 @@ def _mask_for(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> tupl
     return layer_mask(layer, query.shape[-2]), layer
 
 
+def _thin_queries(layer: KVLayer | None, query: Tensor, scaling: float | None) -> tuple[Tensor, float | None]:
+    """Queries restricted to the key channels a layer keeps, and the scale of the full head dim."""
+    if layer is None or layer.key_channels is None:
+        return query, scaling
+    return layer.gather_query_channels(query), scaling if scaling is not None else query.shape[-1] ** -0.5
+
+
 def _expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
     """Per-KV-head masks (B, H_kv, q, T) -> per-query-head (B, H_q, q, T); broadcastable masks pass through."""
     if mask.dim() == 4 and mask.shape[1] not in (1, n_q_heads):
@@ -128,6 +138,7 @@ def _sdpa_forward(
         out, _ = _eager_forward(module, query, key, value, attention_mask, scaling, dropout, softcap, **kwargs)
         return out, None
     mask, layer = _mask_for(query, key, attention_mask)
+    query, scaling = _thin_queries(layer, query, scaling)
     is_causal = isinstance(mask, str)
     attn_mask = None if isinstance(mask, str) or mask is None else _expand_heads(mask, query.shape[1])
     out = F.scaled_dot_product_attention(
@@ -157,6 +168,7 @@ def _eager_forward(
     **kwargs,
 ) -> tuple[Tensor, Tensor]:
     mask, layer = _mask_for(query, key, attention_mask)
+    query, scaling = _thin_queries(layer, query, scaling)
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)

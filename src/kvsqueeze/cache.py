@@ -19,6 +19,15 @@ New tokens (questions, decoding) are appended to every segment of their row; pad
 unpacks a layer to the rectangular (B, H, T, D) form (a transient copy, empty slots = -1) for scoring and attention.
 Sliding-window layers stay rectangular.
 
+Thin keys (ThinK). A full-attention layer may keep only D' < D key channels, chosen per (row, head):
+    key_channels  (B, H, D')    int64 kept channel indices (ascending) of each (row, head); None = all D channels
+    key_dim       int           D, the model's head dim (queries keep it; scaling stays 1/sqrt(D))
+Keys are then stored with D' channels in either layout ((B, H, T, D') or (N, D')); values keep all theirs. Tokens
+appended later (questions, decoding, the next chunk) are stored with the same channels, so decoding saves too.
+The attention function gathers the matching query channels (`gather_query_channels`), so q.k over the kept channels
+is exact; `view()` returns keys at full width with zeros in the pruned channels (the same q.k), so scorers and
+later compressions see what attention sees. The channels are chosen once per layer (`prune_key_channels`).
+
 Every forward must tell the cache the positions and padding of its new tokens (`begin_step`); `kvsqueeze.attach`
 and `kvsqueeze.compress` install a hook that does it. The attention function in `attention.py` reads the layer that
 was just updated (`take_updated_layer`) and builds the mask from that layer's own positions.
@@ -59,6 +68,8 @@ class KVLayer(DynamicLayer):
         self.step_values: Tensor | None = None
         self.step_positions: Tensor | None = None  # (B, H, T) int32
         self.step_queries: Tensor | None = None  # (B, H_q, q, D) post-RoPE queries, captured inside `compress`
+        self.key_channels: Tensor | None = None  # (B, H, D') kept key channels (thin keys); None = all of them
+        self.key_dim: int | None = None  # D, the full key width, once key channels were pruned
 
     @property
     def is_ragged(self) -> bool:
@@ -92,6 +103,8 @@ class KVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None and self.positions is not None
         assert self.seen is not None
+        if self.key_channels is not None:  # thin keys: new tokens are stored with the layer's kept channels
+            key_states = key_states.gather(-1, self.key_channels[:, :, None, :].expand(*key_states.shape[:3], -1))
         b, h, q, _ = key_states.shape
         before = self.nbytes()
         new_pos = self.query_positions.to(device=self.positions.device, dtype=torch.int32)[:, None, :].expand(b, h, q)
@@ -147,15 +160,55 @@ class KVLayer(DynamicLayer):
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T): the stored tensors in the rectangular layout;
-        in the ragged one a transient copy, each (row, head) left-aligned, slots beyond its length empty (-1)."""
+        in the ragged one a transient copy, each (row, head) left-aligned, slots beyond its length empty (-1).
+        Thin keys come back at full width D, zeros in the pruned channels (a transient copy)."""
         assert self.keys is not None and self.values is not None and self.positions is not None
         if self.lengths is None:
-            return self.keys, self.values, self.positions
-        return (
-            unpack(self.keys, self.lengths, 0.0),
-            unpack(self.values, self.lengths, 0.0),
-            unpack(self.positions, self.lengths, -1),
-        )
+            keys, values, positions = self.keys, self.values, self.positions
+        else:
+            keys = unpack(self.keys, self.lengths, 0.0)
+            values, positions = unpack(self.values, self.lengths, 0.0), unpack(self.positions, self.lengths, -1)
+        if self.key_channels is not None:
+            assert self.key_dim is not None
+            idx = self.key_channels[:, :, None, :].expand(*keys.shape[:3], -1)
+            keys = keys.new_zeros(*keys.shape[:3], self.key_dim).scatter_(-1, idx, keys)
+        return keys, values, positions
+
+    def prune_key_channels(self, channels: Tensor) -> None:
+        """Keep only the key channels `channels` (B or 1, H, D') of every stored and future token (thin keys).
+
+        Indices must be distinct and ascending per (row, head); every (row, head) keeps the same number D' < D. Chosen
+        once per layer: a second call raises. The old key storage is released."""
+        assert self.keys is not None and self.positions is not None
+        if self.key_channels is not None:
+            raise ValueError("this layer's key channels were already pruned; they are chosen once per layer")
+        if self.is_sliding:
+            raise ValueError("sliding-window layers are never compressed: their key channels cannot be pruned")
+        b, h = self.kept.shape
+        d = self.keys.shape[-1]
+        channels = channels.to(device=self.keys.device, dtype=torch.long)
+        if channels.dim() != 3 or channels.shape[0] not in (1, b) or channels.shape[1] != h:
+            raise ValueError(f"key channels must be (1 or {b}, {h}, D'), got shape {tuple(channels.shape)}")
+        ordered = bool((channels[..., 1:] > channels[..., :-1]).all())
+        if not 0 < channels.shape[-1] < d or not ordered or int(channels.min()) < 0 or int(channels.max()) >= d:
+            raise ValueError(f"key channels must be fewer than {d}, distinct, ascending and in [0, {d})")
+        channels = channels.expand(b, h, -1).contiguous()
+        before = self.nbytes()
+        if self.lengths is None:
+            self.keys = self.keys.gather(-1, channels[:, :, None, :].expand(b, h, self.keys.shape[2], -1))
+        else:  # each stored token takes its (row, head) segment's channels
+            segment = torch.repeat_interleave(torch.arange(b * h, device=self.keys.device), self.lengths.flatten())
+            self.keys = self.keys.gather(-1, channels.view(b * h, -1)[segment])
+        self.key_channels, self.key_dim = channels, d
+        self.tracker.add(self.nbytes() - before)
+
+    def gather_query_channels(self, query: Tensor) -> Tensor:
+        """Queries (B, H_q, q, D) -> (B, H_q, q, D'): the channels this layer keeps of their KV head's keys."""
+        if self.key_channels is None:
+            return query
+        b, hq, q, _ = query.shape
+        channels = self.key_channels.repeat_interleave(hq // self.key_channels.shape[1], dim=1)  # (B, H_q, D')
+        return query.gather(-1, channels.to(query.device)[:, :, None, :].expand(b, hq, q, -1))
 
     def finish_step(self) -> None:
         """Called once attention has read the layer: sliding layers drop what no future query can see."""
@@ -210,6 +263,8 @@ class KVLayer(DynamicLayer):
             new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
             rows = rows.to(self.keys.device)
             new.seen = self.seen[rows]
+            if self.key_channels is not None:
+                new.key_channels, new.key_dim = self.key_channels[rows], self.key_dim
             if self.lengths is None:
                 new.keys, new.values, new.positions = self.keys[rows], self.values[rows], self.positions[rows]
             else:  # gather the rows' runs of segments from the flat buffers
@@ -240,6 +295,11 @@ class KVLayer(DynamicLayer):
         """Rewrite keys and slot positions in place of the current ones (the shapes of `view()`): for key re-rotation,
         which moves kept tokens to new positions. Values, `seen` and the bytes held are unchanged."""
         assert self.keys is not None and self.positions is not None
+        if self.key_channels is not None:
+            raise ValueError(
+                "key re-rotation cannot move thin keys (pruned key channels): RoPE mixes each kept channel with its "
+                "pair, which may be pruned. Do not combine key re-rotation with key channel pruning (ThinK)."
+            )
         if self.lengths is not None:  # ragged: `keys`/`positions` have the shapes of `view()`; pack them back
             filled = self.view()[2] >= 0
             if keys.shape[:-1] != filled.shape or positions.shape != filled.shape:
@@ -398,7 +458,8 @@ class KVCache(Cache):
     # -- serialization: flat name -> tensor dicts (what safetensors stores); see kvsqueeze.storage
     def to_tensors(self) -> dict[str, Tensor]:
         """Everything needed to rebuild this cache, as `layers.{i}.{keys,values,positions,seen,total_seen}` (and
-        `layers.{i}.lengths` for a ragged layer, whose keys/values/positions are flat buffers)."""
+        `layers.{i}.lengths` for a ragged layer, whose keys/values/positions are flat buffers; `layers.{i}.key_channels`
+        and `layers.{i}.key_dim` for thin keys)."""
         out: dict[str, Tensor] = {}
         for i, layer in enumerate(self.kv_layers()):
             if not layer.is_initialized:
@@ -409,6 +470,9 @@ class KVCache(Cache):
             parts["total_seen"] = torch.tensor([layer.total_seen], dtype=torch.long)
             if layer.lengths is not None:
                 parts["lengths"] = layer.lengths
+            if layer.key_channels is not None:
+                parts["key_channels"] = layer.key_channels
+                parts["key_dim"] = torch.tensor([layer.key_dim], dtype=torch.long)
             out.update({f"layers.{i}.{name}": t.contiguous() for name, t in parts.items()})
         return out
 
@@ -425,6 +489,10 @@ class KVCache(Cache):
             layer.total_seen = int(tensors[f"layers.{i}.total_seen"][0])
             lengths = tensors.get(f"layers.{i}.lengths")
             layer.lengths = None if lengths is None else lengths.long()
+            channels = tensors.get(f"layers.{i}.key_channels")
+            if channels is not None:
+                layer.key_channels = channels.long()
+                layer.key_dim = int(tensors[f"layers.{i}.key_dim"][0])
             layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
             cache.tracker.add(layer.nbytes())
         return cache
@@ -512,7 +580,7 @@ def cache_stats(cache: Cache) -> CacheStats:
             continue
         kv += nbytes
         if isinstance(layer, KVLayer) and layer.positions is not None:
-            extra = [t for t in (layer.positions, layer.seen, layer.lengths) if t is not None]
+            extra = [t for t in (layer.positions, layer.seen, layer.lengths, layer.key_channels) if t is not None]
             meta += _storage_bytes(extra, seen_ptrs)
             per_slot = keys.element_size() * keys.shape[-1] + values.element_size() * values.shape[-1]
             if not layer.is_ragged:  # the ragged layout has no empty slots

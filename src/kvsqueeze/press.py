@@ -259,11 +259,19 @@ def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: Laye
     )
 
 
-def _apply(cache: KVCache, layer_idx: int, plan: tuple[Tensor, Tensor] | None, log: CompressionLog) -> None:
+def _apply(
+    cache: KVCache,
+    layer_idx: int,
+    plan: tuple[Tensor, Tensor] | None,
+    log: CompressionLog,
+    channels: Tensor | None = None,
+) -> None:
     layer = cache.layer(layer_idx)
     log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
     if plan is not None:
         layer.prune(*plan)
+    if channels is not None:  # thin keys (Method.channel_plan), after the token plan
+        layer.prune_key_channels(channels)
     log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
 
 
@@ -276,8 +284,9 @@ def compress_layer(
         return
     with _timed(ctx.keys.device, log), torch.no_grad():
         plan = method.plan(ctx)
+        channels = method.channel_plan(ctx, plan) if cache.layer(layer_idx).key_channels is None else None
         del ctx
-        _apply(cache, layer_idx, plan, log)
+        _apply(cache, layer_idx, plan, log, channels)
 
 
 def score_layer(

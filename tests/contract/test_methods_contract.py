@@ -17,6 +17,7 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods import METHODS
 from kvsqueeze.methods.pyramidkv import pyramid_budgets
+from kvsqueeze.methods.snapkv import SnapKV
 
 METHOD_NAMES = kvs.list_methods()
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
@@ -79,8 +80,15 @@ def per_head_counts(kept: list[list[int]], name: str, n_heads: int = 2) -> list[
     return [[sum(row) / n_heads] * n_heads for row in kept]
 
 
+# Options a method needs to honour the token contract at all: ThinK prunes key channels, not tokens, so it runs here
+# with a token scorer and without channel pruning (its channels are tested in tests/unit/methods/test_think.py).
+CONTRACT_OPTIONS: dict[str, dict[str, object]] = {
+    "think": {"scorer": SnapKV(window=SMALL_WINDOW), "key_channel_ratio": 0.0}
+}
+
+
 def build(name: str, ratio: float) -> kvs.Method:
-    return kvs.get_method(name, ratio=ratio, **small_options(name))
+    return kvs.get_method(name, ratio=ratio, **{**small_options(name), **CONTRACT_OPTIONS.get(name, {})})
 
 
 def context_ids(n: int = N_CTX, seed: int = 0, batch: int = 1) -> torch.Tensor:

@@ -37,6 +37,10 @@ def test_default_model_is_smollm2(smol: tuple[Any, Any]) -> None:
     assert tokenizer.chat_template
 
 
+# Options a method needs to take a token ratio (ThinK prunes key channels; tokens go to a scorer)
+NEEDS_OPTIONS: dict[str, dict[str, object]] = {"think": {"scorer": "snapkv"}}
+
+
 @pytest.mark.parametrize("name", sorted(kvs.list_methods()))
 def test_every_method_runs_end_to_end(smol: tuple[Any, Any], name: str) -> None:
     model, tokenizer = smol
@@ -44,6 +48,7 @@ def test_every_method_runs_end_to_end(smol: tuple[Any, Any], name: str) -> None:
     # sizes a ~200-token context can afford (LagKV's 16 sinks + 128-token tail would not fit half the budget)
     small = {"window": 16, "partition_size": 32, "n_sink": 4}
     options = {k: v for k, v in small.items() if isinstance(defaults.get(k), int) and defaults[k] > v}
+    options.update(NEEDS_OPTIONS.get(name, {}))
     method = kvs.get_method(name, ratio=0.5, **options)
     out = kvs.generate(model, tokenizer, _context(), [QUESTION], method=method, max_new_tokens=6, answer_prefix=PREFIX)
     assert isinstance(out.answers[0], str)

@@ -102,6 +102,13 @@ class Method:
         """(indices (B, H, K), counts (B, H)) of the slots to keep, in slot order; None keeps everything."""
         raise NotImplementedError
 
+    def channel_plan(self, ctx: ScoreContext, plan: tuple[Tensor, Tensor] | None) -> Tensor | None:
+        """Key channels to keep, (B or 1, H, D') distinct ascending indices with D' < D the same for every (row,
+        head), given the token plan `plan` returned by `plan(ctx)`; None (the default) keeps all channels. Called once
+        per layer, when its keys still have all their channels; later tokens are stored with the same channels
+        (thin keys, see `cache.py`)."""
+        return None
+
     def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path | None:
         """Compute (or load from the calibration cache) what this method needs from `model`, ahead of first use.
 
