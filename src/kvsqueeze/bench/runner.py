@@ -157,6 +157,7 @@ FULL_SUITE: dict[str, Any] = {
     "lengths": (1024,),
     "samples": 2,
     "seed": 0,
+    "options": {"think": {"scorer": "snapkv"}},  # ThinK alone keeps every token: the ratio goes to its scorer
 }
 SUITES = {"default": DEFAULT_SUITE, "full": FULL_SUITE}
 
@@ -174,7 +175,13 @@ def default_config(suite_name: str = "default", **overrides: Any) -> BenchConfig
     known_methods, known_tasks = set(list_methods()), set(list_tasks())
     suite["methods"] = tuple(m for m in suite["methods"] if m == NONE or m in known_methods)
     suite["tasks"] = tuple(t for t in suite["tasks"] if t in known_tasks)
+    suite_options = dict(suite.pop("options", {}))
     suite.update({k: v for k, v in overrides.items() if v is not None})
+    # the suite's own method options (e.g. ThinK's token scorer) apply to its methods still in the grid; given
+    # options win
+    given = {k.strip().lower().replace("-", "_"): dict(v) for k, v in (overrides.get("options") or {}).items()}
+    merged = {m: {**opts, **given.get(m, {})} for m, opts in suite_options.items() if m in suite["methods"]}
+    suite["options"] = {**given, **merged}
     return BenchConfig(**suite)
 
 

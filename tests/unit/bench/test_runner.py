@@ -203,6 +203,9 @@ def test_default_config_keeps_registered_names(fakes) -> None:
 def test_full_suite_holds_every_registered_method(fakes) -> None:
     config = default_config("full", tasks=("fake",))
     assert config.methods == ("none", *list_methods()) and config.name == "full"
+    assert config.options["think"] == {"scorer": "snapkv"}  # the suite's own options for a method that needs them
+    mine = default_config("full", tasks=("fake",), methods=("knorm",), options={"knorm": {}})
+    assert mine.options == {"knorm": {}}  # suite options of methods left out of the grid are dropped
     with pytest.raises(ValueError, match="unknown suite 'ful'; known: default, full"):
         default_config("ful")
 
