@@ -141,29 +141,34 @@ class _LayerScorer:
             self.wov = torch.einsum("bhtd,hgde,bhte->bhgt", v, gram, v).clamp(min=0).sqrt()
 
     def update(self, layer: KVLayer, queries: Tensor, hidden: Tensor) -> None:
-        """Fold one replay chunk in: queries (B, H_q, c, D) post-RoPE, hidden (B, c, hidden) the block's input."""
+        """Fold one replay chunk in: queries (B, H_q, c, D) post-RoPE, hidden (B, c, hidden) the block's input.
+
+        max_j a_ji = exp(max_j (l_ji - lse_j)) (exp is monotonic), so only the logits, their logsumexp and one max are
+        computed; kvzip+'s 1/||h_j|| joins lse_j as + log||h_j||. Pad queries get lse = +inf: they add zeros."""
         keys, _, positions = layer.view()  # the context slots first, then the replay so far
         qpos = layer.query_positions
         assert qpos is not None
         b, hq, c, d = queries.shape
-        h = keys.shape[1]
-        q = queries.float().view(b, h, hq // h, c, d)
+        h, t = keys.shape[1], keys.shape[2]
+        t0 = self.context.shape[-1]
         scaling = float(getattr(self.module, "scaling", d**-0.5))
-        logits = torch.einsum("bhgcd,bhtd->bhgct", q, keys.float()) * scaling  # (B, H, G, c, T)
+        q = queries.float().reshape(b, h, (hq // h) * c, d) * scaling
+        logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, h, hq // h, c, t)  # (B, H, G, c, T)
         softcap = self.adapter.softcap(self.module)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        pos = positions[:, :, None, None, :]
-        qp = qpos.to(pos.device)[:, None, None, :, None]
-        allowed = (pos >= 0) & (pos <= qp) & (qp >= 0)  # pad queries see nothing: their rows are zeros
-        attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        t0 = self.context.shape[-1]
-        attn = attn[..., :t0]  # (B, H, G, c, T0) the context part
+        qp = qpos.to(positions.device)
+        if not bool(self.context.all()):  # empty context slots (left pads): never attended
+            logits[..., :t0].masked_fill_(~self.context[:, :, None, None, :], float("-inf"))
+        pos = positions[:, :, t0:][:, :, None, None, :]  # (B, H, 1, 1, T - T0) the replay so far: causal
+        logits[..., t0:].masked_fill_((pos < 0) | (pos > qp[:, None, None, :, None]), float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # (B, H, G, c)
         if self.plus:
-            attn = attn / hidden.float().norm(dim=-1).clamp(min=1e-12)[:, None, None, :, None]
-        chunk = attn.amax(dim=3).reshape(b, hq, t0)
+            lse = lse + hidden.float().norm(dim=-1).clamp(min=1e-12).log()[:, None, None, :]
+        lse = lse.masked_fill((qp < 0)[:, None, None, :], float("inf"))
+        chunk = (logits[..., :t0] - lse[..., None]).amax(dim=3).exp().reshape(b, hq, t0)
         self.best = torch.maximum(self.best, chunk)
-        del logits, attn
+        del logits
 
     def scores(self) -> Tensor:
         """(B, H, T0): max over the GQA group (after the W_O value norms for kvzip+); 0 on empty slots."""
