@@ -220,7 +220,7 @@ def kvzip_scores(
     *,
     attention_mask: Tensor | None = None,
     prompt_ids: list[int] | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
 ) -> dict[int, Tensor]:
     """KVzip (or KVzip+) scores of every cached context pair, from a replay of the context (see the module docstring).
 

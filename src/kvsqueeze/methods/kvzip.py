@@ -39,7 +39,7 @@ class KVzip(ModelScopeMethod):
     variant: ClassVar[str] = "kvzip"
 
     ratio: float = 0.0
-    chunk_size: int = 512  # replay tokens per forward (memory: one chunk x T attention block per layer)
+    chunk_size: int = 256  # replay tokens per forward (memory: one chunk x T attention block per layer)
     prompt: str = DEFAULT_PROMPT  # the reconstruction instruction, tokenized with the model's tokenizer
 
     def __post_init__(self) -> None:
