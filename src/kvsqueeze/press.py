@@ -13,6 +13,7 @@ import inspect
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,20 @@ class CompressionLog:
     @property
     def kv_bytes_after(self) -> int:
         return sum(self.bytes_after.values())
+
+
+_PAUSED: ContextVar[bool] = ContextVar("kvsqueeze_paused", default=False)
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """Inside this block the hooks of `compress` and `record` do nothing: for a method's own extra forwards over the
+    cache it is compressing (KVzip's context replay), which must neither be scored nor pruned."""
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
 
 
 def _set_attention(model: Any, name: str) -> None:
@@ -180,7 +195,7 @@ def _rerotate_after_forward(adapter: ModelAdapter):
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = getattr(output, "past_key_values", None)
-        if isinstance(cache, KVCache):
+        if isinstance(cache, KVCache) and not _PAUSED.get():
             rerotate_cache(cache, adapter)
 
     return hook
@@ -324,7 +339,7 @@ def _make_hook(
 ):
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get("past_key_values")
-        if not isinstance(cache, KVCache):
+        if not isinstance(cache, KVCache) or _PAUSED.get():
             return
         pos = cache.layer(layer_idx).query_positions
         if pos is None:
@@ -342,10 +357,15 @@ def _make_hook(
 
 def _make_model_hook(method: ModelScopeMethod, pending: dict[int, LayerScores], log: CompressionLog):
     def hook(model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if _PAUSED.get():
+            return
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = getattr(output, "past_key_values", None)
         if isinstance(cache, KVCache):
+            if pending:
+                with _timed(cache.device, log), torch.no_grad():
+                    method.before_plan(model, cache, kwargs, pending)
             prune_scored(method, cache, pending, log)
         pending.clear()
 
@@ -374,7 +394,7 @@ def record(model: Any, cache: KVCache, backend: str | None = None) -> Iterator[R
         def make(layer_idx: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
                 pos = cache.layer(layer_idx).query_positions
-                if kwargs.get("past_key_values") is cache and pos is not None:
+                if kwargs.get("past_key_values") is cache and pos is not None and not _PAUSED.get():
                     hidden = _hidden_states(args, kwargs)
                     rec.inputs[layer_idx] = LayerInputs(hidden, kwargs["position_embeddings"], pos)
 

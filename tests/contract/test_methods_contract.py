@@ -227,7 +227,11 @@ def test_bytes_drop_by_the_ratio(name, family, make_model):
         assert after.kv_bytes == math.floor(N_CTX * 0.5) * per_token
     assert kvs.cache_bytes(cache) == after.kv_bytes + after.sliding_kv_bytes
     if scope(name) == "model":  # one budget for all layers: every layer is scored before any is pruned
-        assert after.peak_kv_bytes == before.kv_bytes + before.sliding_kv_bytes
+        dense = before.kv_bytes + before.sliding_kv_bytes
+        if METHODS.get(name).shared_prefill:
+            assert after.peak_kv_bytes == dense
+        else:  # extra forwards over the uncompressed cache (KVzip's context replay) hold their tokens meanwhile
+            assert after.peak_kv_bytes >= dense
     elif after.kv_bytes < before.kv_bytes:  # (an adaptive rule may keep everything on a tiny random model)
         assert after.peak_kv_bytes < before.kv_bytes + before.sliding_kv_bytes  # never held all layers uncompressed
 

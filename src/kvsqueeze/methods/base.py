@@ -249,6 +249,12 @@ class ModelScopeMethod(Method):
         """Keep plans per layer index (see `Method.plan`) from every full-attention layer's scores."""
         raise NotImplementedError
 
+    def before_plan(self, model: Any, cache: Any, inputs: dict[str, Any], layers: dict[int, LayerScores]) -> None:
+        """Called by `compress` when a forward ends, after every layer was scored and before `plan_model`, with the
+        model, its KVCache and the forward's arguments (`input_ids`, `attention_mask`, ...): a method that needs the
+        whole model may complete `layers` here (KVzip replays the context). Not called by `compress_recording`.
+        Default: nothing."""
+
     def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
         raise ValueError(
             f"{type(self).__name__} shares one budget across layers: it needs every layer's scores before pruning, "

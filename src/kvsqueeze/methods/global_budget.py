@@ -48,27 +48,33 @@ class GlobalBudget(ModelScopeMethod):
         return LayerScores(scores, valid, protected, budget)
 
     def plan_model(self, layers: dict[int, LayerScores]) -> dict[int, tuple[Tensor, Tensor] | None]:
-        if not layers:
-            return {}
-        order = sorted(layers)
-        t = max(layers[i].scores.shape[-1] for i in order)
-        pad = lambda x, v: torch.nn.functional.pad(x, (0, t - x.shape[-1]), value=v)  # noqa: E731
-        scores = torch.cat([pad(layers[i].scores, float("-inf")) for i in order], dim=1)  # (B, L H, T)
-        valid = torch.cat([pad(layers[i].valid, False) for i in order], dim=1)
-        total = sum(layers[i].budget.sum(dim=-1) for i in order)  # (B,)
-        assert isinstance(total, Tensor)
-        protected = [layers[i].protected for i in order]
-        safeguard = torch.cat(
-            [
-                p.sum(dim=-1) if p is not None else torch.zeros_like(layers[i].budget)
-                for i, p in zip(order, protected, strict=True)
-            ],
-            dim=1,
-        )
-        counts = pooled_counts(scores, valid, total, safeguard).split([layers[i].budget.shape[1] for i in order], 1)
-        plans: dict[int, tuple[Tensor, Tensor] | None] = {}
-        for i, c, p in zip(order, counts, protected, strict=True):
-            layer = layers[i]
-            keep_all = bool(layer.valid.all()) and bool((c == layer.valid.sum(dim=-1)).all())
-            plans[i] = None if keep_all else select(layer.scores, layer.valid, c, p)
-        return plans
+        return pooled_plans(layers)
+
+
+def pooled_plans(layers: dict[int, LayerScores]) -> dict[int, tuple[Tensor, Tensor] | None]:
+    """Keep plans per layer for one pool per row: the sum of the layers' budgets goes to the best comparable scores
+    of all layers and heads (protected slots first); None for a layer that keeps every real slot."""
+    if not layers:
+        return {}
+    order = sorted(layers)
+    t = max(layers[i].scores.shape[-1] for i in order)
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, t - x.shape[-1]), value=v)  # noqa: E731
+    scores = torch.cat([pad(layers[i].scores, float("-inf")) for i in order], dim=1)  # (B, L H, T)
+    valid = torch.cat([pad(layers[i].valid, False) for i in order], dim=1)
+    total = sum(layers[i].budget.sum(dim=-1) for i in order)  # (B,)
+    assert isinstance(total, Tensor)
+    protected = [layers[i].protected for i in order]
+    safeguard = torch.cat(
+        [
+            p.sum(dim=-1) if p is not None else torch.zeros_like(layers[i].budget)
+            for i, p in zip(order, protected, strict=True)
+        ],
+        dim=1,
+    )
+    counts = pooled_counts(scores, valid, total, safeguard).split([layers[i].budget.shape[1] for i in order], 1)
+    plans: dict[int, tuple[Tensor, Tensor] | None] = {}
+    for i, c, p in zip(order, counts, protected, strict=True):
+        layer = layers[i]
+        keep_all = bool(layer.valid.all()) and bool((c == layer.valid.sum(dim=-1)).all())
+        plans[i] = None if keep_all else select(layer.scores, layer.valid, c, p)
+    return plans
