@@ -89,6 +89,24 @@ class ModelAdapter:
             q = module.q_norm(q)
         return q.transpose(1, 2)
 
+    def pre_rope_keys_values(self, module: Any, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys before RoPE and values, (B, H, T, D) each, from the attention block's input hidden states (B, T,
+        hidden): what the layer caches, but for RoPE on the keys (calibration computes attention without a cache)."""
+        b, t, _ = hidden_states.shape
+        kv = self.n_kv_heads * self.head_dim
+        if hasattr(module, "k_proj"):
+            k, v = module.k_proj(hidden_states), module.v_proj(hidden_states)
+        elif hasattr(module, "qkv_proj"):  # Phi3: fused projection, queries, then keys, then values
+            start = self.n_q_heads * self.head_dim
+            fused = module.qkv_proj(hidden_states)
+            k, v = fused[..., start : start + kv], fused[..., start + kv : start + 2 * kv]
+        else:
+            raise TypeError(f"Cannot find the key/value projections of {type(module).__name__}")
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if hasattr(module, "k_norm"):  # Qwen3, Gemma3
+            k = module.k_norm(k)
+        return k.transpose(1, 2), v.view(b, t, self.n_kv_heads, -1).transpose(1, 2)
+
     def rope_at(self, layer_idx: int, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (B, T, R) for absolute positions (B, T), from the model's own rotary module (any scaling)."""
         if self.rotary is None:

@@ -41,6 +41,11 @@ class AttentionCall:
         pre = self.adapter.pre_rope_queries(self.module, self.hidden_states)
         return apply_rope(pre, *self.position_embeddings) if rope else pre
 
+    def keys_values(self) -> tuple[Tensor, Tensor]:
+        """(B, H, T, D) keys after RoPE and (B, H, T, Dv) values of this layer, as a cache would hold them."""
+        keys, values = self.adapter.pre_rope_keys_values(self.module, self.hidden_states)
+        return apply_rope(keys, *self.position_embeddings), values
+
 
 def find_tokenizer(model: nn.Module) -> Any | None:
     """The tokenizer saved with the model (`model.name_or_path`: a local directory, or a hub id already in the local
