@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvsqueeze.methods._window import window_probs
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 
@@ -18,22 +19,10 @@ def window_attention(ctx: ScoreContext, window: int) -> Tensor:
     Queries are recomputed with RoPE at their own absolute positions and are causal: a query sees the slots at or
     before its position. Pad queries are left out of the mean.
     """
-    q = ctx.queries(rope=True, last=window)  # (B, H_q, w, D): only the window's queries are computed
-    w = q.shape[2]
-    b, hq, _, d = q.shape
-    h = ctx.keys.shape[1]
-    qw = q[:, :, -w:].float().view(b, h, hq // h, w, d)  # (B, H, G, w, D)
-    qpos = ctx.query_positions[:, -w:]  # (B, w)
-    logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, ctx.keys.float()) * ctx.scaling  # (B, H, G, w, T)
-    softcap = ctx.adapter.softcap(ctx.module)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    pos = ctx.positions[:, :, None, None, :]  # (B, H, 1, 1, T)
-    allowed = (pos >= 0) & (pos <= qpos[:, None, None, :, None])
-    attn = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    real = (qpos >= 0).float()  # (B, w)
+    attn, real = window_probs(ctx, window)  # (B, H, G, w, T), (B, w)
+    b, h, g = attn.shape[:3]
     mean = torch.einsum("bhgwt,bw->bhgt", attn, real) / real.sum(dim=1).clamp(min=1)[:, None, None, None]
-    return mean.reshape(b, hq, -1)
+    return mean.reshape(b, h * g, -1)
 
 
 @register_method("snapkv")
