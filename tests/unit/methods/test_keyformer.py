@@ -25,7 +25,8 @@ def _by_hand(attn: torch.Tensor, noise: torch.Tensor, tau: float, h: int) -> lis
         scores = [0.0] * n
         for k in range(g):
             for j in range(n):
-                z = [(math.log(float(attn[head * g + k, j, i])) + float(noise[head, k * n + j, i])) / tau for i in range(j + 1)]
+                row, drawn = attn[head * g + k, j], noise[head, k * n + j]
+                z = [(math.log(float(row[i])) + float(drawn[i])) / tau for i in range(j + 1)]
                 top = max(z)
                 e = [math.exp(v - top) for v in z]
                 for i in range(j + 1):
