@@ -49,6 +49,11 @@ class CakeLayer(LayerScores):
     preference: Tensor  # (B,) P = H^(1/tau1) V^(1/tau2)
 
 
+def _window_size(layer: LayerScores, row: int) -> int:
+    """The protected (window) tokens of one row of a layer."""
+    return int(layer.protected[row].sum(-1).max()) if layer.protected is not None else 0
+
+
 @register_method("cake")
 @dataclass
 class CAKE(ModelScopeMethod):
@@ -112,7 +117,7 @@ class CAKE(ModelScopeMethod):
         rows = layers[order[0]].budget.shape[0]
         counts = {i: torch.zeros_like(layers[i].budget) for i in order}
         for b in range(rows):
-            window = [int(layers[i].protected[b].sum(-1).max()) for i in order]  # type: ignore[union-attr]
+            window = [_window_size(layers[i], b) for i in order]
             held = [int(layers[i].valid[b].sum(-1).min()) for i in order]
             rest = [int(layers[i].budget[b].min()) - w for i, w in zip(order, window, strict=True)]
             weights = [float(layers[i].preference[b]) for i in order]
