@@ -57,6 +57,7 @@ class ModelAdapter:
     max_positions: int | None
     attention_modules: list[Any] = field(repr=False)
     rotary: Any = field(repr=False)
+    decoder_layers: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def group_size(self) -> int:
@@ -133,6 +134,15 @@ class ModelAdapter:
         changed = (old != new) & (old >= 0) & (new >= 0)
         return torch.where(changed[..., None], moved, keys)
 
+    def attention_update(self, layer_idx: int, attn_output: Tensor) -> Tensor:
+        """What a layer's attention block adds to the residual stream, from the attention module's output (B, T,
+        hidden): the output itself, or its post-attention norm where the model normalises before the residual add
+        (Gemma2/3, which also have a pre-feedforward norm)."""
+        layer = self.decoder_layers[layer_idx]
+        if hasattr(layer, "pre_feedforward_layernorm"):
+            return layer.post_attention_layernorm(attn_output)
+        return attn_output
+
     def output_projection(self, module: Any) -> Tensor:
         """W_O as (H_q, D, hidden): the slice of o_proj each query head writes through."""
         weight = module.o_proj.weight  # (hidden, H_q * D)
@@ -180,4 +190,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         max_positions=getattr(text, "max_position_embeddings", None),
         attention_modules=[layer.self_attn for layer in layers],
         rotary=_rotary_module(model),
+        decoder_layers=list(layers),
     )

@@ -214,11 +214,15 @@ def compress(model: Any, method: Method | None, backend: str | None = None) -> I
         handles = []
         if method is not None:
             pending: dict[int, LayerScores] = {}
+            residuals: dict[int, Tensor] | None = {} if "residual" in method.needs else None
             for idx, module in enumerate(adapter.attention_modules):
                 if adapter.is_sliding(idx):
                     continue
-                hook = _make_hook(method, adapter, idx, log, pending)
+                hook = _make_hook(method, adapter, idx, log, pending, residuals)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                if residuals is not None:
+                    keep = _keep_layer_input(residuals, idx)
+                    handles.append(adapter.decoder_layers[idx].register_forward_pre_hook(keep, with_kwargs=True))
             if isinstance(method, ModelScopeMethod):
                 handles.append(model.register_forward_hook(_make_model_hook(method, pending, log), with_kwargs=True))
             if method.rerotates_keys:
@@ -238,6 +242,8 @@ class LayerInputs:
     position_embeddings: tuple[Tensor, Tensor]  # cos, sin (B, q, R)
     query_positions: Tensor  # (B, q), -1 = pad
     queries: Tensor | None = None  # (B, H_q, q, D) post-RoPE, when the attention function's were captured
+    layer_input: Tensor | None = None  # (B, q, hidden) the decoder layer's input, for methods needing ("residual",)
+    attention_update: Tensor | None = None  # (B, q, hidden) what the attention block adds to the residual stream
 
 
 @contextmanager
@@ -267,6 +273,8 @@ def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: Laye
         query_positions=inputs.query_positions,
         position_embeddings=inputs.position_embeddings,
         captured_queries=inputs.queries,
+        layer_input=inputs.layer_input,
+        attention_update=inputs.attention_update,
         seen=layer.seen,
         layer_idx=layer_idx,
         module=adapter.attention_modules[layer_idx],
@@ -334,8 +342,22 @@ def prune_scored(
             _apply(cache, layer_idx, plan, log)
 
 
+def _keep_layer_input(residuals: dict[int, Tensor], layer_idx: int):
+    """Forward pre-hook of a decoder layer: keep its input (the residual stream) for the layer's attention hook."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        residuals[layer_idx] = _hidden_states(args, kwargs)
+
+    return hook
+
+
 def _make_hook(
-    method: Method, adapter: ModelAdapter, layer_idx: int, log: CompressionLog, pending: dict[int, LayerScores]
+    method: Method,
+    adapter: ModelAdapter,
+    layer_idx: int,
+    log: CompressionLog,
+    pending: dict[int, LayerScores],
+    residuals: dict[int, Tensor] | None = None,
 ):
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = kwargs.get("past_key_values")
@@ -347,6 +369,10 @@ def _make_hook(
         layer = cache.layer(layer_idx)
         queries, layer.step_queries = layer.step_queries, None
         inputs = LayerInputs(_hidden_states(args, kwargs), kwargs["position_embeddings"], pos, queries)
+        if residuals is not None:  # methods that need ("residual",): the stream before and the block's update
+            inputs.layer_input = residuals.pop(layer_idx, None)
+            attn_output = output[0] if isinstance(output, tuple) else output
+            inputs.attention_update = adapter.attention_update(layer_idx, attn_output)
         if isinstance(method, ModelScopeMethod):
             score_layer(method, adapter, cache, layer_idx, inputs, log, pending)
         else:

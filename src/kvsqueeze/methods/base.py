@@ -42,6 +42,10 @@ class ScoreContext:
     # (B, H_q, q, D) post-RoPE queries the attention function received in this forward, when they were captured
     # (inside `compress`); else queries are recomputed from the hidden states
     captured_queries: Tensor | None = field(default=None, repr=False)
+    # For methods that need ("residual",), inside `compress`: the decoder layer's input (B, q, hidden) (the residual
+    # stream before this attention block) and what the block adds to it (B, q, hidden); else None
+    layer_input: Tensor | None = field(default=None, repr=False)
+    attention_update: Tensor | None = field(default=None, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -84,7 +88,7 @@ class Method:
     """Base of all methods: given a layer's context, return a keep plan or None (keep everything)."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",)
+    needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",), ("residual",)
     # True when compressing a copy of a recorded one-shot prefill (press.compress_recording) gives what compressing
     # in the forward gives; chunked or decoding-time methods set False and the benchmark runs them for real.
     shared_prefill: ClassVar[bool] = True

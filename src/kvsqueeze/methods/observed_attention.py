@@ -9,6 +9,7 @@ the columns some query of the block cannot see are masked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,15 @@ def seers(positions: Tensor, qpos: Tensor) -> Tensor:
     return (qpos.shape[1] - before).view(b, h, t)
 
 
-def received_attention(ctx: ScoreContext, q: Tensor, qpos: Tensor) -> Tensor:
+def received_attention(
+    ctx: ScoreContext, q: Tensor, qpos: Tensor, transform: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """(B, H, T) attention each slot receives from the queries q (B, H_q, n, D) at positions qpos (B, n), summed over
     the queries and over the query heads of each KV head (causal: a query sees slots at or before its position; pad
-    queries, position -1, add nothing)."""
+    queries, position -1, add nothing).
+
+    transform: applied to the (B, H, G*n, t) logits (after the softcap, before the causal mask and the softmax), e.g.
+    Keyformer's Gumbel noise and temperature; it returns the new logits (it may modify them in place)."""
     b, hq, n, d = q.shape
     pos = ctx.positions  # (B, H, T)
     h, g = pos.shape[1], hq // pos.shape[1]
@@ -76,6 +82,8 @@ def received_attention(ctx: ScoreContext, q: Tensor, qpos: Tensor) -> Tensor:
     logits = qs @ ctx.keys[:, :, :t].float().transpose(-1, -2)  # (B, H, G*n, t)
     if softcap is not None:
         logits.tanh_().mul_(softcap)
+    if transform is not None:
+        logits = transform(logits)
     blocked = ((pos < 0) | (pos > qpos.amin())).flatten(0, 1).any(dim=0)  # (t,) slots some query may not see
     first = int(blocked.int().argmax()) if bool(blocked.any()) else t
     hidden = (pos[:, :, None, None, first:] < 0) | (pos[:, :, None, None, first:] > qpos[:, None, None, :, None])
