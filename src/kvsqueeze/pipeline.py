@@ -204,6 +204,17 @@ def encode_query_aware(
     return _encode(tokenizer, head + rest[:cut], not has_template), rest[cut:]
 
 
+def question_token_count(
+    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool = True
+) -> int:
+    """How many of the last tokens of `encode_query_aware`'s compressed part are the question (what query-aware
+    methods such as FINCH use as their window): its tokens minus those of the prompt before the question."""
+    ids, _ = encode_query_aware(tokenizer, context, question, answer_prefix, chat_template)
+    head, _ = split_prompt(tokenizer, context, question, answer_prefix, chat_template)
+    has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return max(1, len(ids) - len(_encode(tokenizer, head, not has_template)))
+
+
 def generate_encoded(
     model: Any,
     tokenizer: Any,

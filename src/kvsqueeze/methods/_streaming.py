@@ -87,7 +87,7 @@ def gather_context(ctx: ScoreContext, cand: Tensor, lo: int, hi: int) -> tuple[S
         hidden_states=ctx.hidden_states[:, lo:hi],
         query_positions=qpos,
         position_embeddings=(cos[:, lo:hi], sin[:, lo:hi]),
-        seen=seen_before + (qpos >= 0).sum(dim=1).to(ctx.seen.device),
+        seen=seen_before + (ctx.query_positions[:, :hi] >= 0).sum(dim=1).to(ctx.seen.device),  # up to the block's end
         captured_queries=queries,
         _cache={},
     )
