@@ -252,6 +252,7 @@ def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: Laye
         query_positions=inputs.query_positions,
         position_embeddings=inputs.position_embeddings,
         captured_queries=inputs.queries,
+        slot_store=layer,
         seen=layer.seen,
         layer_idx=layer_idx,
         module=adapter.attention_modules[layer_idx],
