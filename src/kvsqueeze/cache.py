@@ -28,6 +28,11 @@ The attention function gathers the matching query channels (`gather_query_channe
 is exact; `view()` returns keys at full width with zeros in the pruned channels (the same q.k), so scorers and
 later compressions see what attention sees. The channels are chosen once per layer (`prune_key_channels`).
 
+Slot state. A stateful method (H2O's accumulated attention) keeps one float per slot in `slot_state` (name -> tensor
+in the layout of `positions`: (B, H, T), or (N,) when ragged). It follows the tokens: new tokens start at 0, pruning
+and row selection keep the kept slots' values. Methods read and write it in the rectangular form of `view()`
+(`read_slot_state` / `write_slot_state`, reached through `ScoreContext.slot_store`). It is not saved by `to_tensors`.
+
 Every forward must tell the cache the positions and padding of its new tokens (`begin_step`); `kvsqueeze.attach`
 and `kvsqueeze.compress` install a hook that does it. The attention function in `attention.py` reads the layer that
 was just updated (`take_updated_layer`) and builds the mask from that layer's own positions.
@@ -70,6 +75,7 @@ class KVLayer(DynamicLayer):
         self.step_queries: Tensor | None = None  # (B, H_q, q, D) post-RoPE queries, captured inside `compress`
         self.key_channels: Tensor | None = None  # (B, H, D') kept key channels (thin keys); None = all of them
         self.key_dim: int | None = None  # D, the full key width, once key channels were pruned
+        self.slot_state: dict[str, Tensor] = {}  # per-slot floats of stateful methods, in the layout of `positions`
 
     @property
     def is_ragged(self) -> bool:
@@ -113,6 +119,8 @@ class KVLayer(DynamicLayer):
             step_values = torch.cat([self.values, value_states], dim=-2)
             step_pos = torch.cat([self.positions, new_pos], dim=-1)
             self.keys, self.values, self.positions = step_keys, step_values, step_pos
+            for name, state in self.slot_state.items():  # new tokens start at 0
+                self.slot_state[name] = torch.cat([state, state.new_zeros(b, h, q)], dim=-1)
         else:
             step_keys, step_values, step_pos = self._append_ragged(key_states, value_states, new_pos)
         self.step_keys, self.step_values, self.step_positions = step_keys, step_values, step_pos
@@ -153,6 +161,9 @@ class KVLayer(DynamicLayer):
                 pieces.append(new_s[i] if all_real else new_s[i][real[i]])
             packed.append(torch.cat(pieces))
         self.keys, self.values, self.positions = packed
+        for name, state in self.slot_state.items():  # each segment, then 0 for its row's real new tokens
+            pieces = [p for i, seg in enumerate(torch.split(state, n)) for p in (seg, state.new_zeros(n_real[i]))]
+            self.slot_state[name] = torch.cat(pieces)
         lengths = torch.tensor([a + c for a, c in zip(n, n_real, strict=True)], device=self.lengths.device)
         step_keys, step_values, step_pos = steps
         self.lengths = lengths.view(b, h)
@@ -267,6 +278,7 @@ class KVLayer(DynamicLayer):
                 new.key_channels, new.key_dim = self.key_channels[rows], self.key_dim
             if self.lengths is None:
                 new.keys, new.values, new.positions = self.keys[rows], self.values[rows], self.positions[rows]
+                new.slot_state = {name: state[rows] for name, state in self.slot_state.items()}
             else:  # gather the rows' runs of segments from the flat buffers
                 per_row = self.lengths.sum(dim=1)
                 starts = per_row.cumsum(0) - per_row
@@ -274,6 +286,7 @@ class KVLayer(DynamicLayer):
                 idx = idx.to(self.keys.device)
                 new.keys, new.values, new.positions = self.keys[idx], self.values[idx], self.positions[idx]
                 new.lengths = self.lengths[rows]
+                new.slot_state = {name: state[idx] for name, state in self.slot_state.items()}
         new.total_seen = self.total_seen
         return new
 
@@ -290,6 +303,27 @@ class KVLayer(DynamicLayer):
             return self.lengths.clone()
         assert self.positions is not None
         return (self.positions >= 0).sum(dim=-1)
+
+    def read_slot_state(self, name: str) -> Tensor | None:
+        """A method's per-slot state (B, H, T) in the layout of `view()` (empty slots 0), or None if never written."""
+        state = self.slot_state.get(name)
+        if state is None or self.lengths is None:
+            return state
+        return unpack(state, self.lengths, 0.0)
+
+    def write_slot_state(self, name: str, value: Tensor) -> None:
+        """Set a method's per-slot state from a (B, H, T) tensor in the layout of `view()`."""
+        assert self.positions is not None
+        if self.lengths is not None:
+            filled = self.view()[2] >= 0
+            if value.shape != filled.shape:
+                raise ValueError(f"write_slot_state: shape {tuple(value.shape)} does not match the layer's view")
+            value = value[filled]
+        elif value.shape != self.positions.shape:
+            raise ValueError(
+                f"write_slot_state: shape {tuple(value.shape)} does not match {tuple(self.positions.shape)}"
+            )
+        self.slot_state[name] = value.float().contiguous()
 
     def replace_keys(self, keys: Tensor, positions: Tensor) -> None:
         """Rewrite keys and slot positions in place of the current ones (the shapes of `view()`): for key re-rotation,
@@ -332,6 +366,8 @@ class KVLayer(DynamicLayer):
         self.keys = self.keys.gather(2, indices[..., None].expand(b, h, k, d))
         self.values = self.values.gather(2, indices[..., None].expand(b, h, k, dv))
         self.positions = torch.where(filled, self.positions.gather(2, indices), -1)
+        for name, state in self.slot_state.items():
+            self.slot_state[name] = torch.where(filled, state.gather(2, indices), 0.0)
         self.tracker.add(self.nbytes() - before)
 
     def _prune_ragged(self, indices: Tensor, counts: Tensor) -> None:
@@ -348,6 +384,7 @@ class KVLayer(DynamicLayer):
         filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
         flat = (starts[..., None] + indices)[filled]  # (N,) in (row, head, slot) order
         self.keys, self.values, self.positions = keys[flat], values[flat], positions[flat]
+        self.slot_state = {name: state.reshape(-1)[flat] for name, state in self.slot_state.items()}
         self.lengths = counts.to(torch.long).clone()
 
 

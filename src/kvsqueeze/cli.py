@@ -99,7 +99,11 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--dataset", action="append", default=[], help="a .jsonl/.csv/.parquet file (repeatable)")
     p.add_argument("--option", action="append", default=[], type=_method_option, help="METHOD.KEY=VALUE")
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="override each sample's own")
-    p.add_argument("--query-aware", action="store_true", help="compress each question with the context")
+    p.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="compress each question with the context (methods that need the question, e.g. finch, always do)",
+    )
     p.add_argument(
         "--budget-policy",
         choices=sorted(BUDGET_POLICIES),

@@ -204,6 +204,17 @@ def encode_query_aware(
     return _encode(tokenizer, head + rest[:cut], not has_template), rest[cut:]
 
 
+def question_token_count(
+    tokenizer: Any, context: str, question: str, answer_prefix: str = "", chat_template: bool = True
+) -> int:
+    """How many of the last tokens of `encode_query_aware`'s compressed part are the question (what query-aware
+    methods such as FINCH use as their window): its tokens minus those of the prompt before the question."""
+    ids, _ = encode_query_aware(tokenizer, context, question, answer_prefix, chat_template)
+    head, _ = split_prompt(tokenizer, context, question, answer_prefix, chat_template)
+    has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return max(1, len(ids) - len(_encode(tokenizer, head, not has_template)))
+
+
 def generate_encoded(
     model: Any,
     tokenizer: Any,
@@ -288,14 +299,18 @@ def generate(
 
 
 def decoding_method(method: Method | None, target: int | None, every: int = 32) -> Method | None:
-    """The method to apply while answering: `method` itself if it is a `DecodingCompression`, else one built from
+    """The method to apply while answering: `method` itself if it is a `DecodingCompression` or acts while decoding
+    (`Method.acts_while_decoding`, e.g. H2O), else one built from
     `target`/`every` around `method`'s scores (KNorm when `method` is not a scorer), else None."""
     from kvsqueeze.methods.decoding import DecodingCompression
 
     if target is None:
-        return method if isinstance(method, DecodingCompression) else None
+        acts = method is not None and method.acts_while_decoding  # e.g. H2O
+        return method if isinstance(method, DecodingCompression) or acts else None
     if isinstance(method, DecodingCompression):
         raise ValueError("method is already a DecodingCompression: give its target there, not decode_target")
+    if method is not None and method.acts_while_decoding:
+        raise ValueError(f"{type(method).__name__} already compresses while decoding: do not give decode_target")
     scorer = method if isinstance(method, ScorerMethod) else KNorm()
     return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 

@@ -275,6 +275,7 @@ def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: Laye
         captured_queries=inputs.queries,
         layer_input=inputs.layer_input,
         attention_update=inputs.attention_update,
+        slot_store=layer,
         seen=layer.seen,
         layer_idx=layer_idx,
         module=adapter.attention_modules[layer_idx],

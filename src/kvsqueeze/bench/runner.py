@@ -3,6 +3,9 @@
 Each context is prefilled ONCE, uncompressed, keeping every layer's inputs (`press.record`); each (method, ratio)
 then compresses a copy (`press.compress_recording`) and answers all the context's questions from it (query-agnostic:
 the question is not seen by the compression; `query_aware=True` puts each question in the compressed part instead).
+Methods that need the question (`"question" in Method.needs`, e.g. FINCH) always run query-aware, also in a
+query-agnostic run: each question is compressed with its context (its rows say `query_aware: true`) and the method is
+told how many of the prompt's last tokens are the question (its `question_tokens` option).
 Methods whose `shared_prefill` is False (chunked, decoding-time) run for real with `pipeline.generate_encoded`.
 
 Time and memory come from a separate cost pass: for each (method, ratio, length) one real `generate_encoded` on one
@@ -35,7 +38,15 @@ from kvsqueeze.cache import KVCache, cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
-from kvsqueeze.pipeline import _check_length, answer, encode_prompt, encode_query_aware, generate_encoded, prefill
+from kvsqueeze.pipeline import (
+    _check_length,
+    answer,
+    encode_prompt,
+    encode_query_aware,
+    generate_encoded,
+    prefill,
+    question_token_count,
+)
 from kvsqueeze.press import Recording, compress_recording, record
 
 logger = logging.getLogger("kvsqueeze")
@@ -196,6 +207,8 @@ class Unit:
     question_indices: list[int]
     question_texts: list[str]
     max_new_tokens: int
+    query_aware: bool = False  # each question compressed with the context (then one question per unit)
+    question_tokens: int | None = None  # query-aware: how many of the compressed prompt's last tokens are the question
 
 
 @dataclass
@@ -218,17 +231,30 @@ def versions() -> dict[str, str]:
     return {"kvsqueeze": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def needs_question(method: Method | None) -> bool:
+    """True for methods that only work with the question inside the compressed prompt (FINCH)."""
+    return method is not None and "question" in method.needs
+
+
+def cell_query_aware(config: BenchConfig, method: Method | None) -> bool:
+    """Whether a cell compresses each question with its context: the run is query-aware or the method needs it."""
+    return config.query_aware or needs_question(method)
+
+
 def plan_units(model: Any, tokenizer: Any, config: BenchConfig) -> list[Unit]:
-    """Every compression unit of the grid's contexts, checked against the model's maximum length."""
+    """Every compression unit of the grid's contexts, checked against the model's maximum length. A query-agnostic
+    run with a method that needs the question has both kinds of units (each cell uses those of its own mode)."""
+    modes = sorted({cell_query_aware(config, method) for _, method, _ in config.cells()})
     units: list[Unit] = []
     for task in config.tasks:
         for length in config.lengths:
             for sample in get_task(task).samples(tokenizer, length, config.samples, config.seed):
-                units += _units(tokenizer, config, sample, length, str(length))
+                units += [u for aware in modes for u in _units(tokenizer, config, sample, length, str(length), aware)]
     for path in config.datasets:
         for sample in load_dataset(path):
             ids, _ = encode_prompt(tokenizer, sample.context, list(sample.questions), sample.answer_prefix)
-            units += _units(tokenizer, config, sample, len(ids), f"dataset:{sample.task}")
+            group = f"dataset:{sample.task}"
+            units += [u for aware in modes for u in _units(tokenizer, config, sample, len(ids), group, aware)]
     max_positions = get_adapter(model).max_positions
     for u in units:
         try:
@@ -238,16 +264,19 @@ def plan_units(model: Any, tokenizer: Any, config: BenchConfig) -> list[Unit]:
     return units
 
 
-def _units(tokenizer: Any, config: BenchConfig, sample: Sample, length: int, group: str) -> list[Unit]:
+def _units(
+    tokenizer: Any, config: BenchConfig, sample: Sample, length: int, group: str, query_aware: bool
+) -> list[Unit]:
     new = config.max_new_tokens or sample.max_new_tokens
     questions = list(sample.questions)
-    if not config.query_aware:
+    if not query_aware:
         ids, texts = encode_prompt(tokenizer, sample.context, questions, sample.answer_prefix)
         return [Unit(sample, length, group, ids, list(range(len(questions))), texts, new)]
     out = []
     for i, q in enumerate(questions):
         ids, text = encode_query_aware(tokenizer, sample.context, q, sample.answer_prefix)
-        out.append(Unit(sample, length, group, ids, [i], [text], new))
+        n_question = question_token_count(tokenizer, sample.context, q, sample.answer_prefix)
+        out.append(Unit(sample, length, group, ids, [i], [text], new, True, n_question))
     return out
 
 
@@ -271,13 +300,17 @@ def run_bench(
     done = {row_key(r) for r in read_jsonl(out / RESULTS)}
     costs = {cost_key(c): c for c in read_jsonl(out / COSTS)}
     ctx = _RunContext(model, tokenizer, config, name, run, costs)
-    total = sum(len(u.question_indices) for u in units) * len(cells)
+    total = sum(
+        len(u.question_indices) for u in units for c in cells if cell_query_aware(config, c[1]) == u.query_aware
+    )
     results, cost_file = Appender(out / RESULTS), Appender(out / COSTS)
     bar = tqdm(total=total, desc="bench", unit="answer", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
         for unit in units:
             ctx.recording = None
             for cell in cells:
+                if cell_query_aware(config, cell[1]) != unit.query_aware:
+                    continue  # the cell runs on the units of its own mode
                 rows = [ctx.base_row(unit, qi, cell) for qi in unit.question_indices]
                 todo = [r for r in rows if row_key(r) not in done]
                 run.skipped_rows += len(rows) - len(todo)
@@ -316,7 +349,7 @@ class _RunContext:
         return {
             "task": s.task, "context_length": unit.length, "context_tokens": len(unit.context_ids),
             "sample": s.index, "question_index": qi, "method": repr(cell[1]) if cell[1] is not None else NONE,
-            "method_name": cell[0], "ratio": cell[2], "query_aware": self.config.query_aware, "group": unit.group,
+            "method_name": cell[0], "ratio": cell[2], "query_aware": unit.query_aware, "group": unit.group,
             "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
             "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed, "sample_meta": s.meta,
             **(self.config.run_fields() if cell[1] is not None else {}),
@@ -327,6 +360,7 @@ class _RunContext:
     ) -> Iterator[dict[str, Any]]:
         """Answer the unit's questions compressed with `cell`; yields the finished rows."""
         _, method, _ = cell
+        method = with_question(method, unit)
         ckey = cost_key(rows[0])
         if not self.warm:
             _warm_up(self.model)  # the first forward of a process is slow: keep it out of the first cost pass
@@ -382,7 +416,7 @@ class _RunContext:
         s = out.stats
         cost = {
             "method": row["method"], "ratio": row["ratio"], "group": unit.group, "model": self.name,
-            "seed": self.config.seed, "query_aware": self.config.query_aware,
+            "seed": self.config.seed, "query_aware": unit.query_aware,
             **(self.config.run_fields() if method is not None else {}),
             "sample": f"{unit.sample.task}#{unit.sample.index}", "context_tokens": len(unit.context_ids),
             "prefill_seconds": s.prefill_seconds, "compression_seconds": s.compression_seconds,
@@ -404,6 +438,13 @@ class _RunContext:
         rows = [0] * len(unit.question_texts)
         texts, _, _ = answer(self.model, self.tokenizer, cache, rows, unit.question_texts, unit.max_new_tokens)
         return texts, before, after
+
+
+def with_question(method: Method | None, unit: Unit) -> Method | None:
+    """`method` told the unit's question length (its `question_tokens` option) when it needs the question."""
+    if unit.question_tokens is None or not needs_question(method) or not hasattr(method, "question_tokens"):
+        return method
+    return dataclasses.replace(method, question_tokens=unit.question_tokens)  # type: ignore[type-var]
 
 
 _WARM_TOKENS = 512

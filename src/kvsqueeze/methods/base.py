@@ -16,13 +16,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from kvsqueeze.models import ModelAdapter, apply_rope
 from kvsqueeze.registry import first_paragraph
+
+
+class SlotStore(Protocol):
+    """Per-slot state a stateful method keeps with the cached tokens (the layer's `slot_state`, see cache.py): read
+    and written as (B, H, T) tensors in the layout of `ScoreContext.keys`; pruning keeps the kept slots' values."""
+
+    def read_slot_state(self, name: str) -> Tensor | None: ...
+
+    def write_slot_state(self, name: str, value: Tensor) -> None: ...
 
 
 @dataclass
@@ -46,6 +55,8 @@ class ScoreContext:
     # stream before this attention block) and what the block adds to it (B, q, hidden); else None
     layer_input: Tensor | None = field(default=None, repr=False)
     attention_update: Tensor | None = field(default=None, repr=False)
+    # per-slot state that follows the tokens through pruning (stateful methods, e.g. H2O); None outside `compress`
+    slot_store: SlotStore | None = field(default=None, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -99,6 +110,9 @@ class Method:
     budget_scope: ClassVar[str] = "head"
     budget_kind: ClassVar[str] = "uniform"  # "adaptive": the rule decides each layer's size (e.g. SimLayerKV)
     rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (press.py)
+    # True: the method also runs on the question and decoding forwards of `pipeline.generate` (e.g. H2O), not only
+    # on the context's prefill
+    acts_while_decoding: ClassVar[bool] = False
 
     ratio: float
 
