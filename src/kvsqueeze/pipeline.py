@@ -288,14 +288,17 @@ def generate(
 
 
 def decoding_method(method: Method | None, target: int | None, every: int = 32) -> Method | None:
-    """The method to apply while answering: `method` itself if it is a `DecodingCompression`, else one built from
-    `target`/`every` around `method`'s scores (KNorm when `method` is not a scorer), else None."""
+    """The method to apply while answering: `method` itself if it acts while decoding (`Method.decodes`: a
+    `DecodingCompression`, DMS), else one built from `target`/`every` around `method`'s scores (KNorm when `method`
+    is not a scorer), else None."""
     from kvsqueeze.methods.decoding import DecodingCompression
 
     if target is None:
-        return method if isinstance(method, DecodingCompression) else None
+        return method if method is not None and method.decodes else None  # e.g. a DecodingCompression, DMS
     if isinstance(method, DecodingCompression):
         raise ValueError("method is already a DecodingCompression: give its target there, not decode_target")
+    if method is not None and method.decodes:
+        raise ValueError(f"{method.name} already compresses while decoding by its own rule: do not give decode_target")
     scorer = method if isinstance(method, ScorerMethod) else KNorm()
     return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 

@@ -259,11 +259,17 @@ def _context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs: Laye
     )
 
 
-def _apply(cache: KVCache, layer_idx: int, plan: tuple[Tensor, Tensor] | None, log: CompressionLog) -> None:
+def _apply(
+    cache: KVCache,
+    layer_idx: int,
+    plan: tuple[Tensor, Tensor] | None,
+    log: CompressionLog,
+    values: Tensor | None = None,
+) -> None:
     layer = cache.layer(layer_idx)
     log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
     if plan is not None:
-        layer.prune(*plan)
+        layer.prune(*plan, values=values)
     log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
 
 
@@ -276,8 +282,9 @@ def compress_layer(
         return
     with _timed(ctx.keys.device, log), torch.no_grad():
         plan = method.plan(ctx)
+        values = None if plan is None else method.merge_values(ctx, *plan)  # value-merging methods only
         del ctx
-        _apply(cache, layer_idx, plan, log)
+        _apply(cache, layer_idx, plan, log, values)
 
 
 def score_layer(

@@ -95,12 +95,19 @@ class Method:
     budget_scope: ClassVar[str] = "head"
     budget_kind: ClassVar[str] = "uniform"  # "adaptive": the rule decides each layer's size (e.g. SimLayerKV)
     rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (press.py)
+    merges_values: ClassVar[bool] = False  # `merge_values` rewrites the values of kept slots (evicted ones folded in)
+    decodes: ClassVar[bool] = False  # also acts on the forwards that answer: `generate` keeps it attached while decoding
 
     ratio: float
 
     def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
         """(indices (B, H, K), counts (B, H)) of the slots to keep, in slot order; None keeps everything."""
         raise NotImplementedError
+
+    def merge_values(self, ctx: ScoreContext, indices: Tensor, counts: Tensor) -> Tensor | None:
+        """New values (B, H, K, Dv) for the kept slots of a plan (`indices`, `counts` as `plan` returns them, in that
+        order), or None to keep them as cached (the default). Called by `press` before pruning; never in place."""
+        return None
 
     def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path | None:
         """Compute (or load from the calibration cache) what this method needs from `model`, ahead of first use.
