@@ -4,7 +4,8 @@ The contract (README "Methods"): ratio r removes a fraction r of the context; ea
 layer keeps floor(n(1-r)) tokens (PyramidKV: per-layer budgets whose mean is n(1-r)); the bytes are freed for real;
 sliding-window layers are never pruned; pad tokens are never kept (and a kept slot holds its token's key and value;
 methods that merge values, `Method.merges_values`, hold the values they hold for the row alone); ratio 0 changes
-nothing; methods are dataclasses whose repr rebuilds them; bad ratios and unknown options raise ValueError with a useful message.
+nothing; methods are dataclasses whose repr rebuilds them; bad ratios and unknown options raise ValueError with a
+useful message.
 """
 
 from __future__ import annotations

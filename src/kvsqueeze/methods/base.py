@@ -96,7 +96,7 @@ class Method:
     budget_kind: ClassVar[str] = "uniform"  # "adaptive": the rule decides each layer's size (e.g. SimLayerKV)
     rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (press.py)
     merges_values: ClassVar[bool] = False  # `merge_values` rewrites the values of kept slots (evicted ones folded in)
-    decodes: ClassVar[bool] = False  # also acts on the forwards that answer: `generate` keeps it attached while decoding
+    decodes: ClassVar[bool] = False  # also acts on the forwards that answer: `generate` keeps it on while decoding
 
     ratio: float
 

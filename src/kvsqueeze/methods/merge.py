@@ -1,9 +1,9 @@
 """Value merging: evicted tokens are folded into the most similar kept token instead of being dropped.
 
-A wrapper over any scorer (KNorm by default): the scorer decides which slots are kept, exactly as it would alone;
-then, per (row, KV head), each evicted token j is assigned to the kept token i whose key is most similar to its key
-(cosine similarity of the cached, post-RoPE keys; ties go to the earlier kept slot), and the value of i becomes the
-equal-weight mean of its own value and of the values assigned to it:
+A wrapper over any scorer (KNorm by default; per-layer budgets such as Ada-KV's too): the scorer decides which slots
+are kept, exactly as it would alone; then, per (row, KV head), each evicted token j is assigned to the kept token i
+whose key is most similar to its key (cosine similarity of the cached, post-RoPE keys; ties go to the earlier kept
+slot), and the value of i becomes the equal-weight mean of its own value and of the values assigned to it:
 
     v_i' = (v_i + sum_{j -> i} v_j) / (1 + n_i),    n_i = number of evicted tokens assigned to i.
 
@@ -17,13 +17,13 @@ a slot that absorbed tokens in an earlier compression (chunked prefill, decoding
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.registry import register_method
@@ -86,7 +86,13 @@ class Merge(ScorerMethod):
             raise ValueError(f"min_similarity must be a number in [-1, 1], got {self.min_similarity!r}")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise ValueError(f"min_similarity must be in [-1, 1] (a cosine), got {self.min_similarity}")
-        self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
+        if isinstance(self.scorer, str):
+            from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
+
+            self.scorer = get_method(self.scorer)  # type: ignore[assignment]
+        if not isinstance(self.scorer, ScorerMethod):
+            raise ValueError(f"scorer must be a scoring method (e.g. 'knorm', 'adakv'), got {self.scorer!r}")
+        self.scorer = dataclasses.replace(self.scorer, ratio=self.ratio)  # per-head or per-layer budgets alike
 
     def score(self, ctx: ScoreContext) -> Tensor:
         return self.scorer.score(ctx)
