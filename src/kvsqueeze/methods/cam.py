@@ -38,8 +38,8 @@ _MODULUS = 2_147_483_647  # 2^31 - 1: products below stay far inside int64
 def position_draws(seed: int, layer_idx: int, positions: Tensor) -> Tensor:
     """(B, H, T) numbers in (0, 1) from (seed, layer, head, position): a token's draw never depends on the batch."""
     heads = torch.arange(positions.shape[1], device=positions.device)[None, :, None]
-    x = ((seed % _MODULUS) * 1_000_003 + layer_idx * 7_919) % _MODULUS
-    x = ((x * 31 + heads) * 65_537 + positions.long().clamp(min=0)) % _MODULUS + 1
+    base = ((seed % _MODULUS) * 1_000_003 + layer_idx * 7_919) % _MODULUS
+    x = ((base * 31 + heads) * 65_537 + positions.long().clamp(min=0)) % _MODULUS + 1
     for _ in range(4):  # a few rounds of the Park-Miller generator
         x = (x * 48_271) % _MODULUS
     return x.double().div(_MODULUS).float()

@@ -16,10 +16,10 @@ outside the window (position < seen - window) and below it are evicted. So the t
 recent scores: a one-shot prefill of n tokens evicts about ratio (n - window) of them, and while decoding each token
 that leaves the window is evicted with probability about `ratio` when scores are stationary. Ranking inside each head
 normalizes the scores per head (a learned predictor uses one threshold on calibrated logits); scores are rounded to
-1e-5 of the head's largest |score| first, so float noise never reorders tokens (ties keep the earlier slot). Tokens are never judged
-twice; heads keep different counts (ragged layout) and the rule, not a budget, decides the size
-(`budget_kind = "adaptive"`). It acts on every forward, prefill, questions and decoding (`decodes = True`), and needs
-no state, so a cache may be copied into several rows (one per question) between forwards.
+1e-5 of the head's largest |score| first, so float noise never reorders tokens. Tokens are never judged twice; heads
+keep different counts (ragged layout) and the rule, not a budget, decides the size (`budget_kind = "adaptive"`). It
+acts on every forward, prefill, questions and decoding (`decodes = True`), and needs no state, so a cache may be
+copied into several rows (one per question) between forwards.
 """
 
 from __future__ import annotations
