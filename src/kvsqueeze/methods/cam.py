@@ -10,7 +10,8 @@ floor(seen (1 - ratio)); one token evicted per step by default, `every = 1`, as 
 * each evicted token j is merged into its merge set: the `merge_budget` (m) kept tokens that follow it in position
   order (fewer when fewer follow; none: it is dropped);
 * merge probability p_j = min(1, A_j / mean_{k in set} A_k), A = the attention the newest token of this forward pays
-  to each slot, softmax(q k / sqrt(d)) over the slots, averaged over the query heads of the KV head;
+  to each slot (the model's softmax(q k scaling), soft-capped where the model is), averaged over the query heads of
+  the KV head;
 * with `sample=True` (the paper's rule) the merge happens when u_j < p_j, u_j a uniform draw; each member k of the set
   then gets v_k += v_j / m' (m' = size of the set; the key of j is dropped); `sample=False` adds p_j v_j / m' instead
   (the expectation, deterministic).
@@ -31,6 +32,7 @@ from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.methods.merge import kept_mask
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.methods.snapkv import window_attention
 
 _MODULUS = 2_147_483_647  # 2^31 - 1: products below stay far inside int64
 
@@ -47,12 +49,8 @@ def position_draws(seed: int, layer_idx: int, positions: Tensor) -> Tensor:
 
 def newest_attention(ctx: ScoreContext) -> Tensor:
     """(B, H, T) attention of each row's last token of this forward over the slots, mean over the GQA group."""
-    queries = ctx.queries(rope=True, last=1).float()  # (B, H_q, 1, D)
+    attn = window_attention(ctx, 1)  # (B, H_q, T), with the model's scaling and soft-capping
     b, h, t, _ = ctx.keys.shape
-    keys = ctx.keys.float().repeat_interleave(queries.shape[1] // h, dim=1)  # (B, H_q, T, D)
-    logits = (queries @ keys.transpose(-1, -2))[:, :, 0] * ctx.scaling  # (B, H_q, T)
-    valid = ctx.valid.repeat_interleave(queries.shape[1] // h, dim=1)
-    attn = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
     return attn.view(b, h, -1, t).mean(dim=2)
 
 
