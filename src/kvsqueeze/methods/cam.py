@@ -91,6 +91,10 @@ class CaM(DecodingCompression):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.scorer, str):  # a registered name (`--option cam.scorer=snapkv`)
+            from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
+
+            self.scorer = get_method(self.scorer)  # type: ignore[assignment]
         super().__post_init__()
         if isinstance(self.merge_budget, bool) or not isinstance(self.merge_budget, int) or self.merge_budget < 1:
             raise ValueError(f"merge_budget must be an integer >= 1, got {self.merge_budget!r}")

@@ -145,3 +145,9 @@ def test_generate_with_cam(make_model, tokenizer):
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         CaM(ratio=0.5, **options)
+
+
+def test_scorer_by_name():
+    assert type(CaM(scorer="snapkv").scorer).name == "snapkv"  # `--option cam.scorer=snapkv`
+    with pytest.raises(ValueError, match="nonsense"):
+        CaM(scorer="nonsense")
