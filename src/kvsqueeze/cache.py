@@ -345,8 +345,11 @@ class KVLayer(DynamicLayer):
         self.keys = keys.to(self.keys.dtype)
         self.positions = positions.to(torch.int32)
 
-    def prune(self, indices: Tensor, counts: Tensor) -> None:
+    def prune(self, indices: Tensor, counts: Tensor, values: Tensor | None = None) -> None:
         """Keep, for each (row, head), the slots `indices[b, h, :counts[b, h]]` of `view()`.
+
+        values: (B, H, K, Dv) replacement values of the kept slots, in the order of `indices` (value merging); None
+        keeps the cached ones.
 
         indices: (B, H, K) long slot indices into the current T of `view()`; counts: (B, H) long, counts <= K.
         Equal counts everywhere keep the rectangular layout (K slots); otherwise a full-attention layer switches to
@@ -357,20 +360,25 @@ class KVLayer(DynamicLayer):
         b, h, k = indices.shape
         before = self.nbytes()
         uneven = bool((counts != counts.flatten()[0]).any()) if counts.numel() else False
+        if values is not None and values.shape[:3] != indices.shape:
+            raise ValueError(f"prune: values {tuple(values.shape)} do not match indices {tuple(indices.shape)}")
         if self.lengths is not None or (uneven and not self.is_sliding):
-            self._prune_ragged(indices, counts)
+            self._prune_ragged(indices, counts, values)
             self.tracker.add(self.nbytes() - before)
             return
         d, dv = self.keys.shape[-1], self.values.shape[-1]
         filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
         self.keys = self.keys.gather(2, indices[..., None].expand(b, h, k, d))
-        self.values = self.values.gather(2, indices[..., None].expand(b, h, k, dv))
+        if values is None:
+            self.values = self.values.gather(2, indices[..., None].expand(b, h, k, dv))
+        else:
+            self.values = values.to(self.values.dtype).contiguous()
         self.positions = torch.where(filled, self.positions.gather(2, indices), -1)
         for name, state in self.slot_state.items():
             self.slot_state[name] = torch.where(filled, state.gather(2, indices), 0.0)
         self.tracker.add(self.nbytes() - before)
 
-    def _prune_ragged(self, indices: Tensor, counts: Tensor) -> None:
+    def _prune_ragged(self, indices: Tensor, counts: Tensor, new_values: Tensor | None = None) -> None:
         assert self.keys is not None and self.values is not None and self.positions is not None
         b, h, k = indices.shape
         if self.lengths is None:  # rectangular -> ragged: segment (b, h) starts at (b H + h) T in the flattened tensors
@@ -383,7 +391,8 @@ class KVLayer(DynamicLayer):
             keys, values, positions = self.keys, self.values, self.positions
         filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
         flat = (starts[..., None] + indices)[filled]  # (N,) in (row, head, slot) order
-        self.keys, self.values, self.positions = keys[flat], values[flat], positions[flat]
+        kept_values = values[flat] if new_values is None else new_values[filled].to(values.dtype)
+        self.keys, self.values, self.positions = keys[flat], kept_values, positions[flat]
         self.slot_state = {name: state.reshape(-1)[flat] for name, state in self.slot_state.items()}
         self.lengths = counts.to(torch.long).clone()
 

@@ -289,11 +289,12 @@ def _apply(
     plan: tuple[Tensor, Tensor] | None,
     log: CompressionLog,
     channels: Tensor | None = None,
+    values: Tensor | None = None,
 ) -> None:
     layer = cache.layer(layer_idx)
     log.bytes_before[layer_idx] = _layer_bytes(layer.keys, layer.values)
     if plan is not None:
-        layer.prune(*plan)
+        layer.prune(*plan, values=values)
     if channels is not None:  # thin keys (Method.channel_plan), after the token plan
         layer.prune_key_channels(channels)
     log.bytes_after[layer_idx] = _layer_bytes(layer.keys, layer.values)
@@ -309,8 +310,9 @@ def compress_layer(
     with _timed(ctx.keys.device, log), torch.no_grad():
         plan = method.plan(ctx)
         channels = method.channel_plan(ctx, plan) if cache.layer(layer_idx).key_channels is None else None
+        values = None if plan is None else method.merge_values(ctx, *plan)  # value-merging methods only
         del ctx
-        _apply(cache, layer_idx, plan, log, channels)
+        _apply(cache, layer_idx, plan, log, channels, values)
 
 
 def score_layer(

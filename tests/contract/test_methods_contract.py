@@ -2,8 +2,10 @@
 
 The contract (README "Methods"): ratio r removes a fraction r of the context; each KV head of each full-attention
 layer keeps floor(n(1-r)) tokens (PyramidKV: per-layer budgets whose mean is n(1-r)); the bytes are freed for real;
-sliding-window layers are never pruned; pad tokens are never kept; ratio 0 changes nothing; methods are dataclasses
-whose repr rebuilds them; bad ratios and unknown options raise ValueError with a useful message.
+sliding-window layers are never pruned; pad tokens are never kept (and a kept slot holds its token's key and value;
+methods that merge values, `Method.merges_values`, hold the values they hold for the row alone); ratio 0 changes
+nothing; methods are dataclasses whose repr rebuilds them; bad ratios and unknown options raise ValueError with a
+useful message.
 """
 
 from __future__ import annotations
@@ -345,6 +347,11 @@ def test_padding_is_never_kept(name, family, make_model):
                     torch.testing.assert_close(values[b, h][filled[h]], mv[0, h][own])
                     continue
                 torch.testing.assert_close(keys[b, h][filled[h]], ref.keys[b, h, pad + kept_pos], rtol=0, atol=0)
+                if METHODS.get(name).merges_values:  # values rewritten (`Method.merges_values`): as for the row alone
+                    mv, mp = alone[b].layer(idx).view()[1:]  # (when it keeps the same tokens: scores may tie, e.g.
+                    if mp[0, h][mp[0, h] >= 0].tolist() == kept_pos.tolist():  # Qwen3's normalized key norms)
+                        torch.testing.assert_close(values[b, h][filled[h]], mv[0, h][mp[0, h] >= 0])
+                    continue
                 torch.testing.assert_close(values[b, h][filled[h]], ref.values[b, h, pad + kept_pos], rtol=0, atol=0)
     # rows keeping different counts are stored ragged, without empty slots (one key and value of 16 fp32 per kept
     # token and head)

@@ -113,6 +113,7 @@ class Method:
     # True: the method also runs on the question and decoding forwards of `pipeline.generate` (e.g. H2O), not only
     # on the context's prefill
     acts_while_decoding: ClassVar[bool] = False
+    merges_values: ClassVar[bool] = False  # `merge_values` rewrites the values of kept slots (evicted ones folded in)
 
     ratio: float
 
@@ -125,6 +126,11 @@ class Method:
         head), given the token plan `plan` returned by `plan(ctx)`; None (the default) keeps all channels. Called once
         per layer, when its keys still have all their channels; later tokens are stored with the same channels
         (thin keys, see `cache.py`)."""
+        return None
+
+    def merge_values(self, ctx: ScoreContext, indices: Tensor, counts: Tensor) -> Tensor | None:
+        """New values (B, H, K, Dv) for the kept slots of a plan (`indices`, `counts` as `plan` returns them, in that
+        order), or None to keep them as cached (the default). Called by `press` before pruning; never in place."""
         return None
 
     def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path | None:
