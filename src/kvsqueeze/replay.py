@@ -10,9 +10,24 @@ on top of the uncompressed cache. For every full-attention layer, KV head h and 
     kvzip    s_i = max over replay queries j and the G query heads q of head h of  a_{q,j,i}
     kvzip+   s_i = max over j and q of  a_{q,j,i} * ||v_i W_O^q||_2 / ||h_j||_2        (KVzap, arXiv 2601.07891)
 
+    kvgrad   s_i = max over j and q of  a_{q,j,i} * ||v_i W_O^q||_2 * ||d Phi / d o_j||_2     (KVgrad, see below)
+
 a_{q,j,i} = softmax over every key query j sees (the context and the replay tokens up to j, causal; pads never);
 W_O^q (D x hidden) is the slice of the output projection query head q writes through; h_j is the input of the
 attention block for replay token j (after the input norm).
+
+KVgrad (OpenReview cg1wTCJjjk) weighs each replay query by how much a hidden-state objective depends on what the
+layer's attention writes for it: Phi = sum over the chunk's real replay tokens j of ||x_j^L||_2^2, x^L the output of
+the last decoder layer (before the final norm), and o_j the output of the layer's attention block (after o_proj).
+The paper differentiates the pre-MLP residual stream a_j = x_j + o_j; for every family where the attention output is
+added to the residual as is (Llama, Mistral, Qwen, Phi3) d Phi / d o_j = d Phi / d a_j exactly; Gemma's
+post-attention norm sits in between, and the gradient is taken where v W_O lives, at o_j. One backward pass per
+replay chunk (`torch.autograd.grad` with the model's parameters frozen meanwhile, restored after): the replay
+tokens of earlier chunks are detached, so the gradient only flows inside a chunk and the scores depend on
+`chunk_size` (one chunk: the exact gradient of the whole replay's Phi). Memory: on top of kvzip's replay, one
+chunk's autograd graph through every layer: about chunk x (T x H_q + 10 x hidden + 3 x intermediate) floats per
+layer (T = context + replay so far; estimated for SmolLM2-135M, 1k context, chunk 256: about 1 GB in float32).
+The cached context is never part of the graph (no grad flags are set on it) and is left as it was.
 
 The replay runs in chunks of `chunk_size` tokens through the model's decoder (no LM head); each layer's attention to
 the context is computed from the post-RoPE queries the attention function captured, one (chunk x T) block at a time,
@@ -33,14 +48,15 @@ import torch
 from torch import Tensor, nn
 
 from kvsqueeze.cache import KVCache, KVLayer, capturing_queries
-from kvsqueeze.models import ModelAdapter, apply_rope, get_adapter
+from kvsqueeze.models import ModelAdapter, _decoder_layers, apply_rope, get_adapter
 
 logger = logging.getLogger("kvsqueeze")
 
-VARIANTS = ("kvzip", "kvzip+")
+VARIANTS = ("kvzip", "kvzip+")  # attention-only replays
+KVGRAD = "kvgrad"  # the replay with one backward pass per chunk
 DEFAULT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
-__all__ = ["DEFAULT_PROMPT", "VARIANTS", "kvzip_scores", "prompt_token_ids"]
+__all__ = ["DEFAULT_PROMPT", "KVGRAD", "VARIANTS", "kvzip_scores", "prompt_token_ids"]
 
 
 def prompt_token_ids(model: nn.Module, prompt: str = DEFAULT_PROMPT, tokenizer: Any = None) -> list[int]:
@@ -65,24 +81,26 @@ def prompt_token_ids(model: nn.Module, prompt: str = DEFAULT_PROMPT, tokenizer: 
 
 
 def _check(variant: str, chunk_size: int) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in (*VARIANTS, KVGRAD):
+        raise ValueError(f"variant must be one of {(*VARIANTS, KVGRAD)}, got {variant!r}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 1 <= chunk_size <= 1_000_000:
         raise ValueError(f"chunk_size must be an integer in [1, 1000000], got {chunk_size!r}")
 
 
 def _replay_batch(
-    context_ids: Tensor, valid: Tensor, prompt: list[int], start: Tensor
+    context_ids: Tensor, valid: Tensor, prompt: list[int], start: Tensor, right: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Left-padded replay rows (prompt + the row's real context ids): ids (B, L), valid (B, L), positions (B, L)
-    continuing from `start` (B,), the position of each row's next token."""
+    continuing from `start` (B,), the position of each row's next token. `right`: pads on the right instead, so every
+    row's chunks start where they would if the row ran alone (kvgrad's gradient stops at chunk boundaries)."""
     rows = [torch.cat([context_ids.new_tensor(prompt), context_ids[b][valid[b]]]) for b in range(len(context_ids))]
     width = max(len(r) for r in rows)
     ids = context_ids.new_zeros(len(rows), width)
     real = torch.zeros(len(rows), width, dtype=torch.bool, device=context_ids.device)
     for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = row
-        real[b, width - len(row) :] = True
+        cols = slice(0, len(row)) if right else slice(width - len(row), width)
+        ids[b, cols] = row
+        real[b, cols] = True
     positions = start.to(ids.device)[:, None] + real.long().cumsum(dim=1) - 1
     return ids, real, torch.where(real, positions, 0)
 
@@ -126,25 +144,26 @@ def _restored(cache: KVCache) -> Iterator[None]:
 class _LayerScorer:
     """Running max, over the replay chunks, of the attention one layer's context slots receive: (B, H_q, T0)."""
 
-    def __init__(self, adapter: ModelAdapter, idx: int, layer: KVLayer, plus: bool) -> None:
+    def __init__(self, adapter: ModelAdapter, idx: int, layer: KVLayer, variant: str) -> None:
         keys, values, positions = layer.view()
-        self.adapter, self.idx, self.plus = adapter, idx, plus
+        self.adapter, self.idx, self.plus = adapter, idx, variant == "kvzip+"
         self.module = adapter.attention_modules[idx]
         self.context = positions >= 0  # (B, H, T0) the real slots before the replay
         b, h, t0 = positions.shape
         self.best = torch.zeros(b, adapter.n_q_heads, t0, dtype=torch.float32, device=keys.device)
         self.wov: Tensor | None = None
-        if plus:  # ||v_i W_O^q||_2 = sqrt(v^T (W_q W_q^T) v) per query head q: (B, H, G, T0)
+        if variant != "kvzip":  # ||v_i W_O^q||_2 = sqrt(v^T (W_q W_q^T) v) per query head q: (B, H, G, T0)
             w = adapter.output_projection(self.module).float()  # (H_q, D, hidden)
             gram = (w @ w.transpose(1, 2)).view(h, adapter.group_size, w.shape[1], w.shape[1])  # (H, G, D, D)
             v = values.float()
             self.wov = torch.einsum("bhtd,hgde,bhte->bhgt", v, gram, v).clamp(min=0).sqrt()
 
-    def update(self, layer: KVLayer, queries: Tensor, hidden: Tensor) -> None:
-        """Fold one replay chunk in: queries (B, H_q, c, D) post-RoPE, hidden (B, c, hidden) the block's input.
+    def update(self, layer: KVLayer, queries: Tensor, log_scale: Tensor | None = None) -> None:
+        """Fold one replay chunk in: queries (B, H_q, c, D) post-RoPE; log_scale (B, c) the log of a positive weight
+        per replay query (kvzip+: -log||h_j||, kvgrad: log of the gradient norm), None for 1.
 
-        max_j a_ji = exp(max_j (l_ji - lse_j)) (exp is monotonic), so only the logits, their logsumexp and one max are
-        computed; kvzip+'s 1/||h_j|| joins lse_j as + log||h_j||. Pad queries get lse = +inf: they add zeros."""
+        max_j w_j a_ji = exp(max_j (l_ji - lse_j + log w_j)) (exp is monotonic), so only the logits, their logsumexp
+        and one max are computed. Pad queries get lse = +inf: they add zeros."""
         keys, _, positions = layer.view()  # the context slots first, then the replay so far
         qpos = layer.query_positions
         assert qpos is not None
@@ -163,8 +182,8 @@ class _LayerScorer:
         pos = positions[:, :, t0:][:, :, None, None, :]  # (B, H, 1, 1, T - T0) the replay so far: causal
         logits[..., t0:].masked_fill_((pos < 0) | (pos > qp[:, None, None, :, None]), float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)  # (B, H, G, c)
-        if self.plus:
-            lse = lse + hidden.float().norm(dim=-1).clamp(min=1e-12).log()[:, None, None, :]
+        if log_scale is not None:
+            lse = lse - log_scale.float()[:, None, None, :]
         lse = lse.masked_fill((qp < 0)[:, None, None, :], float("inf"))
         chunk = (logits[..., :t0] - lse[..., None]).amax(dim=3).exp().reshape(b, hq, t0)
         self.best = torch.maximum(self.best, chunk)
@@ -180,17 +199,80 @@ class _LayerScorer:
         return best.amax(dim=2).masked_fill(~self.context, 0.0)
 
 
-def _hook(scorer: _LayerScorer, cache: KVCache):
+def _chunk_queries(scorer: _LayerScorer, layer: KVLayer, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """The post-RoPE queries (B, H_q, c, D) of the chunk the layer just attended with (captured, else recomputed)."""
+    queries, layer.step_queries = layer.step_queries, None
+    if queries is None:  # not captured (another attention function): recompute them
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        queries = apply_rope(scorer.adapter.pre_rope_queries(module, hidden), cos, sin)
+    return queries
+
+
+def _hook(scorer: _LayerScorer, cache: KVCache, gradients: _Gradients | None):
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         layer = cache.layer(scorer.idx)
-        queries, layer.step_queries = layer.step_queries, None
+        queries = _chunk_queries(scorer, layer, module, args, kwargs)
+        if gradients is not None:  # kvgrad: the query weights come after the chunk's backward pass
+            gradients.outputs[scorer.idx] = (queries.detach(), output[0] if isinstance(output, tuple) else output)
+            return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if queries is None:  # not captured (another attention function): recompute them
-            cos, sin = kwargs["position_embeddings"]
-            queries = apply_rope(scorer.adapter.pre_rope_queries(module, hidden), cos, sin)
-        scorer.update(layer, queries, hidden)
+        scorer.update(layer, queries, -hidden.float().norm(dim=-1).clamp(min=1e-12).log() if scorer.plus else None)
 
     return hook
+
+
+class _Gradients:
+    """KVgrad's chunk step: what the forward leaves (each scored layer's queries and attention output o, the last
+    decoder layer's output x^L), then one backward pass of Phi = sum_j ||x_j^L||^2 to weigh query j by ||dPhi/do_j||."""
+
+    def __init__(self, scorers: list[_LayerScorer], cache: KVCache) -> None:
+        self.scorers, self.cache = scorers, cache
+        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (queries (B, H_q, c, D), o (B, c, hidden))
+        self.last: Tensor | None = None  # (B, c, hidden) x^L
+
+    def last_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.last = output[0] if isinstance(output, tuple) else output
+
+    def backward(self, real: Tensor) -> None:
+        """real (B, c): the chunk's real replay tokens (pads join neither Phi nor the scores)."""
+        assert self.last is not None
+        phi = (self.last.float().pow(2).sum(dim=-1) * real.to(self.last.device)).sum()
+        order = [s for s in self.scorers if s.idx in self.outputs]
+        grads = torch.autograd.grad(phi, [self.outputs[s.idx][1] for s in order], allow_unused=True)
+        with torch.no_grad():
+            for scorer, grad in zip(order, grads, strict=True):
+                queries, out = self.outputs[scorer.idx]
+                norm = torch.zeros(out.shape[:2], device=out.device) if grad is None else grad.float().norm(dim=-1)
+                scorer.update(self.cache.layer(scorer.idx), queries, norm.log())
+        self.outputs.clear()
+        self.last = None
+        for layer in self.cache.kv_layers():  # the next chunk reads this chunk's replay pairs without their graph
+            layer.keys = None if layer.keys is None else layer.keys.detach()
+            layer.values = None if layer.values is None else layer.values.detach()
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters need no gradient (nor the activations kept for one) while KVgrad differentiates; restored on exit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _check_differentiable(cache: KVCache) -> None:
+    if torch.is_inference_mode_enabled() or any(
+        layer.keys is not None and layer.keys.is_inference() for layer in cache.kv_layers()
+    ):
+        raise ValueError(
+            "kvgrad differentiates the replay: run the prefill and the compression outside torch.inference_mode() "
+            "(torch.no_grad() is fine)"
+        )
 
 
 def _context_rows(cache: KVCache, context_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -225,17 +307,21 @@ def kvzip_scores(
     """KVzip (or KVzip+) scores of every cached context pair, from a replay of the context (see the module docstring).
 
     model: the causal LM that prefilled `cache`; cache: a KVCache holding exactly the context `context_ids` (B, n)
-    (left-padded; `attention_mask` (B, n) 1 = real token, default all real); variant "kvzip" or "kvzip+"; prompt_ids:
+    (left-padded; `attention_mask` (B, n) 1 = real token, default all real); variant "kvzip", "kvzip+" or "kvgrad"
+    (one backward pass per chunk, see the module docstring); prompt_ids:
     the replay prompt (default: `DEFAULT_PROMPT` with the model's tokenizer); chunk_size: replay tokens per forward.
 
     Returns {full-attention layer index: scores (B, H_kv, T) float32}, slot for slot as `cache.layer(i).view()`
     (higher = more needed to repeat the context; 0 on empty/pad slots). Scores are attention probabilities (kvzip+:
-    rescaled by norms), comparable across layers and heads; learned predictors usually fit their log. The cache is
-    left exactly as it was (the same tensors); only its peak-bytes record keeps the replay's extra tokens.
+    rescaled by norms; kvgrad: by value and gradient norms, unbounded), comparable across layers and heads; learned
+    predictors usually fit their log. The cache is left exactly as it was (the same tensors); only its peak-bytes
+    record keeps the replay's extra tokens.
     """
     _check(variant, chunk_size)
     if not isinstance(cache, KVCache):
         raise TypeError(f"kvzip_scores needs a kvsqueeze KVCache, got {type(cache).__name__}")
+    if variant == KVGRAD:
+        _check_differentiable(cache)
     valid = _context_rows(cache, context_ids, attention_mask)
     start = cache.next_positions()
     assert start is not None
@@ -243,22 +329,38 @@ def kvzip_scores(
 
     adapter = get_adapter(model)
     prompt = prompt_token_ids(model) if prompt_ids is None else [int(t) for t in prompt_ids]
-    ids, real, positions = _replay_batch(context_ids, valid.to(context_ids.device), prompt, start)
-    plus = variant == "kvzip+"
-    scorers = [_LayerScorer(adapter, i, cache.layer(i), plus) for i in adapter.full_layers]
+    ids, real, positions = _replay_batch(context_ids, valid.to(context_ids.device), prompt, start, variant == KVGRAD)
+    scorers = [_LayerScorer(adapter, i, cache.layer(i), variant) for i in adapter.full_layers]
     attached = str(getattr(model.config, "_attn_implementation", "")).startswith("kvsqueeze_")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    gradients = _Gradients(scorers, cache) if variant == KVGRAD else None
     handles = [
-        adapter.attention_modules[s.idx].register_forward_hook(_hook(s, cache), with_kwargs=True) for s in scorers
+        adapter.attention_modules[s.idx].register_forward_hook(_hook(s, cache, gradients), with_kwargs=True)
+        for s in scorers
     ]
+    if gradients is not None:
+        handles.append(_decoder_layers(model)[-1].register_forward_hook(gradients.last_hook))
     try:
-        with paused(), capturing_queries(), nullcontext() if attached else attach(model), _restored(cache):
+        with (
+            paused(),
+            capturing_queries(),
+            nullcontext() if attached else attach(model),
+            _restored(cache),
+            nullcontext() if gradients is None else _frozen(model),
+        ):
             for lo in range(0, ids.shape[1], chunk_size):
                 hi = lo + chunk_size
                 cache.begin_step(positions[:, lo:hi], real[:, lo:hi])
-                decoder(
-                    input_ids=ids[:, lo:hi], position_ids=positions[:, lo:hi], past_key_values=cache, use_cache=True
-                )
+                if gradients is None:
+                    decoder(
+                        input_ids=ids[:, lo:hi], position_ids=positions[:, lo:hi], past_key_values=cache, use_cache=True
+                    )
+                else:
+                    with torch.enable_grad():  # one graph per chunk, from a leaf embedding (parameters are frozen)
+                        embeds = model.get_input_embeddings()(ids[:, lo:hi]).detach().requires_grad_(True)
+                        step = {"position_ids": positions[:, lo:hi], "past_key_values": cache, "use_cache": True}
+                        decoder(inputs_embeds=embeds, **step)
+                        gradients.backward(real[:, lo:hi])
                 cache.end_step()
     finally:
         for handle in handles:
