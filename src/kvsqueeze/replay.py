@@ -25,9 +25,10 @@ post-attention norm sits in between, and the gradient is taken where v W_O lives
 replay chunk (`torch.autograd.grad` with the model's parameters frozen meanwhile, restored after): the replay
 tokens of earlier chunks are detached, so the gradient only flows inside a chunk and the scores depend on
 `chunk_size` (one chunk: the exact gradient of the whole replay's Phi). Memory: on top of kvzip's replay, one
-chunk's autograd graph through every layer: about chunk x (T x H_q + 10 x hidden + 3 x intermediate) floats per
-layer (T = context + replay so far; estimated for SmolLM2-135M, 1k context, chunk 256: about 1 GB in float32).
-The cached context is never part of the graph (no grad flags are set on it) and is left as it was.
+chunk's autograd graph through every layer, about chunk x (10 x hidden + 3 x intermediate) floats per layer, plus
+chunk x T x H_q where the attention backend keeps its probabilities (eager; T = context + replay so far). Measured
+on SmolLM2-135M (CPU, float32, 1k-token context, chunk 256): 562 MiB peak added by the compression against 307 MiB
+for kvzip. The cached context is never part of the graph (no grad flags are set on it) and is left as it was.
 
 The replay runs in chunks of `chunk_size` tokens through the model's decoder (no LM head); each layer's attention to
 the context is computed from the post-RoPE queries the attention function captured, one (chunk x T) block at a time,
