@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from kvsqueeze.cache import KVCache, KVLayer, capturing_queries
-from kvsqueeze.models import ModelAdapter, _decoder_layers, apply_rope, get_adapter
+from kvsqueeze.models import ModelAdapter, apply_rope, get_adapter
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -340,7 +340,7 @@ def kvzip_scores(
         for s in scorers
     ]
     if gradients is not None:
-        handles.append(_decoder_layers(model)[-1].register_forward_hook(gradients.last_hook))
+        handles.append(adapter.decoder_layers[-1].register_forward_hook(gradients.last_hook))
     try:
         with (
             paused(),
