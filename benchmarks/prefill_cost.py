@@ -142,9 +142,9 @@ def run_all(labels: list[str], tokens: int, pairs: int, threads: int, seed: int)
         "consecutive_ratio": summary(noise) if noise else None}}  # fmt: skip
 
 
-def write(result: dict[str, Any], meta: dict[str, Any]) -> None:
+def write(result: dict[str, Any], meta: dict[str, Any], name: str = "prefill_cost") -> None:
     OUT.mkdir(exist_ok=True)
-    (OUT / "prefill_cost.json").write_text(json.dumps({"meta": meta, **result}, indent=1))
+    (OUT / f"{name}.json").write_text(json.dumps({"meta": meta, **result}, indent=1))
     base = result["baseline"]
 
     def rng(s: dict[str, float], fmt: str = ".3f") -> str:
@@ -164,7 +164,7 @@ def write(result: dict[str, Any], meta: dict[str, Any]) -> None:
     for r in result["rows"]:
         lines.append(f"| {r['label']} | {rng(r['time_ratio'])} | {rng(r['peak_extra_mib'], '.0f')} | "
                      f"{rng(r['peak_ratio'], '.2f')} | `{r['repr']}` |")  # fmt: skip
-    (OUT / "prefill_cost.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="prefill_cost", help="results file name (a subset run: a name of its own)")
     parser.add_argument("--worker", choices=[BASELINE, *VARIANTS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -188,7 +189,7 @@ def main() -> None:
     meta = {"model": "SmolLM2-135M-Instruct (embedded, float32)", "tokens": args.tokens, "pairs": args.pairs,
             "ratio": RATIO, "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(), "env": ENV}  # fmt: skip
-    write(result, meta)
+    write(result, meta, args.name)
 
 
 if __name__ == "__main__":
