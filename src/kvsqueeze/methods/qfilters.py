@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import artifact_path, calibrated, calibration_ids, collect_attention, ids_digest, remembered
+from kvsqueeze.methods._calibrated import check_calibration_options
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
@@ -53,11 +54,6 @@ def compute_filters(model: Any, ids: Tensor, chunk_size: int) -> dict[str, Tenso
     return out
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
 @register_method("qfilters")
 @dataclass
 class QFilters(ScorerMethod):
@@ -71,9 +67,7 @@ class QFilters(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("n_tokens", self.n_tokens, 16, 1_000_000)
-        _check_int("seed", self.seed, 0, 2**31 - 1)
-        _check_int("calibration_chunk", self.calibration_chunk, 16, 1_000_000)
+        check_calibration_options(self.n_tokens, self.seed, self.calibration_chunk)
 
     def _settings(self) -> tuple[int, int, int]:
         return self.n_tokens, self.seed, self.calibration_chunk
