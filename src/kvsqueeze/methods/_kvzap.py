@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def collect(model: Any, docs: list[Tensor], desc: str = "KVzip+ targets") -> Dat
     from tqdm.auto import tqdm
 
     import kvsqueeze as kvs
+    from kvsqueeze.press import paused
     from kvsqueeze.replay import kvzip_scores
 
     adapter = get_adapter(model)
@@ -142,12 +144,15 @@ def collect(model: Any, docs: list[Tensor], desc: str = "KVzip+ targets") -> Dat
         cache = kvs.KVCache(model.config)
         handles = [adapter.attention_modules[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
         try:
-            with kvs.attach(model):
+            # may run inside the first compressed forward (lazy calibration): the press must not see these forwards
+            attached = str(getattr(model.config, "_attn_implementation", "")).startswith("kvsqueeze_")
+            with paused(), nullcontext() if attached else kvs.attach(model):
                 model(input_ids=row, past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             for handle in handles:
                 handle.remove()
-        scores = kvzip_scores(model, cache, row, variant="kvzip+")
+        with paused():
+            scores = kvzip_scores(model, cache, row, variant="kvzip+")
         for i in layers:
             features[i].append(captured.pop(i))
             targets[i].append((scores[i][0].float().cpu().T + LOG_EPS).log())  # (T, H)
