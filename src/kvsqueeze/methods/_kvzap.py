@@ -223,7 +223,7 @@ class KVzapBase(ScorerMethod):
         from kvsqueeze.replay import prompt_token_ids
 
         max_pos = get_adapter(model).max_positions
-        needed = 2 * self.doc_tokens + len(prompt_token_ids(model, tokenizer=tokenizer))  # the document, then its replay
+        needed = 2 * self.doc_tokens + len(prompt_token_ids(model, tokenizer=tokenizer))  # the document + its replay
         if max_pos is not None and needed > max_pos:
             raise ValueError(
                 f"doc_tokens must leave room for the replay (2 x doc_tokens + the prompt = {needed} > {max_pos} "

@@ -142,7 +142,7 @@ def test_heldout_spearman_matches_a_recomputation(make_model):
     model = make_model("qwen3")
     method = KVzapLinear(ratio=0.5, **SMALL)
     path = method.calibrate(model)
-    settings, docs = method._settings(model, None)
+    _, docs = method._settings(model, None)
     data = _kvzap.collect(model, docs)
     params = method.parameters_for(model)
     rho = heldout_spearman(lambda i, x: method.predict(params[i], x), data, torch.tensor([2]))
