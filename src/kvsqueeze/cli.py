@@ -257,8 +257,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if path is None:
         print(f"{method.name} needs no calibration")
         return 0
-    computed = read_info(path).get("seconds")
-    print(f"{method!r}: ready in {seconds:.1f} s (calibration took {computed} s when computed)")
+    info = read_info(path)
+    print(f"{method!r}: ready in {seconds:.1f} s (calibration took {info.get('seconds')} s when computed)")
+    for key, value in info.get("results", {}).items():  # e.g. held-out accuracy of a learned predictor
+        print(f"{key}: {value}")
     print(f"artifact: {path}")
     return 0
 

@@ -151,10 +151,13 @@ def calibrated(
     settings: dict[str, Any],
     compute: Callable[[], dict[str, Tensor]],
     force: bool = False,
+    describe: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
 ) -> dict[str, Tensor]:
     """Load the `kind` artifact for this model and settings, or compute it with `compute()` and save it.
 
     `force=True` always computes (and overwrites). Loaded tensors are on CPU; computed ones are returned as computed.
+    `describe(tensors)`, if given, adds a JSON-serializable summary (e.g. held-out accuracy) to the sidecar as
+    "results".
     """
     path = artifact_path(kind, model, settings)
     if not force:
@@ -179,6 +182,8 @@ def calibrated(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
+    if describe is not None:
+        info["results"] = describe(tensors)
     save_artifact(path, tensors, info)
     logger.info("Calibrated %s in %.1f s", kind, seconds)
     return tensors
