@@ -32,7 +32,17 @@ SMALL_WINDOW = 8
 
 # Size options a ~60-token context can afford, capped at these values wherever a method has them (also inside a
 # wrapped scorer or a tuple of methods): windows, partitions and chunks of 8 tokens, at most 4 sinks.
-SMALL_SIZES: dict[str, int] = {"window": SMALL_WINDOW, "partition_size": 8, "chunk_size": 8, "n_sink": 4}
+SMALL_SIZES: dict[str, int] = {
+    "window": SMALL_WINDOW,
+    "partition_size": 8,
+    "chunk_size": 8,
+    "n_sink": 4,
+    # learned predictors (KVzap, gates): a small calibration on the tiny models
+    "n_docs": 3,
+    "heldout_docs": 1,
+    "doc_tokens": 64,
+    "steps": 20,
+}
 
 
 def _shrink(value: object) -> object:
