@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvsqueeze.calibration import artifact_path, calibrated, calibration_ids, collect_attention, ids_digest, remembered
-from kvsqueeze.methods._calibrated import check_calibration_options
+from kvsqueeze.calibration import artifact_path, calibrated, collect_attention, remembered
+from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, per_layer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
@@ -73,13 +73,9 @@ class QFilters(ScorerMethod):
         return self.n_tokens, self.seed, self.calibration_chunk
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
-        ids, source = calibration_ids(model, self.n_tokens, self.seed, tokenizer)
-        chunk = min(self.calibration_chunk, get_adapter(model).max_positions or self.calibration_chunk)
-        settings = {"n_tokens": self.n_tokens, "seed": self.seed, "chunk_size": chunk, "text": source}
-        settings["ids"] = ids_digest(ids)
+        ids, chunk, settings = calibration_setup(model, tokenizer, self.n_tokens, self.seed, self.calibration_chunk)
         tensors = calibrated("qfilters", model, settings, lambda: compute_filters(model, ids, chunk), force=force)
-        filters = {int(name.removeprefix("layer_")): t.float().cpu() for name, t in tensors.items()}
-        return artifact_path("qfilters", model, settings), filters
+        return artifact_path("qfilters", model, settings), per_layer(tensors, "layer")
 
     def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path:
         path, filters = self._calibrate(model, tokenizer, force)
