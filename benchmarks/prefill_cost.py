@@ -4,9 +4,13 @@ Every measurement runs in a fresh Python process (`--worker`): load the model, o
 timed prefill of `--tokens` context tokens (the bundled example text repeated). Methods and the baseline (plain
 transformers SDPA prefill, DynamicCache, no kvsqueeze) alternate in pairs; each round visits the methods in a new
 order and flips which of the pair runs first. Reported per method: median of the paired time ratios with min-max,
-peak extra memory (VmHWM after the prefill minus VmRSS before it, the peak reset through /proc/self/clear_refs; big
-allocations are mmapped so freed memory goes back to the OS) relative to the baseline's, and, as the noise floor, the
+peak extra memory (VmHWM after the prefill minus VmRSS before it, the peak reset through /proc/self/clear_refs after
+`malloc_trim` returned the warm-up's free heap to the OS) relative to the baseline's, and, as the noise floor, the
 spread of the ratios between consecutive baseline runs.
+
+The processes use glibc's default allocator settings, as a user's would. (Runs before 2026-11-23 set
+MALLOC_MMAP_THRESHOLD_=131072, which made every allocation above 128 KiB a fresh mmap: each temporary was
+page-faulted anew, which charged allocation-heavy scorers several seconds that users never pay.)
 
 Run (about 15-20 minutes on 2 CPU cores at 4096 tokens, 5 rounds):
     .venv/bin/python benchmarks/prefill_cost.py --tokens 4096 --pairs 5
@@ -16,6 +20,8 @@ Results: benchmarks/results/prefill_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -44,7 +50,7 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
 }
 RATIO = 0.5
 WARMUP = 256  # tokens of the warm-up prefill (SnapKV needs 2 x its window at ratio 0.5)
-ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
 # --- worker: one measurement in this (fresh) process -----------------------------------------------------------------
@@ -55,6 +61,11 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak then includes its free heap
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _context_ids(tokenizer: Any, n: int) -> list[int]:
@@ -86,6 +97,7 @@ def worker(label: str, tokens: int, threads: int) -> dict[str, Any]:
             prefill(model, ids[:, :n], mask[:, :n], method)
 
     run(WARMUP)  # lazy initialisations of torch and the model
+    _malloc_trim()  # the warm-up's freed heap back to the OS, so the peak below counts this prefill's memory
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     rss_before = _status_kib("VmRSS")
     start = time.perf_counter()

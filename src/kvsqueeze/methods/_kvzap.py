@@ -4,9 +4,10 @@ Calibration data: kvsqueeze's generic text (`kvsqueeze.text`, random ids for a m
 `n_docs` documents of `doc_tokens` tokens. Each document is prefilled alone into an empty KVCache, capturing the
 input of every full-attention layer's attention block for every token (B, T, hidden; what `ScoreContext.hidden_states`
 holds during a one-shot prefill); then `kvsqueeze.replay.kvzip_scores(..., variant="kvzip+")` gives the target of each
-(token, KV head): log(score + 1e-10). The last `heldout_docs` documents are never trained on: the held-out Spearman
-rank correlation between prediction and target (per document and head, averaged; per layer and their mean) is stored
-with the artifact and printed by `kvsqueeze calibrate`.
+(token, KV head): log(score + 1e-10). The collection is kept in memory per model and documents: kvzap_linear,
+kvzap_mlp and fastkvzip_gates calibrated in one process share it (`force` collects again). The last `heldout_docs`
+documents are never trained on: the held-out Spearman rank correlation between prediction and target (per document
+and head, averaged; per layer and their mean) is stored with the artifact and printed by `kvsqueeze calibrate`.
 
 Inference needs the hidden state of every scored slot, which only exists for the tokens of the current forward: the
 predictors score a one-shot prefill (every slot arrived in this forward). A forward on top of slots from earlier
@@ -241,8 +242,14 @@ class KVzapBase(ScorerMethod):
         }
         return settings, list(ids.split(self.doc_tokens))
 
-    def _compute(self, model: Any, docs: list[Tensor]) -> dict[str, Tensor]:
-        data = collect(model, docs, desc=f"{self.kind}: KVzip+ targets")
+    def _data_key(self) -> tuple[Any, ...]:
+        """What the collected KVzip+ dataset depends on (not the predictor's kind or fit settings): the predictors
+        calibrated with the same documents in one process share one collection."""
+        return ("kvzip+ dataset", VERSION, self.n_docs, self.doc_tokens, self.seed)
+
+    def _compute(self, model: Any, docs: list[Tensor], force: bool = False) -> dict[str, Tensor]:
+        desc = f"{self.kind}: KVzip+ targets"
+        data = remembered(model, self._data_key(), lambda: collect(model, docs, desc=desc), refresh=force)
         train_docs = len(docs) - self.heldout_docs
         train = data.doc < train_docs
         params: dict[int, dict[str, Tensor]] = {}
@@ -260,7 +267,7 @@ class KVzapBase(ScorerMethod):
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, dict[str, Tensor]]]:
         settings, docs = self._settings(model, tokenizer)
         tensors = calibrated(
-            self.kind, model, settings, lambda: self._compute(model, docs), force=force, describe=_describe
+            self.kind, model, settings, lambda: self._compute(model, docs, force), force=force, describe=_describe
         )
         params: dict[int, dict[str, Tensor]] = {}
         for key, t in tensors.items():

@@ -85,9 +85,7 @@ class H2O(ScorerMethod):
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T): the accumulated attention, this forward's included
         q = ctx.queries(rope=True)  # (B, H_q, q, D): the ones the step's attention used (captured inside compress)
         qpos = ctx.query_positions.to(q.device)
-        received = torch.zeros(ctx.positions.shape, device=q.device)
-        for lo in range(0, q.shape[2], self.block_size):
-            received += received_attention(ctx, q[:, :, lo : lo + self.block_size], qpos[:, lo : lo + self.block_size])
+        received = received_attention(ctx, q, qpos, self.block_size)
         previous = None if ctx.slot_store is None else ctx.slot_store.read_slot_state(STATE)
         return received if previous is None else received + previous.to(received.device)
 

@@ -63,12 +63,8 @@ class Keyformer(ScorerMethod):
         def regularize(logits: Tensor) -> Tensor:
             return logits.add_(gumbel_noise(logits.shape, generator, logits.device)).div_(self.tau)
 
-        h = ctx.keys.shape[1]
-        total = torch.zeros(q.shape[0], h, ctx.keys.shape[2], device=q.device)  # (B, H, T)
-        for lo in range(0, q.shape[2], self.block_size):
-            block = slice(lo, lo + self.block_size)
-            total += received_attention(ctx, q[:, :, block], qpos[:, block], regularize)
-        return total / (q.shape[1] // h)  # mean over the GQA group
+        total = received_attention(ctx, q, qpos, self.block_size, regularize)  # (B, H, T)
+        return total / (q.shape[1] // ctx.keys.shape[1])  # mean over the GQA group
 
     def protected(self, ctx: ScoreContext) -> Tensor:  # (B, H, T): the most recent recent_ratio x budget tokens
         budget = self.budget(ctx)[:, 0]  # (B,)

@@ -42,12 +42,9 @@ class ObservedAttention(ScorerMethod):
         qpos = ctx.query_positions.to(q.device)
         take = torch.arange(q.shape[2] - 1, -1, -self.query_stride, device=q.device).flip(0)  # the last one included
         q, qpos = q[:, :, take], qpos[:, take]
-        b, hq = q.shape[:2]
-        h = ctx.keys.shape[1]
-        received = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)  # (B, H, T)
-        for lo in range(0, q.shape[2], self.block_size):
-            received += received_attention(ctx, q[:, :, lo : lo + self.block_size], qpos[:, lo : lo + self.block_size])
-        return received / (hq // h) / seers(ctx.positions, qpos).clamp(min=1)  # mean over the group
+        group = q.shape[1] // ctx.keys.shape[1]
+        received = received_attention(ctx, q, qpos, self.block_size)  # (B, H, T)
+        return received / group / seers(ctx.positions, qpos).clamp(min=1)  # mean over the group
 
 
 def seers(positions: Tensor, qpos: Tensor) -> Tensor:
@@ -60,14 +57,44 @@ def seers(positions: Tensor, qpos: Tensor) -> Tensor:
 
 
 def received_attention(
-    ctx: ScoreContext, q: Tensor, qpos: Tensor, transform: Callable[[Tensor], Tensor] | None = None
+    ctx: ScoreContext,
+    q: Tensor,
+    qpos: Tensor,
+    block_size: int,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """(B, H, T) attention each slot receives from the queries q (B, H_q, n, D) at positions qpos (B, n), summed over
     the queries and over the query heads of each KV head (causal: a query sees slots at or before its position; pad
     queries, position -1, add nothing).
 
+    Queries go in blocks of `block_size`; every block's logits live in one buffer allocated once per call (a fresh
+    multi-MiB allocation per block costs page faults that can exceed the arithmetic on CPU).
     transform: applied to the (B, H, G*n, t) logits (after the softcap, before the causal mask and the softmax), e.g.
     Keyformer's Gumbel noise and temperature; it returns the new logits (it may modify them in place)."""
+    b, hq, n, _ = q.shape
+    h, t_all = ctx.positions.shape[1], ctx.positions.shape[2]
+    g = hq // h
+    keys = ctx.keys.float()
+    logits_buf = torch.empty(b * h * g * min(block_size, n) * t_all, device=q.device)
+    mask_buf = torch.empty(b * h * min(block_size, n) * t_all, dtype=torch.bool, device=q.device)
+    out = torch.zeros(b, h, t_all, device=q.device)
+    for lo in range(0, n, block_size):
+        block = slice(lo, lo + block_size)
+        _add_block(ctx, keys, q[:, :, block], qpos[:, block], transform, out, logits_buf, mask_buf)
+    return out
+
+
+def _add_block(
+    ctx: ScoreContext,
+    keys: Tensor,
+    q: Tensor,
+    qpos: Tensor,
+    transform: Callable[[Tensor], Tensor] | None,
+    out: Tensor,
+    logits_buf: Tensor,
+    mask_buf: Tensor,
+) -> None:
+    """Add one block's received attention to out (B, H, T), with its logits and mask in views of the buffers."""
     b, hq, n, d = q.shape
     pos = ctx.positions  # (B, H, T)
     h, g = pos.shape[1], hq // pos.shape[1]
@@ -79,19 +106,22 @@ def received_attention(
     softcap = ctx.adapter.softcap(ctx.module)
     scale = ctx.scaling / softcap if softcap is not None else ctx.scaling
     qs = (q.float() * scale).reshape(b, h, g * n, d)  # (B, H, G*n, D), grouped by KV head
-    logits = qs @ ctx.keys[:, :, :t].float().transpose(-1, -2)  # (B, H, G*n, t)
+    logits = logits_buf[: b * h * g * n * t].view(b, h, g * n, t)
+    torch.matmul(qs, keys[:, :, :t].transpose(-1, -2), out=logits)
     if softcap is not None:
         logits.tanh_().mul_(softcap)
     if transform is not None:
         logits = transform(logits)
     blocked = ((pos < 0) | (pos > qpos.amin())).flatten(0, 1).any(dim=0)  # (t,) slots some query may not see
     first = int(blocked.int().argmax()) if bool(blocked.any()) else t
-    hidden = (pos[:, :, None, None, first:] < 0) | (pos[:, :, None, None, first:] > qpos[:, None, None, :, None])
-    # (B, H, G, n, t - first); finite, so a pad query of a row whose real tokens come later gives no NaN (weight 0)
-    logits.view(b, h, g, n, t)[..., first:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
+    if first < t:
+        tail = pos[:, :, None, None, first:]  # (B, H, 1, 1, t - first)
+        hidden = mask_buf[: b * h * n * (t - first)].view(b, h, 1, n, t - first)
+        torch.gt(tail, qpos[:, None, None, :, None], out=hidden)
+        hidden |= tail < 0
+        # finite, so a pad query of a row whose real tokens come later gives no NaN (weight 0)
+        logits.view(b, h, g, n, t)[..., first:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
     # softmax in place, its normalisation folded into the weights of the sum over queries: no second buffer
     exp = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # (B, H, G*n, t)
     weight = real.float()[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, 1, g * n) / exp.sum(dim=-1)[:, :, None]
-    out = torch.zeros(b, h, ctx.keys.shape[2], device=q.device)
-    out[..., :t] = (weight @ exp)[:, :, 0]  # sum over the block's real queries and the group
-    return out
+    out[..., :t] += (weight @ exp)[:, :, 0]  # sum over the block's real queries and the group

@@ -137,6 +137,27 @@ def test_calibrate_stores_heldout_spearman_and_is_reused(name, make_model, monke
         other.calibrate(model)
 
 
+def test_predictors_share_one_collection_per_process(make_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("KVSQUEEZE_CALIBRATION_DIR", str(tmp_path))  # no artifact of an earlier test
+    model = make_model("llama")
+    calls = []
+    real = _kvzap.collect
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_kvzap, "collect", counting)
+    for name in NAMES:  # same documents: collected once, each predictor trained and saved
+        assert get_method(name, ratio=0.5, **SMALL, **FAST[name]).calibrate(model).exists()
+    assert len(calls) == 1
+    get_method("kvzap_linear", ratio=0.5, **{**SMALL, "doc_tokens": 40}).calibrate(model)  # other documents
+    assert len(calls) == 2
+    get_method("kvzap_mlp", ratio=0.5, **SMALL, **FAST["kvzap_mlp"]).calibrate(model, force=True)  # from scratch
+    assert len(calls) == 3
+    forget(model)
+
+
 def test_heldout_spearman_matches_a_recomputation(make_model):
     """The stored held-out Spearman equals the one recomputed from the collected data and the loaded predictor."""
     model = make_model("qwen3")
