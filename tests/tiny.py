@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -372,3 +373,10 @@ def _sharpen_qk_norms(model: PreTrainedModel, family: str) -> None:
         if name.endswith(("self_attn.q_norm", "self_attn.k_norm")):
             # Gemma's RMSNorm multiplies by (1 + weight) (weight initialised to 0); Qwen3's by weight (init 1).
             module.weight.fill_(_QK_NORM_GAIN - 1.0 if family.startswith("gemma") else _QK_NORM_GAIN)
+
+
+def save_tiny(directory: Path, family: str) -> Path:
+    """A tiny random `family` model and the tiny tokenizer saved in `directory` (usable as `--model` / load_model)."""
+    tiny_model(family).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

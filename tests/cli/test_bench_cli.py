@@ -9,16 +9,7 @@ import pytest
 
 from kvsqueeze.bench.results import RESULTS
 from kvsqueeze.cli import main
-from tests.tiny import tiny_model, tiny_tokenizer
 from tests.unit.bench.runner_fakes import Interrupt, register_fakes
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvsqueeze.cli import main
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny
 
 NAMES = ("duo_attention", "lukv", "expected_attention_calibrated")
 SMALL = ["--option", "n_tokens=128", "--option", "calibration_chunk=64"]
@@ -18,10 +18,7 @@ PROGRESS = {"duo_attention": "DuoAttention:", "lukv": "LU-KV:", "expected_attent
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    tiny_model("qwen3").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
 
 
 def test_list_marks_them(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,15 +8,6 @@ from pathlib import Path
 import pytest
 
 from kvsqueeze.cli import main
-from tests.tiny import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_list_json_is_one_array_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:

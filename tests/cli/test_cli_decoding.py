@@ -11,14 +11,6 @@ from kvsqueeze.cli import main
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def _run(model_dir: Path, doc: Path, extra: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     argv = ["generate", "--model", str(model_dir), "--context-file", str(doc), "--question", "What is the code?"]
     assert main([*argv, "--max-new-tokens", "12", "--json", *extra]) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.pyramidkv import PyramidKV, pyramid_budgets
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
+from tests.unit.methods.helpers import SpySnapKV
 
 
 def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -153,18 +153,6 @@ def test_pyramidkv_validates_its_options():
 # --- SnapKV -----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _SpySnapKV(SnapKV):
-    """SnapKV that records, per layer, the scores it returned."""
-
-    seen_scores: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-
-    def score(self, ctx):
-        scores = super().score(ctx)
-        self.seen_scores[ctx.layer_idx] = scores.clone()
-        return scores
-
-
 def _pool_and_group(attn: torch.Tensor, kernel: int, group: int) -> torch.Tensor:
     """attn (H_q, T) -> avg-pooled over a window of `kernel` slots (clipped at the edges), mean over each GQA group."""
     hq, t = attn.shape
@@ -177,7 +165,7 @@ def test_snapkv_score_is_the_pooled_attention_of_the_last_window_by_hand(make_mo
     model = make_model("llama")
     n, window = 40, 8
     ids = ids_of(n)
-    method = _SpySnapKV(ratio=0.5, window=window)
+    method = SpySnapKV(ratio=0.5, window=window)
     prefill(model, ids, method)
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
@@ -219,7 +207,7 @@ def test_snapkv_score_matches_the_models_own_attention(family, make_model):
     model = make_model(family, attn_implementation="eager")
     n, window, kernel = 45, 6, 3
     ids = ids_of(n, seed=4)
-    method = _SpySnapKV(ratio=0.5, window=window, kernel=kernel)
+    method = SpySnapKV(ratio=0.5, window=window, kernel=kernel)
     prefill(model, ids, method)
     with torch.no_grad():
         attentions = model(ids, output_attentions=True).attentions
@@ -231,7 +219,7 @@ def test_snapkv_score_matches_the_models_own_attention(family, make_model):
 
 def test_snapkv_keeps_its_window_and_the_best_scores(make_model):
     model = make_model("llama")
-    method = _SpySnapKV(ratio=0.5, window=8)
+    method = SpySnapKV(ratio=0.5, window=8)
     cache = prefill(model, ids_of(40), method)
     for idx, layer in enumerate(cache.full_layers()):
         scores = method.seen_scores[idx][0]
@@ -249,7 +237,7 @@ def test_snapkv_score_does_not_depend_on_left_padding(make_model):
     ids[0] = ids_of(50, seed=7)[0]
     mask = torch.ones(2, 50, dtype=torch.long)
     mask[1, :19] = 0
-    batched, alone = _SpySnapKV(ratio=0.5, window=8), _SpySnapKV(ratio=0.5, window=8)
+    batched, alone = SpySnapKV(ratio=0.5, window=8), SpySnapKV(ratio=0.5, window=8)
     prefill(model, ids, batched, mask)
     prefill(model, row[None], alone)
     for idx, scores in alone.seen_scores.items():

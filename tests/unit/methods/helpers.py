@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.methods.base import ScoreContext
+from kvsqueeze.methods.snapkv import SnapKV
 
 
 def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -59,3 +61,49 @@ def top_positions(scores: list[float], k: int, protected: set[int] | None = None
 
 def budget(n: int, ratio: float) -> int:
     return max(1, math.floor(n * (1 - ratio) + 1e-6))
+
+
+def replay_prefill(model: Any, ids: torch.Tensor, method: Any, mask: torch.Tensor | None = None) -> tuple[Any, Any]:
+    """One forward of `ids` into a fresh KVCache under `compress(model, method)`: (cache, log)."""
+    cache = kvs.KVCache(model.config)
+    with torch.no_grad(), kvs.compress(model, method) as log:
+        model(ids, attention_mask=mask, past_key_values=cache)
+    return cache, log
+
+
+def assert_global_top_of_replay(model: Any, name: str, variant: str, ratio: float, n: int = 57) -> Any:
+    """A replay method (KVzip, KVzip+, KVgrad) keeps exactly the model-wide top floor(n(1-r)) x heads x layers of its
+    replay scores (computed on an uncompressed prefill), and heads/layers keep different counts. Returns the log."""
+    from kvsqueeze.replay import kvzip_scores
+
+    ids = ids_of(n, seed=7)
+    cache, log = replay_prefill(model, ids, kvs.get_method(name, ratio=ratio, chunk_size=20))
+    dense, _ = replay_prefill(model, ids, None)
+    scores = kvzip_scores(model, dense, ids, variant, prompt_ids=[], chunk_size=20)  # no tokenizer: no prompt
+    layers = kvs.get_adapter(model).full_layers
+    heads = dense.layer(layers[0]).view()[2].shape[1]
+    budget = math.floor(n * (1 - ratio)) * heads * len(layers)  # floor(n(1-r)) per (layer, head), pooled
+    kept = {i: cache.layer(i).view()[2][0] for i in layers}  # (H, T) positions kept
+    assert sum(int((p >= 0).sum()) for p in kept.values()) == budget
+    counts = [int((kept[i][h] >= 0).sum()) for i in layers for h in range(heads)]
+    assert len(set(counts)) > 1, "one pool: heads and layers keep different counts"
+    flat = torch.cat([scores[i][0].flatten() for i in layers])
+    threshold = flat.sort(descending=True).values[budget - 1]
+    for i in layers:
+        for h in range(heads):
+            pos = kept[i][h][kept[i][h] >= 0].long()
+            want = torch.nonzero(scores[i][0, h] >= threshold).flatten()
+            assert pos.tolist() == want.tolist(), (i, h)
+    return log
+
+
+@dataclass
+class SpySnapKV(SnapKV):
+    """SnapKV that records, per layer, the scores it returned."""
+
+    seen_scores: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        scores = super().score(ctx)
+        self.seen_scores[ctx.layer_idx] = scores.clone()
+        return scores

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
-import torch
 
 from kvsqueeze.methods.chunkkv import ChunkKV
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.pyramidkv import PyramidKV
 from kvsqueeze.methods.snapkv import SnapKV
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill
-
-
-@dataclass
-class _SpySnapKV(SnapKV):
-    seen_scores: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-
-    def score(self, ctx):
-        scores = super().score(ctx)
-        self.seen_scores[ctx.layer_idx] = scores.clone()
-        return scores
+from tests.unit.methods.helpers import SpySnapKV, budget, ids_of, kept_positions, prefill
 
 
 def _reference(scores: list[float], chunk: int, k: int, protected: set[int]) -> list[int]:
@@ -56,7 +43,7 @@ def test_chunkkv_over_knorm(n, ratio, chunk, make_model):
 def test_chunkkv_over_snapkv_keeps_the_window(make_model):
     model = make_model("qwen2")
     n, ratio, window, chunk = 61, 0.5, 8, 10
-    spy = _SpySnapKV(window=window)
+    spy = SpySnapKV(window=window)
     method = ChunkKV(ratio=ratio, scorer=spy, chunk_size=chunk)
     cache = prefill(model, ids_of(n, seed=3), method)
     for idx, layer in enumerate(cache.full_layers()):

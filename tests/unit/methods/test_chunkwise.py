@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
 from kvsqueeze.methods.chunkwise import ChunkWise, chunk_quotas
 from kvsqueeze.methods.knorm import KNorm
-from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill
-
-
-@dataclass
-class _SpySnapKV(SnapKV):
-    seen_scores: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-
-    def score(self, ctx):
-        scores = super().score(ctx)
-        self.seen_scores[ctx.layer_idx] = scores.clone()
-        return scores
+from tests.unit.methods.helpers import SpySnapKV, budget, ids_of, kept_positions, prefill
 
 
 def _reference(scores: list[float], chunk: int, k: int, protected: set[int]) -> list[int]:
@@ -59,7 +46,7 @@ def test_chunkwise_over_knorm(n, ratio, chunk, make_model):
 def test_chunkwise_over_snapkv_keeps_the_window(make_model):
     model = make_model("qwen3")
     n, ratio, window, chunk = 61, 0.5, 8, 16
-    method = ChunkWise(ratio=ratio, scorer=_SpySnapKV(window=window), chunk_size=chunk)
+    method = ChunkWise(ratio=ratio, scorer=SpySnapKV(window=window), chunk_size=chunk)
     cache = prefill(model, ids_of(n, seed=2), method)
     for idx, layer in enumerate(cache.full_layers()):
         for h in range(2):

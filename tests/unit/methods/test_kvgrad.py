@@ -4,39 +4,19 @@ clear ValueError."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.press import compress_recording, record
-from kvsqueeze.replay import KVGRAD, kvzip_scores
-from tests.unit.methods.helpers import ids_of
-from tests.unit.methods.test_kvzip import prefill
+from kvsqueeze.replay import KVGRAD
+from tests.unit.methods.helpers import assert_global_top_of_replay, ids_of
+from tests.unit.methods.helpers import replay_prefill as prefill
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.75])
 def test_keeps_the_global_top_of_the_gradient_weighted_scores(ratio, make_model):
-    model = make_model("qwen2")
-    n = 57
-    ids = ids_of(n, seed=7)
-    cache, log = prefill(model, ids, kvs.get_method("kvgrad", ratio=ratio, chunk_size=20))
-    dense, _ = prefill(model, ids, None)
-    scores = kvzip_scores(model, dense, ids, KVGRAD, prompt_ids=[], chunk_size=20)  # no tokenizer: no prompt
-    layers = kvs.get_adapter(model).full_layers
-    budget = math.floor(n * (1 - ratio)) * 2 * len(layers)  # floor(n(1-r)) per (layer, head), pooled
-    kept = {i: cache.layer(i).view()[2][0] for i in layers}  # (H, T) positions kept
-    assert sum(int((p >= 0).sum()) for p in kept.values()) == budget
-    counts = [int((kept[i][h] >= 0).sum()) for i in layers for h in range(2)]
-    assert len(set(counts)) > 1, "one pool: heads and layers keep different counts"
-    flat = torch.cat([scores[i][0].flatten() for i in layers])
-    threshold = flat.sort(descending=True).values[budget - 1]
-    for i in layers:
-        for h in range(2):
-            pos = kept[i][h][kept[i][h] >= 0].long()
-            want = torch.nonzero(scores[i][0, h] >= threshold).flatten()
-            assert pos.tolist() == want.tolist(), (i, h)
+    log = assert_global_top_of_replay(make_model("qwen2"), "kvgrad", KVGRAD, ratio)
     assert log.seconds > 0 and log.kv_bytes_after < log.kv_bytes_before
 
 

@@ -3,49 +3,22 @@ model-wide budget; where the replay cannot run (chunked prefill, later forwards,
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.press import compress_recording, record
 from kvsqueeze.replay import VARIANTS, kvzip_scores
-from tests.unit.methods.helpers import ids_of
+from tests.unit.methods.helpers import assert_global_top_of_replay, ids_of
+from tests.unit.methods.helpers import replay_prefill as prefill
 
 NAMES = {"kvzip": "kvzip", "kvzip_plus": "kvzip+"}
-
-
-def prefill(model, ids, method, mask=None):
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method) as log:
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache, log
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("ratio", [0.3, 0.75])
 def test_keeps_the_global_top_of_the_replay_scores(name, ratio, make_model):
-    model = make_model("qwen2")
-    n = 57
-    ids = ids_of(n, seed=7)
-    method = kvs.get_method(name, ratio=ratio, chunk_size=20)
-    cache, _ = prefill(model, ids, method)
-    dense, _ = prefill(model, ids, None)
-    scores = kvzip_scores(model, dense, ids, NAMES[name], prompt_ids=[], chunk_size=20)  # no tokenizer: no prompt
-    layers = kvs.get_adapter(model).full_layers
-    budget = math.floor(n * (1 - ratio)) * 2 * len(layers)  # floor(n(1-r)) per (layer, head), pooled
-    kept = {i: cache.layer(i).view()[2][0] for i in layers}  # (H, T) positions kept
-    assert sum(int((p >= 0).sum()) for p in kept.values()) == budget
-    counts = [int((kept[i][h] >= 0).sum()) for i in layers for h in range(2)]
-    assert len(set(counts)) > 1, "one pool: heads and layers keep different counts"
-    flat = torch.cat([scores[i][0].flatten() for i in layers])
-    threshold = flat.sort(descending=True).values[budget - 1]
-    for i in layers:
-        for h in range(2):
-            pos = kept[i][h][kept[i][h] >= 0].long()
-            want = torch.nonzero(scores[i][0, h] >= threshold).flatten()
-            assert pos.tolist() == want.tolist(), (i, h)
+    assert_global_top_of_replay(make_model("qwen2"), name, NAMES[name], ratio)
 
 
 def test_kvzip_plus_ranks_differently(make_model):
