@@ -9,13 +9,16 @@ import dataclasses
 from kvsqueeze.methods.base import ScorerMethod, check_ratio
 
 
-def wrapped_scorer(scorer: object, ratio: float) -> ScorerMethod:
-    """The scorer a wrapper uses: a ScorerMethod (or a registered name) carrying the wrapper's ratio."""
+def wrapped_scorer(scorer: object, ratio: float, per_head: bool = True) -> ScorerMethod:
+    """The scorer a wrapper uses: a ScorerMethod (or a registered name) carrying the wrapper's ratio; with
+    `per_head`, only scorers with per-head budgets (`budget_scope == "head"`)."""
     check_ratio(ratio)
     if isinstance(scorer, str):
         from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
 
         scorer = get_method(scorer)
-    if not isinstance(scorer, ScorerMethod) or type(scorer).budget_scope != "head":
+    if not isinstance(scorer, ScorerMethod):
+        raise ValueError(f"scorer must be a scoring method (e.g. 'knorm', 'adakv'), got {scorer!r}")
+    if per_head and type(scorer).budget_scope != "head":
         raise ValueError(f"scorer must be a scoring method with per-head budgets (e.g. 'knorm'), got {scorer!r}")
     return dataclasses.replace(scorer, ratio=ratio)

@@ -17,14 +17,14 @@ a slot that absorbed tokens in an earlier compression (chunked prefill, decoding
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
+from kvsqueeze.methods._wrappers import wrapped_scorer
+from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.registry import register_method
 
@@ -81,18 +81,11 @@ class Merge(ScorerMethod):
     min_similarity: float = -1.0  # evicted tokens whose best cosine is lower are dropped (-1: merge them all)
 
     def __post_init__(self) -> None:
-        check_ratio(self.ratio)
         if isinstance(self.min_similarity, bool) or not isinstance(self.min_similarity, (int, float)):
             raise ValueError(f"min_similarity must be a number in [-1, 1], got {self.min_similarity!r}")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise ValueError(f"min_similarity must be in [-1, 1] (a cosine), got {self.min_similarity}")
-        if isinstance(self.scorer, str):
-            from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
-
-            self.scorer = get_method(self.scorer)  # type: ignore[assignment]
-        if not isinstance(self.scorer, ScorerMethod):
-            raise ValueError(f"scorer must be a scoring method (e.g. 'knorm', 'adakv'), got {self.scorer!r}")
-        self.scorer = dataclasses.replace(self.scorer, ratio=self.ratio)  # per-head or per-layer budgets alike
+        self.scorer = wrapped_scorer(self.scorer, self.ratio, per_head=False)  # per-head or per-layer budgets alike
 
     def score(self, ctx: ScoreContext) -> Tensor:
         return self.scorer.score(ctx)
