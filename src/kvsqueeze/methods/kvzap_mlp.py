@@ -43,8 +43,6 @@ class KVzapMLP(KVzapBase):
         check_int("width", self.width, 1, 65536)
         check_int("steps", self.steps, 1, 1_000_000)
         check_float("lr", self.lr, 1e-8, 10.0)
-        if self.lr <= 0:
-            raise ValueError(f"lr must be a number in (0, 10], got {self.lr!r}")
 
     def fit_settings(self) -> dict[str, Any]:
         return {"width": self.width, "steps": self.steps, "lr": float(self.lr)}
