@@ -120,3 +120,10 @@ def test_ratio_zero_keeps_values(make_model):
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         Merge(ratio=0.5, **options)
+
+
+def test_scorer_by_name_may_have_per_layer_budgets():
+    method = Merge(ratio=0.5, scorer="adakv")  # Ada-KV pools per layer: the budget wrappers would refuse it
+    assert method.scorer.name == "adakv" and method.scorer.ratio == 0.5
+    with pytest.raises(ValueError, match=r"scorer must be a scoring method .*got 3"):
+        Merge(ratio=0.5, scorer=3)  # type: ignore[arg-type]
