@@ -1,6 +1,6 @@
 """Memory held by head-adaptive budgets (ragged storage) vs their uniform scorers, on the bundled example.
 
-The example's context is prefilled once by the embedded SmolLM2-135M model (recorded, `press.record`); each method
+The example's context is prefilled once by the embedded SmolLM2-135M model (recorded, `recording.record`); each method
 compresses a copy of that prefill (`press.compress_recording`) and answers the example's question over it. Bytes come
 from the cache's storages (`cache_stats`): Ada-KV pools each layer's budget across heads, so heads keep different
 counts, yet the bytes held must equal the uniform scorer's at the same ratio, up to the ragged layout's metadata.
@@ -21,7 +21,7 @@ import transformers
 
 import kvsqueeze as kvs
 from kvsqueeze.pipeline import answer, split_prompt
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 
 OUT = Path(__file__).parent / "results"
 RATIO = 0.5

@@ -26,7 +26,7 @@ import kvsqueeze as kvs
 from kvsqueeze.bench.tasks import get_task
 from kvsqueeze.cache import KVCache
 from kvsqueeze.pipeline import encode_prompt
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 
 OUT = Path(__file__).parent / "results"
 METHODS = ("knorm", "streaming_llm", "snapkv", "tova", "observed_attention", "expected_attention", "qfilters")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import kvsqueeze.cache as cache_module
+from kvsqueeze import step
 from kvsqueeze.cache import KVLayer
 
 STEPS = 200
@@ -24,7 +24,7 @@ def layer(counts: list[int]) -> KVLayer:
     out.query_positions = torch.arange(1000)[None]
     out.update(torch.randn(1, 3, 1000, 64), torch.randn(1, 3, 1000, 64))
     out.finish_step()
-    cache_module._UPDATED.set(None)
+    step.clear_updated()
     out.prune(torch.arange(max(counts)).expand(1, 3, max(counts)).contiguous(), torch.tensor([counts]))
     return out
 
@@ -35,7 +35,7 @@ def ms_per_step(target: KVLayer) -> float:
         target.query_positions = torch.tensor([[1000 + i]])
         target.update(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
         target.finish_step()
-        cache_module._UPDATED.set(None)
+        step.clear_updated()
     return (time.perf_counter() - start) / STEPS * 1e3
 
 

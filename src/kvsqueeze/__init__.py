@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "KVCache": "kvsqueeze.cache",
-    "CacheStats": "kvsqueeze.cache",
-    "cache_bytes": "kvsqueeze.cache",
-    "cache_stats": "kvsqueeze.cache",
+    "CacheStats": "kvsqueeze.memory",
+    "cache_bytes": "kvsqueeze.memory",
+    "cache_stats": "kvsqueeze.memory",
     "Method": "kvsqueeze.methods",
     "ScorerMethod": "kvsqueeze.methods",
     "ScoreContext": "kvsqueeze.methods",
@@ -23,7 +23,7 @@ _EXPORTS = {
     "list_methods": "kvsqueeze.methods",
     "describe_methods": "kvsqueeze.methods",
     "register_method": "kvsqueeze.methods",
-    "attach": "kvsqueeze.press",
+    "attach": "kvsqueeze.hooks",
     "compress": "kvsqueeze.press",
     "generate": "kvsqueeze.pipeline",
     "GenerateOutput": "kvsqueeze.pipeline",
@@ -31,15 +31,16 @@ _EXPORTS = {
     "load_model": "kvsqueeze.loading",
     "Conversation": "kvsqueeze.conversation",
     "DecodingCompression": "kvsqueeze.methods.decoding",
-    "save_cache": "kvsqueeze.storage",
-    "load_cache": "kvsqueeze.storage",
+    "save_cache": "kvsqueeze.cachefile",
+    "load_cache": "kvsqueeze.cachefile",
     "get_adapter": "kvsqueeze.models",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from kvsqueeze.cache import CacheStats, KVCache, cache_bytes, cache_stats
+    from kvsqueeze.cache import KVCache
+    from kvsqueeze.cachefile import load_cache, save_cache
     from kvsqueeze.conversation import Conversation
     from kvsqueeze.loading import load_model
     from kvsqueeze.methods import (
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from kvsqueeze.models import get_adapter
     from kvsqueeze.pipeline import GenerateOutput, GenerationStats, generate
     from kvsqueeze.press import attach, compress
-    from kvsqueeze.storage import load_cache, save_cache
 
 
 def __getattr__(name: str) -> Any:

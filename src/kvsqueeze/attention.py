@@ -19,10 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface
 
-from kvsqueeze.cache import KVLayer, capture_queries, take_updated_layer
+from kvsqueeze import step
+from kvsqueeze.layer import KVLayer
 
 BACKENDS = ("sdpa", "eager")
+PREFIX = "kvsqueeze_"  # kvsqueeze's attention functions are registered as PREFIX + backend
 _registered = False
 
 
@@ -30,7 +33,7 @@ def implementation_name(backend: str) -> str:
     """The attn_implementation name kvsqueeze registers for an inner backend ('sdpa' or 'eager')."""
     if backend not in BACKENDS:
         raise ValueError(f"Unsupported attention backend {backend!r}; kvsqueeze runs over one of {BACKENDS}.")
-    return f"kvsqueeze_{backend}"
+    return f"{PREFIX}{backend}"
 
 
 def register() -> None:
@@ -38,8 +41,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-
     AttentionInterface.register(implementation_name("sdpa"), _sdpa_forward)
     AttentionInterface.register(implementation_name("eager"), _eager_forward)
     _registered = True
@@ -47,14 +48,18 @@ def register() -> None:
 
 def layer_mask(layer: KVLayer, q_len: int) -> Tensor | str | None:
     """Mask for the current step of `layer`: bool (B, 1 or H_kv, q, T), "causal", or None (attend to all)."""
-    pos = layer.step_positions if layer.step_positions is not None else layer.positions
+    pos = layer.step_view[2] if layer.step_view is not None else layer.positions
     assert pos is not None and layer.query_positions is not None  # pos (B, H, T): the rectangular form read now
-    qpos = layer.query_positions.to(pos.device)  # (B, q)
+    return step_mask(pos, layer.query_positions.to(pos.device), q_len, layer.sliding_window)
+
+
+def step_mask(pos: Tensor, qpos: Tensor, q_len: int, window: int | None = None) -> Tensor | str | None:
+    """Mask of one step from the slot positions pos (B, H, T) (the q new slots last) and the query positions qpos
+    (B, q), -1 = empty slot / pad query: bool (B, 1 or H, q, T), "causal", or None (attend to all)."""
     t_past = pos.shape[-1] - q_len
     past = pos[..., :t_past]
     past_full = t_past == 0 or bool((past >= 0).all())
     new_full = bool((qpos >= 0).all())
-    window = layer.sliding_window
     if window is not None and _span(pos, qpos) < window:
         window = None  # the window cuts nothing yet
     if window is None and past_full and new_full:
@@ -102,21 +107,22 @@ def _fallback_mask(attention_mask: Tensor | None, q_len: int, k_len: int, device
 
 
 def _mask_for(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> tuple[Tensor | str | None, KVLayer | None]:
-    layer = take_updated_layer(key)
-    if layer is None:
+    layer = step.take_updated(key)
+    if not isinstance(layer, KVLayer):
         return _fallback_mask(attention_mask, query.shape[-2], key.shape[-2], query.device), None
-    capture_queries(layer, query)
+    if not layer.is_sliding:  # sliding layers are never scored
+        step.capture_queries(layer, query)
     return layer_mask(layer, query.shape[-2]), layer
 
 
 def _thin_queries(layer: KVLayer | None, query: Tensor, scaling: float | None) -> tuple[Tensor, float | None]:
     """Queries restricted to the key channels a layer keeps, and the scale of the full head dim."""
-    if layer is None or layer.key_channels is None:
+    if layer is None or layer.thin is None:
         return query, scaling
     return layer.gather_query_channels(query), scaling if scaling is not None else query.shape[-1] ** -0.5
 
 
-def _expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
+def expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
     """Per-KV-head masks (B, H_kv, q, T) -> per-query-head (B, H_q, q, T); broadcastable masks pass through."""
     if mask.dim() == 4 and mask.shape[1] not in (1, n_q_heads):
         return mask.repeat_interleave(n_q_heads // mask.shape[1], dim=1)
@@ -140,7 +146,7 @@ def _sdpa_forward(
     mask, layer = _mask_for(query, key, attention_mask)
     query, scaling = _thin_queries(layer, query, scaling)
     is_causal = isinstance(mask, str)
-    attn_mask = None if isinstance(mask, str) or mask is None else _expand_heads(mask, query.shape[1])
+    attn_mask = None if isinstance(mask, str) or mask is None else expand_heads(mask, query.shape[1])
     out = F.scaled_dot_product_attention(
         query,
         key,
@@ -183,7 +189,7 @@ def _eager_forward(
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=logits.device).tril(k_len - q_len)
     if mask is not None:
         if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~_expand_heads(mask, query.shape[1]), torch.finfo(logits.dtype).min)
+            logits = logits.masked_fill(~expand_heads(mask, query.shape[1]), torch.finfo(logits.dtype).min)
         else:
             logits = logits + mask
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)

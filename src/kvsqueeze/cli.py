@@ -228,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=args.decode_target,
                    decode_every=args.decode_every)  # fmt: skip
     if args.save_cache:
-        from kvsqueeze.storage import save_cache
+        from kvsqueeze.cachefile import save_cache
 
         template = bool(getattr(tokenizer, "chat_template", None))
         save_cache(args.save_cache, out.cache, model, method, extra={"chat_template": template})
@@ -267,7 +267,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _answer_saved(args: argparse.Namespace) -> int:
     from kvsqueeze.loading import load_model
-    from kvsqueeze.storage import answer_saved
+    from kvsqueeze.pipeline import answer_saved
 
     if not args.question:
         raise ValueError("give at least one --question")

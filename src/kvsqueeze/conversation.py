@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from kvsqueeze.cache import KVCache
+from kvsqueeze.cachefile import load_cache, save_cache
 from kvsqueeze.methods.base import Method
 from kvsqueeze.pipeline import _eos_ids, decoding_method, prefill, split_prompt
 from kvsqueeze.press import compress
-from kvsqueeze.storage import load_cache, save_cache
 
 
 class Conversation:

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from kvsqueeze.cache import layer_windows
+from transformers import PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 # model_type -> short family name; the families kvsqueeze is tested on
 SUPPORTED_MODEL_TYPES = {
@@ -192,3 +192,13 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         rotary=_rotary_module(model),
         decoder_layers=list(layers),
     )
+
+
+def layer_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer: the sliding window, or None for full attention (the layer types transformers' caches use)."""
+    kinds, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unsupported = sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
+    if unsupported:
+        raise ValueError(f"kvsqueeze supports full and sliding-window attention layers, not {unsupported}")
+    pairs = zip(kinds, kwargs, strict=True)
+    return [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in pairs]

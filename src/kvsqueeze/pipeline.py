@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kvsqueeze.cache import KVCache, cache_stats
+from kvsqueeze.cache import KVCache
+from kvsqueeze.cachefile import SavedCache, load_cache
+from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods.base import Method, ScorerMethod
+from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.models import get_adapter
 from kvsqueeze.press import compress
+from kvsqueeze.step import more_context_follows
 
 logger = logging.getLogger("kvsqueeze")
 _SENTINEL = "\x00KVSQUEEZE_QUESTION\x00"
@@ -126,20 +132,22 @@ def prefill(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     cache = KVCache(model.config)
-    step = chunk_size or context_ids.shape[1]
+    width = chunk_size or context_ids.shape[1]
     start = time.perf_counter()
+    n = context_ids.shape[1]
     with compress(model, method) as log:
-        for lo in range(0, context_ids.shape[1], step):
-            hi = lo + step
-            model(
-                input_ids=context_ids[:, lo:hi],
-                attention_mask=attention_mask[:, lo:hi],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        for lo in range(0, n, width):
+            hi = lo + width
+            with more_context_follows() if hi < n else nullcontext():  # early chunks: protection capped
+                model(
+                    input_ids=context_ids[:, lo:hi],
+                    attention_mask=attention_mask[:, lo:hi],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
     seconds = time.perf_counter() - start
-    before = log.kv_bytes_before if log.bytes_before else cache_stats(cache).kv_bytes
+    before = sum(layer.bytes_appended for layer in cache.full_layers())  # the whole context, uncompressed
     return cache, seconds, log.seconds, before
 
 
@@ -299,18 +307,17 @@ def generate(
 
 
 def decoding_method(method: Method | None, target: int | None, every: int = 32) -> Method | None:
-    """The method to apply while answering: `method` itself if it is a `DecodingCompression` or acts while decoding
-    (`Method.acts_while_decoding`, e.g. H2O), else one built from
-    `target`/`every` around `method`'s scores (KNorm when `method` is not a scorer), else None."""
-    from kvsqueeze.methods.decoding import DecodingCompression
-
+    """The method to apply while answering: `method` itself if it acts while decoding (`Method.acts_while_decoding`:
+    H2O, DMS, any `DecodingCompression`), else one built from `target`/`every` around `method`'s scores (KNorm when
+    `method` is not a scorer), else None."""
+    acts = method is not None and method.acts_while_decoding
     if target is None:
-        acts = method is not None and method.acts_while_decoding  # e.g. H2O
-        return method if isinstance(method, DecodingCompression) or acts else None
-    if isinstance(method, DecodingCompression):
-        raise ValueError("method is already a DecodingCompression: give its target there, not decode_target")
-    if method is not None and method.acts_while_decoding:
-        raise ValueError(f"{type(method).__name__} already compresses while decoding: do not give decode_target")
+        return method if acts else None
+    if acts:
+        raise ValueError(
+            f"{type(method).__name__} already compresses while decoding: do not give decode_target (a "
+            "DecodingCompression takes its own target_tokens)"
+        )
     scorer = method if isinstance(method, ScorerMethod) else KNorm()
     return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 
@@ -328,3 +335,26 @@ def _check_length(
                 f"context {i} has {len(row)} tokens; with the question ({longest_q}) and max_new_tokens ({new}) that "
                 f"makes {total} positions, more than the model's maximum of {max_positions}."
             )
+
+
+def answer_saved(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    questions: list[str],
+    max_new_tokens: int = 32,
+    answer_prefix: str = "",
+    decode_target: int | None = None,
+    decode_every: int = 32,
+) -> tuple[list[str], SavedCache]:
+    """Answer questions over a context cache saved by `save_cache` (e.g. by `kvsqueeze generate --save-cache`)."""
+    if not questions:
+        raise ValueError("give at least one question")
+    saved = load_cache(path, model)
+    if len(saved.seen) != 1:
+        raise ValueError(f"{str(path)!r} holds {len(saved.seen)} contexts; answer_saved reads files of one context")
+    template = bool(saved.extra.get("chat_template", True))
+    tails = [split_prompt(tokenizer, "-", q, answer_prefix, template)[1] for q in questions]
+    decode = decoding_method(None, decode_target, decode_every)
+    texts, _, _ = answer(model, tokenizer, saved.cache, [0] * len(questions), tails, max_new_tokens, decode)
+    return texts, saved

@@ -42,14 +42,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kvsqueeze.cache import KVCache, KVLayer, capturing_queries
-from kvsqueeze.models import ModelAdapter, apply_rope, get_adapter
+from kvsqueeze import step
+from kvsqueeze.cache import KVCache
+from kvsqueeze.calibration.collect import find_tokenizer
+from kvsqueeze.calibration.store import remembered
+from kvsqueeze.hooks import attach, is_attached
+from kvsqueeze.layer import KVLayer
+from kvsqueeze.models import apply_rope, get_adapter
+from kvsqueeze.replay_scoring import LayerScorer, ReplayGradients
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -57,7 +62,7 @@ VARIANTS = ("kvzip", "kvzip+")  # attention-only replays
 KVGRAD = "kvgrad"  # the replay with one backward pass per chunk
 DEFAULT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
-__all__ = ["DEFAULT_PROMPT", "KVGRAD", "VARIANTS", "kvzip_scores", "prompt_token_ids"]
+__all__ = ["DEFAULT_PROMPT", "KVGRAD", "VARIANTS", "kvzip_scores", "prompt_token_ids", "replay_document"]
 
 
 def prompt_token_ids(model: nn.Module, prompt: str = DEFAULT_PROMPT, tokenizer: Any = None) -> list[int]:
@@ -65,9 +70,6 @@ def prompt_token_ids(model: nn.Module, prompt: str = DEFAULT_PROMPT, tokenizer: 
 
     Without any tokenizer (e.g. a model built from a config) the prompt is left out: the replay is the context alone,
     and a warning says so."""
-    from kvsqueeze.calibration.collect import find_tokenizer
-    from kvsqueeze.calibration.store import remembered
-
     if tokenizer is not None:
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
@@ -106,103 +108,19 @@ def _replay_batch(
     return ids, real, torch.where(real, positions, 0)
 
 
-@dataclass
-class _LayerState:
-    """What a replay forward changes on one layer (every change replaces tensors, so references restore it)."""
-
-    keys: Tensor | None
-    values: Tensor | None
-    positions: Tensor | None
-    seen: Tensor | None
-    lengths: Tensor | None
-    total_seen: int
-
-    @classmethod
-    def of(cls, layer: KVLayer) -> _LayerState:
-        return cls(layer.keys, layer.values, layer.positions, layer.seen, layer.lengths, layer.total_seen)
-
-    def restore(self, layer: KVLayer) -> None:
-        layer.keys, layer.values, layer.positions = self.keys, self.values, self.positions
-        layer.seen, layer.lengths, layer.total_seen = self.seen, self.lengths, self.total_seen
-        layer.step_keys = layer.step_values = layer.step_positions = layer.step_queries = None
-        layer.query_positions = None
-
-
 @contextmanager
 def _restored(cache: KVCache) -> Iterator[None]:
     """Put every layer (and the bytes tracker's current total, not its peak) back as it was on exit."""
-    states = [_LayerState.of(layer) for layer in cache.kv_layers()]
-    current = cache.tracker.current
+    snapshot = cache.snapshot()
     try:
         yield
     finally:
-        for layer, state in zip(cache.kv_layers(), states, strict=True):
-            state.restore(layer)
-        cache.tracker.current = current
-        cache.step_positions = None
+        cache.restore(snapshot)
 
 
-class _LayerScorer:
-    """Running max, over the replay chunks, of the attention one layer's context slots receive: (B, H_q, T0)."""
-
-    def __init__(self, adapter: ModelAdapter, idx: int, layer: KVLayer, variant: str) -> None:
-        keys, values, positions = layer.view()
-        self.adapter, self.idx, self.plus = adapter, idx, variant == "kvzip+"
-        self.module = adapter.attention_modules[idx]
-        self.context = positions >= 0  # (B, H, T0) the real slots before the replay
-        b, h, t0 = positions.shape
-        self.best = torch.zeros(b, adapter.n_q_heads, t0, dtype=torch.float32, device=keys.device)
-        self.wov: Tensor | None = None
-        if variant != "kvzip":  # ||v_i W_O^q||_2 = sqrt(v^T (W_q W_q^T) v) per query head q: (B, H, G, T0)
-            w = adapter.output_projection(self.module).float()  # (H_q, D, hidden)
-            gram = (w @ w.transpose(1, 2)).view(h, adapter.group_size, w.shape[1], w.shape[1])  # (H, G, D, D)
-            v = values.float()
-            self.wov = torch.einsum("bhtd,hgde,bhte->bhgt", v, gram, v).clamp(min=0).sqrt()
-
-    def update(self, layer: KVLayer, queries: Tensor, log_scale: Tensor | None = None) -> None:
-        """Fold one replay chunk in: queries (B, H_q, c, D) post-RoPE; log_scale (B, c) the log of a positive weight
-        per replay query (kvzip+: -log||h_j||, kvgrad: log of the gradient norm), None for 1.
-
-        max_j w_j a_ji = exp(max_j (l_ji - lse_j + log w_j)) (exp is monotonic), so only the logits, their logsumexp
-        and one max are computed. Pad queries get lse = +inf: they add zeros."""
-        keys, _, positions = layer.view()  # the context slots first, then the replay so far
-        qpos = layer.query_positions
-        assert qpos is not None
-        b, hq, c, d = queries.shape
-        h, t = keys.shape[1], keys.shape[2]
-        t0 = self.context.shape[-1]
-        scaling = float(getattr(self.module, "scaling", d**-0.5))
-        q = queries.float().reshape(b, h, (hq // h) * c, d) * scaling
-        logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, h, hq // h, c, t)  # (B, H, G, c, T)
-        softcap = self.adapter.softcap(self.module)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        qp = qpos.to(positions.device)
-        if not bool(self.context.all()):  # empty context slots (left pads): never attended
-            logits[..., :t0].masked_fill_(~self.context[:, :, None, None, :], float("-inf"))
-        pos = positions[:, :, t0:][:, :, None, None, :]  # (B, H, 1, 1, T - T0) the replay so far: causal
-        logits[..., t0:].masked_fill_((pos < 0) | (pos > qp[:, None, None, :, None]), float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)  # (B, H, G, c)
-        if log_scale is not None:
-            lse = lse - log_scale.float()[:, None, None, :]
-        lse = lse.masked_fill((qp < 0)[:, None, None, :], float("inf"))
-        chunk = (logits[..., :t0] - lse[..., None]).amax(dim=3).exp().reshape(b, hq, t0)
-        self.best = torch.maximum(self.best, chunk)
-        del logits
-
-    def scores(self) -> Tensor:
-        """(B, H, T0): max over the GQA group (after the W_O value norms for kvzip+); 0 on empty slots."""
-        b, hq, t0 = self.best.shape
-        h = self.context.shape[1]
-        best = self.best.view(b, h, hq // h, t0)
-        if self.wov is not None:
-            best = best * self.wov
-        return best.amax(dim=2).masked_fill(~self.context, 0.0)
-
-
-def _chunk_queries(scorer: _LayerScorer, layer: KVLayer, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+def _chunk_queries(scorer: LayerScorer, layer: KVLayer, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """The post-RoPE queries (B, H_q, c, D) of the chunk the layer just attended with (captured, else recomputed)."""
-    queries, layer.step_queries = layer.step_queries, None
+    queries = step.take_queries(layer)
     if queries is None:  # not captured (another attention function): recompute them
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
@@ -210,7 +128,7 @@ def _chunk_queries(scorer: _LayerScorer, layer: KVLayer, module: nn.Module, args
     return queries
 
 
-def _hook(scorer: _LayerScorer, cache: KVCache, gradients: _Gradients | None):
+def _hook(scorer: LayerScorer, cache: KVCache, gradients: ReplayGradients | None):
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         layer = cache.layer(scorer.idx)
         queries = _chunk_queries(scorer, layer, module, args, kwargs)
@@ -221,36 +139,6 @@ def _hook(scorer: _LayerScorer, cache: KVCache, gradients: _Gradients | None):
         scorer.update(layer, queries, -hidden.float().norm(dim=-1).clamp(min=1e-12).log() if scorer.plus else None)
 
     return hook
-
-
-class _Gradients:
-    """KVgrad's chunk step: what the forward leaves (each scored layer's queries and attention output o, the last
-    decoder layer's output x^L), then one backward pass of Phi = sum_j ||x_j^L||^2 to weigh query j by ||dPhi/do_j||."""
-
-    def __init__(self, scorers: list[_LayerScorer], cache: KVCache) -> None:
-        self.scorers, self.cache = scorers, cache
-        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> (queries (B, H_q, c, D), o (B, c, hidden))
-        self.last: Tensor | None = None  # (B, c, hidden) x^L
-
-    def last_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.last = output[0] if isinstance(output, tuple) else output
-
-    def backward(self, real: Tensor) -> None:
-        """real (B, c): the chunk's real replay tokens (pads join neither Phi nor the scores)."""
-        assert self.last is not None
-        phi = (self.last.float().pow(2).sum(dim=-1) * real.to(self.last.device)).sum()
-        order = [s for s in self.scorers if s.idx in self.outputs]
-        grads = torch.autograd.grad(phi, [self.outputs[s.idx][1] for s in order], allow_unused=True)
-        with torch.no_grad():
-            for scorer, grad in zip(order, grads, strict=True):
-                queries, out = self.outputs[scorer.idx]
-                norm = torch.zeros(out.shape[:2], device=out.device) if grad is None else grad.float().norm(dim=-1)
-                scorer.update(self.cache.layer(scorer.idx), queries, norm.log())
-        self.outputs.clear()
-        self.last = None
-        for layer in self.cache.kv_layers():  # the next chunk reads this chunk's replay pairs without their graph
-            layer.keys = None if layer.keys is None else layer.keys.detach()
-            layer.values = None if layer.values is None else layer.values.detach()
 
 
 @contextmanager
@@ -326,15 +214,13 @@ def kvzip_scores(
     valid = _context_rows(cache, context_ids, attention_mask)
     start = cache.next_positions()
     assert start is not None
-    from kvsqueeze.press import attach, paused  # press imports the methods package, which imports this module
-
     adapter = get_adapter(model)
     prompt = prompt_token_ids(model) if prompt_ids is None else [int(t) for t in prompt_ids]
     ids, real, positions = _replay_batch(context_ids, valid.to(context_ids.device), prompt, start, variant == KVGRAD)
-    scorers = [_LayerScorer(adapter, i, cache.layer(i), variant) for i in adapter.full_layers]
-    attached = str(getattr(model.config, "_attn_implementation", "")).startswith("kvsqueeze_")
+    scorers = [LayerScorer(adapter, i, cache.layer(i), variant) for i in adapter.full_layers]
+    attached = is_attached(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    gradients = _Gradients(scorers, cache) if variant == KVGRAD else None
+    gradients = ReplayGradients(scorers, cache) if variant == KVGRAD else None
     handles = [
         adapter.attention_modules[s.idx].register_forward_hook(_hook(s, cache, gradients), with_kwargs=True)
         for s in scorers
@@ -343,8 +229,8 @@ def kvzip_scores(
         handles.append(adapter.decoder_layers[-1].register_forward_hook(gradients.last_hook))
     try:
         with (
-            paused(),
-            capturing_queries(),
+            step.paused(),
+            step.capturing_queries(),
             nullcontext() if attached else attach(model),
             _restored(cache),
             nullcontext() if gradients is None else _frozen(model),
@@ -359,11 +245,40 @@ def kvzip_scores(
                 else:
                     with torch.enable_grad():  # one graph per chunk, from a leaf embedding (parameters are frozen)
                         embeds = model.get_input_embeddings()(ids[:, lo:hi]).detach().requires_grad_(True)
-                        step = {"position_ids": positions[:, lo:hi], "past_key_values": cache, "use_cache": True}
-                        decoder(inputs_embeds=embeds, **step)
+                        chunk = {"position_ids": positions[:, lo:hi], "past_key_values": cache, "use_cache": True}
+                        decoder(inputs_embeds=embeds, **chunk)
                         gradients.backward(real[:, lo:hi])
                 cache.end_step()
     finally:
         for handle in handles:
             handle.remove()
     return {s.idx: s.scores() for s in scorers}
+
+
+@torch.no_grad()
+def replay_document(model: Any, ids: Tensor, variant: str = "kvzip+") -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Prefill one document (1-D ids) alone into a fresh cache and replay it (the training data of learned KVzip+
+    predictors). Returns, per full-attention layer, the attention block's input (n, hidden) float32 on the CPU and
+    the document's replay scores (H, n). Runs paused, so it may run inside a compressed forward."""
+    adapter = get_adapter(model)
+    row = ids[None].to(next(model.parameters()).device)
+    cache = KVCache(model.config)
+    inputs: dict[int, Tensor] = {}
+
+    def keep(i: int):
+        def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            inputs[i] = step.hidden_states_arg(args, kwargs)[0].float().cpu()
+
+        return pre
+
+    modules = adapter.attention_modules
+    handles = [modules[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in adapter.full_layers]
+    try:
+        with step.paused(), nullcontext() if is_attached(model) else attach(model):
+            model(input_ids=row, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with step.paused():
+        scores = kvzip_scores(model, cache, row, variant=variant)
+    return inputs, {i: scores[i][0] for i in adapter.full_layers}

@@ -10,9 +10,10 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import kvsqueeze as kvs
-from kvsqueeze.attention import _expand_heads, implementation_name, layer_mask
+from kvsqueeze.attention import expand_heads, implementation_name, layer_mask
 from kvsqueeze.cache import KVLayer
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.storage import DenseStorage
 
 N_CTX, N_Q = 50, 6
 ATOL = 1e-4
@@ -276,7 +277,8 @@ def test_backends_agree_over_a_pruned_cache(backend, make_model):
 
 def _layer(positions: list[list[int]], query: list[int], window: int | None = None) -> KVLayer:
     layer = KVLayer(window)
-    layer.positions = torch.tensor([positions], dtype=torch.int32)  # (1, H, T)
+    pos = torch.tensor([positions], dtype=torch.int32)  # (1, H, T)
+    layer.storage = DenseStorage(torch.zeros(*pos.shape, 1), torch.zeros(*pos.shape, 1), pos)
     layer.query_positions = torch.tensor([query])
     return layer
 
@@ -294,8 +296,8 @@ def test_layer_mask_over_empty_slots_and_heads():
     assert mask.shape == (1, 2, 2, 4)
     assert mask[0, 0].tolist() == [[True, True, True, False], [True, True, True, True]]
     assert mask[0, 1].tolist() == [[True, False, True, False], [True, False, True, True]]
-    assert _expand_heads(mask, 4).shape == (1, 4, 2, 4)
-    assert torch.equal(_expand_heads(mask, 4)[:, 1], mask[:, 0])
+    assert expand_heads(mask, 4).shape == (1, 4, 2, 4)
+    assert torch.equal(expand_heads(mask, 4)[:, 1], mask[:, 0])
 
 
 def test_layer_mask_pad_queries_attend_to_themselves():

@@ -9,7 +9,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.methods.snapkv import SnapKV
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 from tests.unit.test_attention import reference_question_logits
 from tests.unit.test_ragged import ids_of, kept_positions, prefill
 

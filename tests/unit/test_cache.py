@@ -12,7 +12,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 import kvsqueeze as kvs
-from kvsqueeze.cache import KVCache, KVLayer, take_updated_layer
+from kvsqueeze import step
+from kvsqueeze.cache import KVCache, KVLayer
 
 PER_TOKEN = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32: bytes per token and layer
 
@@ -305,5 +306,5 @@ def test_manual_step_protocol():
     assert layer.seen.tolist() == [3, 2]
     assert layer.get_seq_length() == 3
     assert layer.tracker.current == layer.tracker.peak == 2 * 2 * 3 * 16 * 4 * 2
-    assert take_updated_layer(k) is layer  # what the attention function does next (and it consumes it)
-    assert take_updated_layer(k) is None
+    assert step.take_updated(k) is layer  # what the attention function does next (and it consumes it)
+    assert step.take_updated(k) is None

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 import kvsqueeze as kvs
+from kvsqueeze import step
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 
 
@@ -53,7 +54,7 @@ def test_no_capture_outside_compress(make_model):
     cache = kvs.KVCache(model.config)
     with torch.no_grad(), kvs.attach(model):
         model(torch.randint(5, 500, (1, 12)), past_key_values=cache)
-    assert all(layer.step_queries is None for layer in cache.kv_layers())
+        assert all(step.take_queries(layer) is None for layer in cache.kv_layers())
 
 
 def test_captured_queries_are_released(make_model):
@@ -61,4 +62,4 @@ def test_captured_queries_are_released(make_model):
     cache = kvs.KVCache(model.config)
     with torch.no_grad(), kvs.compress(model, kvs.get_method("knorm", ratio=0.5)):
         model(torch.randint(5, 500, (1, 40)), past_key_values=cache)
-    assert all(layer.step_queries is None for layer in cache.kv_layers())
+        assert all(step.take_queries(layer) is None for layer in cache.kv_layers())

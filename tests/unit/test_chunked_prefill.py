@@ -59,3 +59,31 @@ def test_chunking_without_compression_changes_nothing(make_model):
     for la, lb in zip(a.kv_layers(), b.kv_layers(), strict=True):
         torch.testing.assert_close(la.keys, lb.keys, rtol=1e-5, atol=1e-5)
         assert torch.equal(la.positions, lb.positions)
+
+
+@pytest.mark.parametrize("chunk", [8, 33])
+def test_bytes_before_are_the_whole_uncompressed_context(chunk, make_model):
+    """The reported bytes before compression are the whole context's, not the last chunk's (a chunked run's ratio
+    must read as the one-shot run's)."""
+    model = make_model("llama")
+    x = ids()
+    method = kvs.get_method("knorm", ratio=0.5)
+    _, _, _, chunked = prefill(model, x, torch.ones_like(x), method, chunk_size=chunk)
+    _, _, _, one_shot = prefill(model, x, torch.ones_like(x), method)
+    assert chunked == one_shot == 4 * N * PER_TOKEN
+
+
+def test_early_chunks_cap_the_protected_window(make_model):
+    """A window larger than an early chunk's budget is capped while more context follows; the last chunk keeps it
+    whole. The same window on a one-shot prefill whose budget cannot hold it is still an error."""
+    model = make_model("llama")
+    x = ids()
+    method = kvs.get_method("snapkv", ratio=0.5, window=16)  # chunk 8 keeps 4 tokens at first: fewer than 16
+    cache, _, _, _ = prefill(model, x, torch.ones_like(x), method, chunk_size=8)
+    assert kvs.cache_stats(cache).tokens_kept == [N // 2] * 4
+    for layer in cache.full_layers():
+        kept = set(layer.view()[2][0, 0].tolist())
+        assert set(range(N - 16, N)) <= kept  # the final window is protected
+    short = ids(20)  # one shot: a budget of 10 cannot hold the 16-token window
+    with pytest.raises(ValueError, match="cannot hold the 16 protected"):
+        prefill(model, short, torch.ones_like(short), method)

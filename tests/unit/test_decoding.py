@@ -15,7 +15,7 @@ from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
-from kvsqueeze.press import record
+from kvsqueeze.recording import record
 
 N_CTX = 40
 
@@ -226,7 +226,7 @@ def test_generate_with_decode_target(make_model, tokenizer):
     assert len(peaks) == 4 * 40  # 4 layers, the question forward and 39 decoding steps
     assert min(peaks[:4]) > 20  # the question forward went over the target, and was compressed to it at once
     assert 20 < max(peaks[4:]) <= 20 + 5  # then at most target + every before each compression
-    with pytest.raises(ValueError, match="already a DecodingCompression"):
+    with pytest.raises(ValueError, match="already compresses while decoding"):
         kvs.generate(model, tokenizer, CONTEXT, ["Who?"], method=DecodingCompression(), decode_target=5)
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
-from kvsqueeze.cache import unpack
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.storage import unpack
 from tests.unit.test_attention import reference_question_logits
 
 N_CTX, N_Q = 50, 6

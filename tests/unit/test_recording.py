@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
+from kvsqueeze import step
 from kvsqueeze.replay import VARIANTS, kvzip_scores
 from tests.unit.methods.helpers import ids_of
 
@@ -94,7 +95,7 @@ def test_cache_is_left_exactly_as_it_was(make_model):
     for x, (k, v, p, s, t, n) in zip(layers, before, strict=True):
         assert x.keys is k and x.values is v and x.positions is p and x.lengths is n
         assert torch.equal(x.seen, s) and x.total_seen == t
-        assert x.query_positions is None and x.step_keys is None and x.step_queries is None
+        assert x.query_positions is None and x.step_view is None and step.take_queries(x) is None
     assert cache.tracker.current == current
     full = prefilled(model, ids)  # the same prefill never replayed: a question gets identical logits
     with torch.no_grad(), kvs.attach(model):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
+from kvsqueeze import step
 from kvsqueeze.replay import KVGRAD, kvzip_scores
 from tests.unit.methods.helpers import ids_of
 from tests.unit.test_replay import PROMPT, prefilled
@@ -103,7 +104,7 @@ def test_cache_and_model_are_left_as_they_were(make_model):
         assert x.keys is k and x.values is v and x.positions is p and torch.equal(x.keys, copy)
         assert not x.keys.requires_grad and not x.values.requires_grad and x.keys.grad_fn is None
         assert torch.equal(x.seen, s) and x.total_seen == t
-        assert x.query_positions is None and x.step_keys is None and x.step_queries is None
+        assert x.query_positions is None and x.step_view is None and step.take_queries(x) is None
     assert cache.tracker.current == current
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters()), "no parameter gradient is accumulated"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.cache import _UPDATED, KVLayer
+from kvsqueeze import step
+from kvsqueeze.cache import KVLayer
 
 
 def _layer(b: int = 2, h: int = 2, t: int = 5) -> KVLayer:
@@ -14,7 +15,7 @@ def _layer(b: int = 2, h: int = 2, t: int = 5) -> KVLayer:
     layer.query_positions = torch.arange(t).expand(b, t)
     layer.update(torch.randn(b, h, t, 4), torch.randn(b, h, t, 4))
     layer.finish_step()
-    _UPDATED.set(None)
+    step.clear_updated()
     return layer
 
 
@@ -22,7 +23,7 @@ def _append(layer: KVLayer, positions: torch.Tensor) -> None:
     b, q = positions.shape
     layer.query_positions = positions
     layer.update(torch.randn(b, 2, q, 4), torch.randn(b, 2, q, 4))
-    _UPDATED.set(None)
+    step.clear_updated()
 
 
 def test_state_follows_appends_and_rectangular_pruning():

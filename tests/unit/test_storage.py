@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import kvsqueeze as kvs
+from kvsqueeze.cachefile import model_fingerprint
 from kvsqueeze.pipeline import answer, split_prompt
-from kvsqueeze.storage import model_fingerprint
 
 CONTEXT = (
     "The harbour master walked to the market in the morning because it was raining. The old baker sold a box of "

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvsqueeze.cache import KVCache, cache_stats
+from kvsqueeze.cache import KVCache
+from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods.base import Method
 from kvsqueeze.press import compress
 

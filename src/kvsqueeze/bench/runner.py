@@ -1,6 +1,6 @@
 """The benchmark runner: a grid of methods x ratios x tasks x context lengths (and user datasets).
 
-Each context is prefilled ONCE, uncompressed, keeping every layer's inputs (`press.record`); each (method, ratio)
+Each context is prefilled ONCE, uncompressed, keeping every layer's inputs (`recording.record`); each (method, ratio)
 then compresses a copy (`press.compress_recording`) and answers all the context's questions from it (query-agnostic:
 the question is not seen by the compression; `query_aware=True` puts each question in the compressed part instead).
 Methods that need the question (`"question" in Method.needs`, e.g. FINCH) always run query-aware, also in a
@@ -29,12 +29,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kvsqueeze import __version__
 from kvsqueeze.bench.dataset import load_dataset
 from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.bench.metrics import score
 from kvsqueeze.bench.results import CONFIG, COSTS, NONE, RESULTS, Appender, cost_key, read_jsonl, row_key
 from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
-from kvsqueeze.cache import KVCache, cache_stats
+from kvsqueeze.cache import KVCache
+from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
@@ -47,7 +49,7 @@ from kvsqueeze.pipeline import (
     prefill,
     question_token_count,
 )
-from kvsqueeze.press import Recording, compress_recording, record
+from kvsqueeze.recording import Recording, compress_recording, record
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -225,8 +227,6 @@ class BenchRun:
 
 def versions() -> dict[str, str]:
     import transformers
-
-    from kvsqueeze import __version__
 
     return {"kvsqueeze": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -19,17 +19,18 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from kvsqueeze.calibration import artifact_path, calibrated, calibration_ids, ids_digest, read_info, remembered
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.models import get_adapter
+from kvsqueeze.replay import prompt_token_ids, replay_document
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -121,42 +122,14 @@ class Dataset:
 @torch.no_grad()
 def collect(model: Any, docs: list[Tensor], desc: str = "KVzip+ targets") -> Dataset:
     """Prefill each document (1-D ids) alone, capture the attention blocks' inputs, replay it for KVzip+ scores."""
-    from tqdm.auto import tqdm
-
-    import kvsqueeze as kvs
-    from kvsqueeze.press import paused
-    from kvsqueeze.replay import kvzip_scores
-
-    adapter = get_adapter(model)
-    layers = adapter.full_layers
-    device = next(model.parameters()).device
+    layers = get_adapter(model).full_layers
     features: dict[int, list[Tensor]] = {i: [] for i in layers}
     targets: dict[int, list[Tensor]] = {i: [] for i in layers}
-    captured: dict[int, Tensor] = {}
-
-    def hook(i: int) -> Callable[..., None]:
-        def pre(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-            captured[i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].float().cpu()
-
-        return pre
-
     for ids in tqdm(docs, desc=desc, unit="doc", file=sys.stderr, leave=False):
-        row = ids[None].to(device)
-        cache = kvs.KVCache(model.config)
-        handles = [adapter.attention_modules[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
-        try:
-            # may run inside the first compressed forward (lazy calibration): the press must not see these forwards
-            attached = str(getattr(model.config, "_attn_implementation", "")).startswith("kvsqueeze_")
-            with paused(), nullcontext() if attached else kvs.attach(model):
-                model(input_ids=row, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        finally:
-            for handle in handles:
-                handle.remove()
-        with paused():
-            scores = kvzip_scores(model, cache, row, variant="kvzip+")
+        inputs, scores = replay_document(model, ids, variant="kvzip+")
         for i in layers:
-            features[i].append(captured.pop(i))
-            targets[i].append((scores[i][0].float().cpu().T + LOG_EPS).log())  # (T, H)
+            features[i].append(inputs[i])
+            targets[i].append((scores[i].float().cpu().T + LOG_EPS).log())  # (T, H)
     doc = torch.cat([torch.full((len(d),), k, dtype=torch.long) for k, d in enumerate(docs)])
     return Dataset({i: torch.cat(v) for i, v in features.items()}, {i: torch.cat(v) for i, v in targets.items()}, doc)
 
@@ -221,8 +194,6 @@ class KVzapBase(ScorerMethod):
         ids, source = calibration_ids(model, n, self.seed, tokenizer)
         if len(ids) < n:
             raise ValueError(f"the calibration text gave {len(ids)} tokens, fewer than n_docs * doc_tokens = {n}")
-        from kvsqueeze.replay import prompt_token_ids
-
         max_pos = get_adapter(model).max_positions
         needed = 2 * self.doc_tokens + len(prompt_token_ids(model, tokenizer=tokenizer))  # the document + its replay
         if max_pos is not None and needed > max_pos:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvsqueeze.methods.base import ScorerMethod, check_ratio
+from kvsqueeze.methods.registry import get_method
 
 
 def wrapped_scorer(scorer: object, ratio: float, per_head: bool = True) -> ScorerMethod:
@@ -14,8 +15,6 @@ def wrapped_scorer(scorer: object, ratio: float, per_head: bool = True) -> Score
     `per_head`, only scorers with per-head budgets (`budget_scope == "head"`)."""
     check_ratio(ratio)
     if isinstance(scorer, str):
-        from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
-
         scorer = get_method(scorer)
     if not isinstance(scorer, ScorerMethod):
         raise ValueError(f"scorer must be a scoring method (e.g. 'knorm', 'adakv'), got {scorer!r}")

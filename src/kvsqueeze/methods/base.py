@@ -14,15 +14,20 @@ fp32, padding and empty slots never kept, protected tokens (sinks, windows) alwa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from kvsqueeze.models import ModelAdapter, apply_rope
 from kvsqueeze.registry import first_paragraph
+
+Need = Literal["queries", "question", "calibration", "residual", "model"]
+BudgetScope = Literal["head", "layer", "model"]
+BudgetKind = Literal["uniform", "adaptive"]
 
 
 class SlotStore(Protocol):
@@ -57,6 +62,9 @@ class ScoreContext:
     attention_update: Tensor | None = field(default=None, repr=False)
     # per-slot state that follows the tokens through pruning (stateful methods, e.g. H2O); None outside `compress`
     slot_store: SlotStore | None = field(default=None, repr=False)
+    # True on a chunk of a chunked prefill that more context follows: the budget of the tokens seen so far may be
+    # smaller than the protected tokens (a window), which are then capped to it rather than refused
+    more_context: bool = False
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -99,21 +107,31 @@ class Method:
     """Base of all methods: given a layer's context, return a keep plan or None (keep everything)."""
 
     name: ClassVar[str] = ""
-    needs: ClassVar[tuple[str, ...]] = ()  # e.g. ("queries",), ("attention",), ("calibration",), ("residual",)
-    # True when compressing a copy of a recorded one-shot prefill (press.compress_recording) gives what compressing
-    # in the forward gives; chunked or decoding-time methods set False and the benchmark runs them for real.
+    # What the method needs beyond the cached keys/values: "queries" (of the new tokens), "question" (query-aware:
+    # the question joins the context's forward), "calibration" (statistics computed once per model), "residual"
+    # (the residual stream around the attention block), "model" (extra forwards of its own)
+    needs: ClassVar[tuple[Need, ...]] = ()
+    # True when compressing a copy of a recorded one-shot prefill (`recording.compress_recording`) gives what
+    # compressing in the forward gives; chunked or decoding-time methods set False and the benchmark runs them for real.
     shared_prefill: ClassVar[bool] = True
     # Who shares a budget: "head" = every KV head keeps its own count (equal across the heads of a layer);
     # "layer" = the heads of a layer pool theirs (counts differ per head, the layer's total is fixed: Ada-KV);
-    # "model" = all full-attention layers and heads pool one budget (the model's total is fixed; the method
-    # implements `ModelScopeMethod` and `press` scores every layer before pruning any).
-    budget_scope: ClassVar[str] = "head"
-    budget_kind: ClassVar[str] = "uniform"  # "adaptive": the rule decides each layer's size (e.g. SimLayerKV)
-    rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (press.py)
-    # True: the method also runs on the question and decoding forwards of `pipeline.generate` (e.g. H2O), not only
-    # on the context's prefill
+    # "model" = all full-attention layers and heads share one total (per-layer plans from a model-wide curve, LU-KV;
+    # or a `ModelScopeMethod`, which `press` lets score every layer before it prunes any).
+    budget_scope: ClassVar[BudgetScope] = "head"
+    # "uniform": the cache keeps exactly the budget (floor(n (1 - r)) per head, pooled by `budget_scope`);
+    # "adaptive": the method's rule decides the size and the ratio is a target (SimLayerKV, DuoAttention, DMS)
+    budget_kind: ClassVar[BudgetKind] = "uniform"
+    rerotates_keys: ClassVar[bool] = False  # after pruning, kept keys are moved to contiguous positions (rerotation.py)
+    # True: the method also runs on the question and decoding forwards of `pipeline.generate` (H2O, DMS, every
+    # `DecodingCompression`), not only on the context's prefill
     acts_while_decoding: ClassVar[bool] = False
-    merges_values: ClassVar[bool] = False  # `merge_values` rewrites the values of kept slots (evicted ones folded in)
+    # Derived, never declared: True when the class overrides `merge_values` (evicted values folded into kept ones)
+    merges_values: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.merges_values = cls.merge_values is not Method.merge_values
 
     ratio: float
 
@@ -204,13 +222,15 @@ class ScorerMethod(Method):
 
 
 def checked_protected(method: ScorerMethod, ctx: ScoreContext, budget: Tensor) -> Tensor | None:
-    """`method.protected(ctx)` restricted to real slots; a ValueError if some (row, head) budget cannot hold them."""
+    """`method.protected(ctx)` restricted to real slots; a ValueError if some (row, head) budget cannot hold them,
+    unless more context follows (`ctx.more_context`: an early chunk of a chunked prefill), where `select` keeps the
+    best-scored protected slots that fit and the final chunk's budget decides."""
     protected = method.protected(ctx)
     if protected is None:
         return None
     protected = protected & ctx.valid
     n_protected = protected.sum(dim=-1)
-    if bool((n_protected > budget).any()):
+    if bool((n_protected > budget).any()) and not ctx.more_context:
         worst = int((n_protected - budget).argmax())
         raise ValueError(
             f"{method!r}: the budget of {int(budget.flatten()[worst])} tokens cannot hold the "
@@ -259,6 +279,19 @@ class LayerScores:
     budget: Tensor  # (B, H) the uniform budget this layer brings to the pool
 
 
+@dataclass
+class ModelForward:
+    """What `compress` hands a model-wide method when a forward ends (`ModelScopeMethod.before_plan`)."""
+
+    model: Any = field(repr=False)
+    input_ids: Tensor | None  # (B, n) the forward's token ids (None when it was called with embeddings)
+    attention_mask: Tensor | None  # (B, n_total) 1 = real token, as the forward received it
+    tokens_before: int  # tokens (padded steps) the cache held before this forward; 0 = it filled an empty cache
+    # the context replay over the forward's cache (`kvsqueeze.replay.kvzip_scores` with model and cache bound):
+    # replay(context_ids, variant, attention_mask=..., prompt_ids=..., chunk_size=...) -> {layer: (B, H, T) scores}
+    replay: Callable[..., dict[int, Tensor]] = field(repr=False)
+
+
 class ModelScopeMethod(Method):
     """A method whose budget is shared by all full-attention layers (`budget_scope = "model"`). `press` scores every
     layer as it fills (`layer_scores`), then plans and prunes them all at once (`plan_model`) at the end of the
@@ -273,11 +306,10 @@ class ModelScopeMethod(Method):
         """Keep plans per layer index (see `Method.plan`) from every full-attention layer's scores."""
         raise NotImplementedError
 
-    def before_plan(self, model: Any, cache: Any, inputs: dict[str, Any], layers: dict[int, LayerScores]) -> None:
-        """Called by `compress` when a forward ends, after every layer was scored and before `plan_model`, with the
-        model, its KVCache and the forward's arguments (`input_ids`, `attention_mask`, ...): a method that needs the
-        whole model may complete `layers` here (KVzip replays the context). Not called by `compress_recording`.
-        Default: nothing."""
+    def before_plan(self, forward: ModelForward, layers: dict[int, LayerScores]) -> None:
+        """Called by `compress` when a forward ends, after every layer was scored and before `plan_model`: a method
+        that needs the whole model may complete `layers` here (KVzip replays the context through `forward.replay`).
+        Not called by `compress_recording`. Default: nothing."""
 
     def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
         raise ValueError(

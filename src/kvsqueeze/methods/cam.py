@@ -31,7 +31,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.methods.merge import kept_mask
-from kvsqueeze.methods.registry import register_method
+from kvsqueeze.methods.registry import get_method, register_method
 from kvsqueeze.methods.snapkv import window_attention
 
 _MODULUS = 2_147_483_647  # 2^31 - 1: products below stay far inside int64
@@ -83,8 +83,6 @@ class CaM(DecodingCompression):
     """Decoding-time eviction (KNorm) that first merges evicted values into the next kept ones, with a probability
     from their attention (CaM)."""
 
-    merges_values = True
-
     every: int = 1  # the paper evicts (and merges) one token per step
     merge_budget: int = 4  # m: kept tokens after an evicted one that share its value
     sample: bool = True  # Bernoulli merge (the paper); False: add the expected share p v / m
@@ -92,8 +90,6 @@ class CaM(DecodingCompression):
 
     def __post_init__(self) -> None:
         if isinstance(self.scorer, str):  # a registered name (`--option cam.scorer=snapkv`)
-            from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
-
             self.scorer = get_method(self.scorer)  # type: ignore[assignment]
         super().__post_init__()
         if isinstance(self.merge_budget, bool) or not isinstance(self.merge_budget, int) or self.merge_budget < 1:

@@ -50,6 +50,7 @@ class DecodingCompression(ScorerMethod):
     """Compress back to a target size every `every` steps during generation, with another scorer (KNorm)."""
 
     shared_prefill = False  # it acts while answering: the benchmark runs it for real, not on a recorded prefill
+    acts_while_decoding = True
 
     scorer: ScorerMethod = field(default_factory=KNorm)
     target_tokens: int | None = None  # fixed target per (row, head); else floor(seen (1 - ratio))

@@ -15,11 +15,12 @@ combines exactly (Chan et al.'s parallel update), so a chunked prefill can accum
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
+from kvsqueeze.methods.base import Need, ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import apply_rope
 
@@ -94,7 +95,7 @@ class ExpectedAttention(ScorerMethod):
     """Keep the pairs future queries are expected to attend to most (Gaussian queries, averaged RoPE), value-norm
     rescaled; the first n_sink tokens are kept."""
 
-    needs = ("queries",)
+    needs: ClassVar[tuple[Need, ...]] = ("queries",)
 
     n_future: int = 512  # future positions RoPE is averaged over
     n_sink: int = 4  # first positions always kept and left out of the query statistics

@@ -17,16 +17,22 @@ everything without replaying.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from kvsqueeze.cache import KVCache
-from kvsqueeze.methods.base import LayerScores, ModelScopeMethod, ScoreContext, check_ratio, uniform_budget
+from kvsqueeze.methods.base import (
+    LayerScores,
+    ModelForward,
+    ModelScopeMethod,
+    ScoreContext,
+    check_ratio,
+    uniform_budget,
+)
 from kvsqueeze.methods.global_budget import pooled_plans
 from kvsqueeze.methods.registry import register_method
-from kvsqueeze.replay import DEFAULT_PROMPT, kvzip_scores, prompt_token_ids
+from kvsqueeze.replay import DEFAULT_PROMPT, prompt_token_ids
 
 
 @register_method("kvzip")
@@ -56,28 +62,24 @@ class KVzip(ModelScopeMethod):
         fill = 0.0 if self.ratio == 0 else float("nan")
         return LayerScores(torch.full(valid.shape, fill, device=valid.device), valid, None, budget)
 
-    def before_plan(self, model: Any, cache: Any, inputs: dict[str, Any], layers: dict[int, LayerScores]) -> None:
+    def before_plan(self, forward: ModelForward, layers: dict[int, LayerScores]) -> None:
         if self.ratio == 0:
             return
-        ids = inputs.get("input_ids")
+        ids = forward.input_ids
         if ids is None:
             raise ValueError(f"{self.name} replays the context's token ids: call the model with input_ids")
-        assert isinstance(cache, KVCache)
-        first = cache.full_layers()[0]
-        if first.total_seen != ids.shape[1]:
+        if forward.tokens_before != 0:
             raise ValueError(
                 f"{self.name} compresses a whole context in the forward that fills an empty cache, but this forward "
-                f"added {ids.shape[1]} tokens to a cache that held {first.total_seen - ids.shape[1]} (chunked "
+                f"added {ids.shape[1]} tokens to a cache that held {forward.tokens_before} (chunked "
                 "prefill, questions or decoding under compress): prefill the context in one forward (no chunk_size)"
             )
-        mask = inputs.get("attention_mask")
-        scores = kvzip_scores(
-            model,
-            cache,
+        mask = forward.attention_mask
+        scores = forward.replay(
             ids,
             self.variant,
             attention_mask=None if mask is None else mask[:, -ids.shape[1] :],
-            prompt_ids=prompt_token_ids(model, self.prompt),
+            prompt_ids=prompt_token_ids(forward.model, self.prompt),
             chunk_size=self.chunk_size,
         )
         for idx, layer in layers.items():

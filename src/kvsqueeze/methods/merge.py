@@ -75,8 +75,6 @@ def merge_into_nearest(
 class Merge(ScorerMethod):
     """Another scorer's eviction (KNorm), each evicted value averaged into the kept token with the most similar key."""
 
-    merges_values = True
-
     scorer: ScorerMethod = field(default_factory=KNorm)
     min_similarity: float = -1.0  # evicted tokens whose best cosine is lower are dropped (-1: merge them all)
 

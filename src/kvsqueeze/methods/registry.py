@@ -37,9 +37,17 @@ def list_methods() -> list[str]:
 
 
 def describe_methods() -> list[dict[str, Any]]:
-    """One dict per method: name, description, options (with defaults), needs."""
+    """One dict per method: name, description, options (with defaults), needs, and how its budget is shared
+    (`budget_scope`) and sized (`budget_kind`: "adaptive" when the ratio is a target the method's rule decides)."""
     return [
-        {"name": n, "description": cls.description(), "options": cls.options(), "needs": list(cls.needs)}
+        {
+            "name": n,
+            "description": cls.description(),
+            "options": cls.options(),
+            "needs": list(cls.needs),
+            "budget_scope": cls.budget_scope,
+            "budget_kind": cls.budget_kind,
+        }
         for n in METHODS.names()
         for cls in [METHODS.get(n)]
     ]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kvsqueeze.methods.base import Method, ModelScopeMethod, ScoreContext, check_ratio
 from kvsqueeze.methods.compose import subset_context
-from kvsqueeze.methods.registry import register_method
+from kvsqueeze.methods.registry import get_method, register_method
 
 
 def channel_scores(queries: Tensor, keys: Tensor, valid: Tensor, real_queries: Tensor) -> Tensor:
@@ -55,8 +55,6 @@ def top_channels(scores: Tensor, n_keep: int) -> Tensor:
 def token_scorer(scorer: object, ratio: float) -> Method:
     """The token method ThinK runs first: a Method (or a registered name) carrying ThinK's ratio."""
     if isinstance(scorer, str):
-        from kvsqueeze.methods.registry import get_method  # the registry is built when methods/ is imported
-
         scorer = get_method(scorer)
     if not isinstance(scorer, Method) or not dataclasses.is_dataclass(scorer) or isinstance(scorer, ThinK):
         raise ValueError(f"scorer must be a token compression method (e.g. 'snapkv') or None, got {scorer!r}")

@@ -10,7 +10,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods.cam import CaM, cam_merge, newest_attention, position_draws
 from kvsqueeze.methods.decoding import DecodingCompression
-from kvsqueeze.press import _context, record
+from kvsqueeze.press import score_context
+from kvsqueeze.recording import record
 from tests.unit.methods.helpers import ids_of
 
 
@@ -80,7 +81,7 @@ def test_attention_is_the_models_own(family, make_model):
     with torch.no_grad():
         attentions = model(ids, output_attentions=True).attentions
     for idx, inputs in rec.inputs.items():
-        ctx = _context(rec.adapter, cache, idx, inputs)
+        ctx = score_context(rec.adapter, cache, idx, inputs)
         assert ctx is not None
         expected = attentions[idx][0, :, -1].view(2, 2, -1).mean(dim=1)  # (H, T): the last query, GQA mean
         torch.testing.assert_close(newest_attention(ctx)[0], expected, atol=1e-6, rtol=1e-4)
@@ -131,7 +132,7 @@ def test_generate_with_cam(make_model, tokenizer):
                        max_new_tokens=30)  # fmt: skip
     assert out.stats.kv_bytes_after < out.stats.kv_bytes_before
     assert len(seen) > 4 * 20 and set(seen) == {16}  # merged at every step while answering, back to the target
-    with pytest.raises(ValueError, match="already a DecodingCompression"):
+    with pytest.raises(ValueError, match="already compresses while decoding"):
         kvs.generate(model, tokenizer, "a b c", ["what?"], method=CaM(target_tokens=4), decode_target=10)
 
 

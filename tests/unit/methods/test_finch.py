@@ -8,7 +8,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods.finch import Finch
 from kvsqueeze.models import apply_rope
-from kvsqueeze.press import _context, record
+from kvsqueeze.press import score_context
+from kvsqueeze.recording import record
 from tests.unit.methods.helpers import budget, ids_of
 
 
@@ -49,7 +50,7 @@ def test_finch_matches_the_reference(family, n, ratio, n_q, chunk, make_model):
     rec = _recording(model, n)
     method = Finch(ratio=ratio, question_tokens=n_q, chunk_size=chunk)
     for idx, inputs in rec.inputs.items():
-        ctx = _context(rec.adapter, rec.cache, idx, inputs)
+        ctx = score_context(rec.adapter, rec.cache, idx, inputs)
         indices, counts = method.plan(ctx)
         q = apply_rope(rec.adapter.pre_rope_queries(ctx.module, inputs.hidden_states), *inputs.position_embeddings)
         g = q.shape[1] // 2
@@ -65,7 +66,7 @@ def test_without_a_question_the_last_window_stands_in(make_model):
     model = make_model("llama")
     rec = _recording(model, 30)
     for idx, inputs in rec.inputs.items():
-        ctx = _context(rec.adapter, rec.cache, idx, inputs)
+        ctx = score_context(rec.adapter, rec.cache, idx, inputs)
         plans = [m.plan(ctx) for m in (Finch(0.5, window=4, chunk_size=8), Finch(0.5, question_tokens=4, chunk_size=8))]
         assert torch.equal(plans[0][0], plans[1][0])
 

@@ -10,7 +10,7 @@ import kvsqueeze as kvs
 from kvsqueeze.methods.keyrerotation import KeyRerotation
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.streaming_llm import StreamingLLM
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 from tests.unit.methods.helpers import ids_of, kept_positions, prefill
 
 

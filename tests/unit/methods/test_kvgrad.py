@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 from kvsqueeze.replay import KVGRAD
 from tests.unit.methods.helpers import assert_global_top_of_replay, ids_of
 from tests.unit.methods.helpers import replay_prefill as prefill

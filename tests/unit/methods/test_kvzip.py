@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 from kvsqueeze.replay import VARIANTS, kvzip_scores
 from tests.unit.methods.helpers import assert_global_top_of_replay, ids_of
 from tests.unit.methods.helpers import replay_prefill as prefill
@@ -59,10 +59,10 @@ def test_recording_cannot_replay(make_model):
 
 
 def test_the_prompt_is_tokenized_with_the_models_tokenizer(make_model, tokenizer, monkeypatch):
-    import kvsqueeze.calibration.collect as collect
+    import kvsqueeze.replay as replay
 
     model = make_model("llama")
-    monkeypatch.setattr(collect, "find_tokenizer", lambda m: tokenizer)
+    monkeypatch.setattr(replay, "find_tokenizer", lambda m: tokenizer)
     prompt = "Say it again."
     ids = ids_of(30)
     cache, _ = prefill(model, ids, kvs.get_method("kvzip", ratio=0.5, prompt=prompt))

@@ -10,7 +10,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.methods.squeezeattention import SqueezeAttention, kmeans_1d, unimportant_layers
-from kvsqueeze.press import compress_recording, record
+from kvsqueeze.recording import compress_recording, record
 from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill, top_positions
 
 

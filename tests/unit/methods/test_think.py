@@ -15,11 +15,11 @@ import torch
 from transformers import AttentionInterface
 
 import kvsqueeze as kvs
+from kvsqueeze.cachefile import load_cache, save_cache
 from kvsqueeze.methods.adakv import AdaKV
 from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.think import ThinK, channel_scores, top_channels
-from kvsqueeze.storage import load_cache, save_cache
 from tests.unit.methods.helpers import ids_of
 
 N_CTX = 61
@@ -389,7 +389,7 @@ def test_save_and_load_keep_thin_keys(make_model, tmp_path):
     path = save_cache(tmp_path / "thin.safetensors", cache, model, method)
     loaded = load_cache(path, model).cache
     for a, b in zip(loaded.kv_layers(), cache.kv_layers(), strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.key_channels, b.key_channels) and a.key_dim == b.key_dim
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.key_channels, b.key_channels) and a.thin.dim == b.thin.dim
     assert kvs.cache_stats(loaded).kv_bytes == kvs.cache_stats(cache).kv_bytes
     question = ids_of(6, seed=5)
     with torch.no_grad(), kvs.attach(model):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvsqueeze import __version__
@@ -101,8 +102,6 @@ def load_cache(path: str | Path, model: Any) -> SavedCache:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"cache file {str(path)!r} does not exist")
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -130,28 +129,3 @@ def load_cache(path: str | Path, model: Any) -> SavedCache:
         version=meta["kvsqueeze_version"],
         extra=json.loads(meta["extra"]),
     )
-
-
-def answer_saved(
-    model: Any,
-    tokenizer: Any,
-    path: str | Path,
-    questions: list[str],
-    max_new_tokens: int = 32,
-    answer_prefix: str = "",
-    decode_target: int | None = None,
-    decode_every: int = 32,
-) -> tuple[list[str], SavedCache]:
-    """Answer questions over a context cache saved by `save_cache` (e.g. by `kvsqueeze generate --save-cache`)."""
-    from kvsqueeze.pipeline import answer, decoding_method, split_prompt
-
-    if not questions:
-        raise ValueError("give at least one question")
-    saved = load_cache(path, model)
-    if len(saved.seen) != 1:
-        raise ValueError(f"{str(path)!r} holds {len(saved.seen)} contexts; answer_saved reads files of one context")
-    template = bool(saved.extra.get("chat_template", True))
-    tails = [split_prompt(tokenizer, "-", q, answer_prefix, template)[1] for q in questions]
-    decode = decoding_method(None, decode_target, decode_every)
-    texts, _, _ = answer(model, tokenizer, saved.cache, [0] * len(questions), tails, max_new_tokens, decode)
-    return texts, saved

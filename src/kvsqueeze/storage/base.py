@@ -1,0 +1,124 @@
+"""The protocol every storage layout of one attention layer's cache follows, and byte counting from storages.
+
+A storage holds, for one layer, the cached keys and values and the absolute position of every stored token, plus the
+per-slot floats of stateful methods (`slot_state`, e.g. H2O's accumulated attention). Each layout decides how they sit
+in memory; everything above it (the cache, attention, methods) reads the rectangular form of `view()`:
+
+    keys     (B, H, T, D)   post-RoPE, as the model cached them; T = the longest (row, head) kept
+    values   (B, H, T, Dv)
+    positions (B, H, T)     int32 absolute position of each slot; -1 marks an empty slot
+
+Storages are immutable values: every verb that changes the cache returns a new storage and never writes into the
+tensors of the old one. Holding on to a storage is therefore a snapshot of the layer, and putting it back restores it
+(`KVLayer.snapshot` / `restore`, used by KVzip's context replay). Adding a layout (quantized, paged) means adding one
+file that implements this protocol and passes the storage contract tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from torch import Tensor
+
+__all__ = ["LayerStorage", "StepView", "storage_bytes"]
+
+StepView = tuple[Tensor, Tensor, Tensor]  # keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T)
+
+
+class LayerStorage(Protocol):
+    """One layer's keys, values and slot positions in some memory layout (see the module docstring)."""
+
+    @property
+    def keys(self) -> Tensor:
+        """The stored keys, in the layout's own shape."""
+        ...
+
+    @property
+    def values(self) -> Tensor: ...
+
+    @property
+    def positions(self) -> Tensor:
+        """int32 positions in the layout's own shape (the keys' shape without the channel dim)."""
+        ...
+
+    @property
+    def slot_state(self) -> Mapping[str, Tensor]:
+        """name -> per-slot floats of stateful methods, in the layout of `positions`."""
+        ...
+
+    @property
+    def is_ragged(self) -> bool:
+        """True when (row, head) segments hold different numbers of tokens with no empty slots between them."""
+        ...
+
+    def view(self) -> StepView:
+        """The rectangular form (see the module docstring): the stored tensors themselves, or a transient copy."""
+        ...
+
+    def kept(self) -> Tensor:
+        """(B, H) long: real tokens held per (row, head)."""
+        ...
+
+    def width(self) -> int:
+        """T, the slot count of `view()`."""
+        ...
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[LayerStorage, StepView]:
+        """Add q new tokens, keys (B, H, q, D), values (B, H, q, Dv), positions (B, H, q) with -1 for pad tokens.
+
+        Returns the new storage and the step view attention reads: the past slots in view order, then the q new ones
+        (pads included, at -1). New tokens start every slot state at 0."""
+        ...
+
+    def prune(
+        self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
+    ) -> LayerStorage:
+        """Keep the slots `indices[b, h, :counts[b, h]]` of `view()` (indices (B, H, K) long, counts (B, H)).
+
+        values: replacement values (B, H, K, Dv) of the kept slots (value merging), None keeps the cached ones.
+        ragged: the counts differ and the caller wants exactly sum(counts) tokens stored (no empty slots); else a
+        rectangular layout keeps K slots and marks the unused ones empty."""
+        ...
+
+    def select_rows(self, rows: Tensor) -> LayerStorage:
+        """A storage holding copies of the given batch rows (indices may repeat)."""
+        ...
+
+    def pack(self, rect: Tensor) -> Tensor:
+        """A tensor in the layout of `view()` (B, H, T, ...) -> the stored layout (only the filled slots if ragged)."""
+        ...
+
+    def unpack(self, stored: Tensor, fill: float) -> Tensor:
+        """A tensor in the stored layout -> the layout of `view()` (B, H, T, ...), `fill` in the empty slots."""
+        ...
+
+    def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> LayerStorage:
+        """A copy with some of keys / values / positions / slot_state replaced (same layout and shapes)."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values held (the stored tensors are never views, so numel is the storage)."""
+        ...
+
+    def padding_slots(self) -> int:
+        """Empty slots stored (bytes spent on nothing): 0 for layouts without empty slots."""
+        ...
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Everything needed to rebuild this storage (slot state excepted), by name."""
+        ...
+
+
+def storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a slice counts its whole storage), skipping those in `seen`
+    (data pointers already counted), which is updated."""
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or storage.nbytes() == 0:
+            continue
+        seen.add(ptr)
+        total += storage.nbytes()
+    return total

@@ -1,0 +1,114 @@
+"""The rectangular layout: transformers' own (B, H, T, D) layer tensors, plus the position of every slot.
+
+    keys, values  (B, H, T, D)  T = the longest (row, head) kept; shorter ones leave empty slots
+    positions     (B, H, T)     int32, -1 = an empty slot (a left-pad token, or a head that keeps fewer)
+
+Uniform budgets fill every slot, so the stored tensors are exactly what was kept and `view()` costs nothing. When a
+plan keeps different counts per row or head, `prune(..., ragged=True)` moves the layer to the ragged layout instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+from kvsqueeze.storage.base import StepView
+from kvsqueeze.storage.ragged import RaggedStorage
+
+__all__ = ["DenseStorage"]
+
+
+@dataclass(frozen=True)
+class DenseStorage:
+    """Rectangular keys/values/positions (see the module docstring)."""
+
+    keys: Tensor  # (B, H, T, D)
+    values: Tensor  # (B, H, T, Dv)
+    positions: Tensor  # (B, H, T) int32
+    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))  # name -> (B, H, T)
+
+    is_ragged = False
+
+    @classmethod
+    def empty(cls, keys: Tensor, values: Tensor) -> DenseStorage:
+        """No tokens yet, with the batch, heads, dims, dtype and device of these (B, H, q, D) tensors."""
+        b, h, _, d = keys.shape
+        positions = torch.empty(b, h, 0, dtype=torch.int32, device=keys.device)
+        return cls(keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, values.shape[-1]), positions)
+
+    def view(self) -> StepView:
+        return self.keys, self.values, self.positions
+
+    def kept(self) -> Tensor:
+        return (self.positions >= 0).sum(dim=-1)
+
+    def width(self) -> int:
+        return self.positions.shape[-1]
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[DenseStorage, StepView]:
+        b, h, q, _ = keys.shape
+        state = {name: torch.cat([s, s.new_zeros(b, h, q)], dim=-1) for name, s in self.slot_state.items()}
+        stored = DenseStorage(
+            torch.cat([self.keys, keys], dim=-2),
+            torch.cat([self.values, values], dim=-2),
+            torch.cat([self.positions, positions.to(torch.int32)], dim=-1),
+            MappingProxyType(state),
+        )
+        return stored, stored.view()
+
+    def prune(
+        self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
+    ) -> DenseStorage | RaggedStorage:
+        b, h, k = indices.shape
+        if ragged:  # segment (b, h) starts at (b H + h) T in the flattened tensors
+            t = self.positions.shape[-1]
+            starts = torch.arange(b * h, device=indices.device).view(b, h) * t
+            return RaggedStorage.gather(
+                self.keys.reshape(b * h * t, -1),
+                self.values.reshape(b * h * t, -1),
+                self.positions.reshape(-1),
+                self.slot_state,
+                starts,
+                indices,
+                counts,
+                values,
+            )
+        d, dv = self.keys.shape[-1], self.values.shape[-1]
+        filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
+        keys = self.keys.gather(2, indices[..., None].expand(b, h, k, d))
+        if values is None:
+            values = self.values.gather(2, indices[..., None].expand(b, h, k, dv))
+        else:
+            values = values.to(self.values.dtype).contiguous()
+        positions = torch.where(filled, self.positions.gather(2, indices), -1)
+        state = {name: torch.where(filled, s.gather(2, indices), 0.0) for name, s in self.slot_state.items()}
+        return DenseStorage(keys, values, positions, MappingProxyType(state))
+
+    def select_rows(self, rows: Tensor) -> DenseStorage:
+        rows = rows.to(self.keys.device)
+        state = {name: s[rows] for name, s in self.slot_state.items()}
+        return DenseStorage(self.keys[rows], self.values[rows], self.positions[rows], MappingProxyType(state))
+
+    def pack(self, rect: Tensor) -> Tensor:
+        if rect.shape[:3] != self.positions.shape:
+            raise ValueError(f"shape {tuple(rect.shape)} does not match the layer's {tuple(self.positions.shape)}")
+        return rect
+
+    def unpack(self, stored: Tensor, fill: float) -> Tensor:
+        return stored
+
+    def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> DenseStorage:
+        return replace(self, **fields)  # type: ignore[arg-type]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def padding_slots(self) -> int:
+        return int((self.positions < 0).sum())
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {"keys": self.keys, "values": self.values, "positions": self.positions}

@@ -1,0 +1,159 @@
+"""The ragged layout: exactly the kept tokens, when (row, head) segments keep different counts.
+
+    keys, values  (N, D)   one flat buffer per layer; N = tokens kept over all rows and heads, stored segment after
+                           segment in (row, head) order, each segment in slot (position) order
+    positions     (N,)     int32 absolute position of each stored token
+    lengths       (B, H)   int64 tokens held by each (row, head) segment
+
+Head-adaptive budgets (Ada-KV, DuoAttention, KVzip) and rows of a padded batch need it: a rectangular layout would
+keep the longest segment's length for every head. New tokens are appended to every segment of their row; pad tokens
+are not stored. `view()` unpacks to the rectangular (B, H, T, D) form (a transient copy, empty slots -1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from kvsqueeze.storage.base import StepView
+
+__all__ = ["RaggedStorage", "segment_starts", "unpack"]
+
+
+def segment_starts(lengths: Tensor) -> Tensor:
+    """(B, H) offset of each (row, head) segment in a flat buffer holding `lengths` (B, H) tokens per segment."""
+    flat = lengths.flatten()
+    return (flat.cumsum(0) - flat).view_as(lengths)
+
+
+def unpack(flat: Tensor, lengths: Tensor, fill: float) -> Tensor:
+    """(N, ...) segments in (row, head) order -> (B, H, T, ...) left-aligned, T = the longest, `fill` beyond."""
+    b, h = lengths.shape
+    t = int(lengths.max()) if lengths.numel() else 0
+    filled = torch.arange(t, device=flat.device)[None, None, :] < lengths[..., None]  # (B, H, T)
+    out = flat.new_full((b, h, t, *flat.shape[1:]), fill)
+    out[filled] = flat
+    return out
+
+
+@dataclass(frozen=True)
+class RaggedStorage:
+    """Flat per-layer buffers plus per-(row, head) lengths (see the module docstring)."""
+
+    keys: Tensor  # (N, D)
+    values: Tensor  # (N, Dv)
+    positions: Tensor  # (N,) int32
+    lengths: Tensor  # (B, H) int64
+    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))  # name -> (N,)
+
+    is_ragged = True
+
+    @classmethod
+    def gather(
+        cls,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor,
+        slot_state: Mapping[str, Tensor],
+        starts: Tensor,
+        indices: Tensor,
+        counts: Tensor,
+        new_values: Tensor | None = None,
+    ) -> RaggedStorage:
+        """Build from flat buffers (keys (M, D), values (M, Dv), positions (M,), slot states (M,)) where (row, head)
+        slot s of a `view()` sits at flat index starts[b, h] + s: keep `indices[b, h, :counts[b, h]]` of each."""
+        k = indices.shape[-1]
+        filled = torch.arange(k, device=indices.device)[None, None, :] < counts[:, :, None]  # (B, H, K)
+        flat = (starts[..., None] + indices)[filled]  # (N,) in (row, head, slot) order
+        kept_values = values[flat] if new_values is None else new_values[filled].to(values.dtype)
+        state = {name: s.reshape(-1)[flat] for name, s in slot_state.items()}
+        lengths = counts.to(torch.long).clone()
+        return cls(keys[flat], kept_values, positions[flat], lengths, MappingProxyType(state))
+
+    def view(self) -> StepView:
+        return self.unpack(self.keys, 0.0), self.unpack(self.values, 0.0), self.unpack(self.positions, -1)
+
+    def kept(self) -> Tensor:
+        return self.lengths.clone()
+
+    def width(self) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[RaggedStorage, StepView]:
+        """Append the real new tokens to every (row, head) segment; the step view is each segment left-aligned
+        (B, H, T_max, ...) followed by the q new slots (pads at -1)."""
+        b, h, q, _ = keys.shape
+        n = self.lengths.flatten().tolist()  # tokens per segment, S = B H segments
+        width = max(n, default=0)
+        real = (positions >= 0).reshape(b * h, q)  # (S, q) the row's real new tokens, in every head
+        n_real = real.sum(dim=1).tolist()
+        all_real = bool(real.all())
+        steps, packed = [], []
+        for flat, new, fill in ((self.keys, keys, 0.0), (self.values, values, 0.0), (self.positions, positions, -1)):
+            segments = torch.split(flat, n)  # views, one per (row, head)
+            past = pad_sequence(list(segments), batch_first=True, padding_value=fill)  # (S, width, ...)
+            if past.shape[1] < width:  # pad_sequence of all-empty segments
+                past = flat.new_full((b * h, width, *flat.shape[1:]), fill)
+            steps.append(torch.cat([past.view(b, h, width, *flat.shape[1:]), new], dim=2))
+            new_s = new.reshape(b * h, q, *new.shape[3:])
+            pieces = []
+            for i, seg in enumerate(segments):  # repack: each segment, then its row's real new tokens
+                pieces.append(seg)
+                pieces.append(new_s[i] if all_real else new_s[i][real[i]])
+            packed.append(torch.cat(pieces))
+        state = {}
+        for name, s in self.slot_state.items():  # each segment, then 0 for its row's real new tokens
+            state[name] = torch.cat(
+                [p for i, seg in enumerate(torch.split(s, n)) for p in (seg, s.new_zeros(n_real[i]))]
+            )
+        lengths = torch.tensor([a + c for a, c in zip(n, n_real, strict=True)], device=self.lengths.device)
+        new_keys, new_values, new_positions = packed
+        stored = RaggedStorage(new_keys, new_values, new_positions, lengths.view(b, h), MappingProxyType(state))
+        step_keys, step_values, step_positions = steps
+        return stored, (step_keys, step_values, step_positions)
+
+    def prune(
+        self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = True
+    ) -> RaggedStorage:
+        starts = segment_starts(self.lengths)
+        return RaggedStorage.gather(
+            self.keys, self.values, self.positions, self.slot_state, starts, indices, counts, values
+        )
+
+    def select_rows(self, rows: Tensor) -> RaggedStorage:
+        """Gather the rows' runs of segments from the flat buffers."""
+        per_row = self.lengths.sum(dim=1)
+        starts = per_row.cumsum(0) - per_row
+        idx = torch.cat([torch.arange(int(starts[r]), int(starts[r] + per_row[r])) for r in rows.tolist()])
+        idx = idx.to(self.keys.device)
+        state = {name: s[idx] for name, s in self.slot_state.items()}
+        rows = rows.to(self.lengths.device)
+        return RaggedStorage(
+            self.keys[idx], self.values[idx], self.positions[idx], self.lengths[rows], MappingProxyType(state)
+        )
+
+    def pack(self, rect: Tensor) -> Tensor:
+        filled = self.unpack(self.positions, -1) >= 0
+        if rect.shape[: filled.dim()] != filled.shape:
+            raise ValueError(f"shape {tuple(rect.shape)} does not match the layer's view {tuple(filled.shape)}")
+        return rect[filled]  # (row, head, slot) order = the segments' order
+
+    def unpack(self, stored: Tensor, fill: float) -> Tensor:
+        return unpack(stored, self.lengths, fill)
+
+    def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> RaggedStorage:
+        return replace(self, **fields)  # type: ignore[arg-type]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def padding_slots(self) -> int:
+        return 0
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {"keys": self.keys, "values": self.values, "positions": self.positions, "lengths": self.lengths}
