@@ -34,6 +34,7 @@ _EXPORTS = {
     "save_cache": "kvsqueeze.storage",
     "load_cache": "kvsqueeze.storage",
     "get_adapter": "kvsqueeze.models",
+    "register_pipeline": "kvsqueeze.hf_pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -41,6 +42,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from kvsqueeze.cache import CacheStats, KVCache, cache_bytes, cache_stats
     from kvsqueeze.conversation import Conversation
+    from kvsqueeze.hf_pipeline import register_pipeline
     from kvsqueeze.loading import load_model
     from kvsqueeze.methods import (
         Method,
