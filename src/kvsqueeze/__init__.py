@@ -34,6 +34,7 @@ _EXPORTS = {
     "save_cache": "kvsqueeze.cachefile",
     "load_cache": "kvsqueeze.cachefile",
     "get_adapter": "kvsqueeze.models",
+    "register_pipeline": "kvsqueeze.hf_pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from kvsqueeze.cache import KVCache
     from kvsqueeze.cachefile import load_cache, save_cache
     from kvsqueeze.conversation import Conversation
+    from kvsqueeze.hf_pipeline import register_pipeline
     from kvsqueeze.loading import load_model
     from kvsqueeze.methods import (
         Method,
