@@ -1,6 +1,9 @@
 """The `kvsqueeze` command line: thin wrappers around library functions.
 
-stdout carries results only (with --json: exactly one JSON document); logs and progress go to stderr.
+stdout carries results only (with --json: exactly one JSON document); logs and progress go to stderr, through the
+`kvsqueeze` logger only (other libraries' loggers are left as they are). Bad input (ValueError) and a missing file
+the user named (FileNotFoundError) end with a one-line error and exit status 2; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -76,12 +79,135 @@ def _method_option(text: str) -> tuple[str, str, Any]:
     return method, name, value
 
 
-def _add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser(
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default where it says something (not None, not a flag's) and keeps the description
+    and the examples of the epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:  # the hook ArgumentDefaults... overrides too
+        if action.nargs == 0 or action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _logging_options(top: bool) -> argparse.ArgumentParser:
+    """-v/-q, accepted before the subcommand and after it. Only the top parser sets the default (INFO): a subparser's
+    default would overwrite a -v given before the subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    for flags, level, text in (
+        (("-v", "--verbose"), logging.DEBUG, "debug messages on stderr"),
+        (("-q", "--quiet"), logging.WARNING, "only warnings and errors on stderr (no progress bar)"),
+    ):
+        group.add_argument(*flags, dest="log_level", action="store_const", const=level, default=argparse.SUPPRESS,
+                           help=text)  # fmt: skip
+    if top:
+        parent.set_defaults(log_level=logging.INFO)
+    return parent
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """The options that choose and place the model, shared by every subcommand that loads one."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model")
+    group.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
+    group.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the CPU)")
+    return parent
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from kvsqueeze.loading import load_model
+
+    logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
+    return load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+
+
+_MAIN_EXAMPLES = """examples:
+  kvsqueeze generate --example       answer a question about a bundled document, with and without compression
+  kvsqueeze list                     the compression methods and their options
+  kvsqueeze bench                    the default benchmark suite; report in results/bench/default
+  kvsqueeze bench -v                 the same, with debug messages (-v/-q go before or after the subcommand)
+  kvsqueeze COMMAND --help           the options of one command, with their defaults and examples"""
+
+_EXAMPLES = {
+    "list": """examples:
+  kvsqueeze list
+  kvsqueeze list --json | python -m json.tool""",
+    "generate": """examples:
+  kvsqueeze generate --example
+  kvsqueeze generate --example --method snapkv --ratio 0.25 --option window=32 --json
+  kvsqueeze generate --context-file doc.txt --question "Who signed it?" --question "When?" --method tova
+  kvsqueeze generate --example --method expected_attention --budget-policy adakv --chunk-size 512
+  kvsqueeze generate --example --save-cache doc.safetensors --no-compare
+  kvsqueeze generate --load-cache doc.safetensors --question "What is the secret access code?" --json""",
+    "calibrate": """examples:
+  kvsqueeze calibrate qfilters
+  kvsqueeze calibrate kvzap_mlp --force
+  kvsqueeze calibrate qfilters --model path/to/model --option n_tokens=4096""",
+    "bench": """examples:
+  kvsqueeze bench
+  kvsqueeze bench --suite full
+  kvsqueeze bench --methods none,knorm,tova --ratios 0.25,0.5 --tasks niah_single,vt --lengths 1024,2048
+  kvsqueeze bench --dataset mine.jsonl --methods none,snapkv --option snapkv.window=16
+  kvsqueeze bench --budget-policy adakv --methods knorm,expected_attention --chunk-size 512 -q""",
+    "report": """examples:
+  kvsqueeze report results/bench/default""",
+}
+
+
+def _add_parser(sub: Any, name: str, parents: list[argparse.ArgumentParser], **kwargs: Any) -> Any:
+    return sub.add_parser(name, parents=parents, formatter_class=_HelpFormatter, epilog=_EXAMPLES[name], **kwargs)
+
+
+def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = _add_parser(
+        sub,
+        "generate",
+        parents,
+        help="compress a context once, then answer questions",
+        description="Compress a context once (before the questions are seen), then answer each question over the\n"
+        "compressed KV cache. With --example (a bundled document), the answers without compression are shown too.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--context-file", type=Path, help="text file holding the context")
+    src.add_argument("--example", action="store_true", help="use the bundled example document and its question")
+    src.add_argument("--load-cache", type=Path, help="answer over a context cache saved with --save-cache")
+    p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
+    p.add_argument("--method", default="knorm", help="compression method (see `kvsqueeze list`); 'none' = off")
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of context tokens removed, in [0, 1)")
+    p.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
+    p.add_argument(
+        "--budget-policy",
+        choices=sorted(BUDGET_POLICIES),
+        default=None,
+        help="wrap --method (the scorer, with its --option) in a budget policy: adakv (heads of a layer pool their "
+        "budget), criticalkv (two-stage, value-aware), global (one budget for all layers and heads), pyramid",
+    )
+    p.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also answer without compression and print both answers with the KV bytes of each "
+        "(default: on with --example, off otherwise)",
+    )
+    p.add_argument("--answer-prefix", default=None, help="text the answer starts with")
+    p.add_argument("--max-new-tokens", type=_positive, default=32, help="longest answer, in tokens")
+    p.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
+    p.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
+    p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens")
+    p.add_argument("--save-cache", type=Path, default=None, help="save the compressed context (safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON document with answers and stats")
+
+
+def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = _add_parser(
+        sub,
         "bench",
+        parents,
         help="accuracy, memory and speed of methods x ratios x tasks x lengths, then a report",
-        description="Run a benchmark grid (with no arguments: the default suite); finished rows are skipped on a rerun "
-        "of the same command, so an interrupted run resumes where it stopped.",
+        description="Run a benchmark grid (with no arguments: the default suite), then write a report. Finished rows\n"
+        "are skipped on a rerun of the same command, so an interrupted run resumes where it stopped.",
     )
     p.add_argument(
         "--suite",
@@ -112,68 +238,45 @@ def _add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--chunk-size", type=_positive, default=None, help="prefill each context in chunks of N tokens")
     p.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
-    p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens (default 32)")
+    p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens")
     p.add_argument(
         "--out",
         type=Path,
         default=None,
         help="results directory (default: results/bench/default, or results/bench/custom-<hash of the grid>)",
     )
-    p.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p_report = sub.add_parser("report", help="(re)write the Markdown/HTML report and plots of a results directory")
-    p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvsqueeze", description="KV cache compression for Hugging Face LMs.")
+    parser = argparse.ArgumentParser(prog="kvsqueeze", description="KV cache compression for Hugging Face LMs.",
+                                     parents=[_logging_options(top=True)], formatter_class=_HelpFormatter,
+                                     epilog=_MAIN_EXAMPLES)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"kvsqueeze {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    logs, model = _logging_options(top=False), _model_options()
 
-    p_list = sub.add_parser("list", help="list the compression methods")
+    p_list = _add_parser(sub, "list", [logs], help="list the compression methods")
     p_list.add_argument("--json", action="store_true", help="print one JSON array")
-
-    p_gen = sub.add_parser("generate", help="compress a context once, then answer questions")
-    src = p_gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--context-file", type=Path, help="text file holding the context")
-    src.add_argument("--example", action="store_true", help="use the bundled example document and its question")
-    src.add_argument("--load-cache", type=Path, help="answer over a context cache saved with --save-cache")
-    p_gen.add_argument("--question", action="append", default=[], help="a question (repeatable)")
-    p_gen.add_argument("--method", default="knorm", help="compression method (see `kvsqueeze list`); 'none' = off")
-    p_gen.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of context tokens removed, in [0, 1)")
-    p_gen.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
-    p_gen.add_argument(
-        "--budget-policy",
-        choices=sorted(BUDGET_POLICIES),
-        default=None,
-        help="wrap --method (the scorer, with its --option) in a budget policy: adakv (heads of a layer pool their "
-        "budget), criticalkv (two-stage, value-aware), global (one budget for all layers and heads), pyramid",
-    )
-    p_gen.add_argument("--answer-prefix", default=None, help="text the answer starts with")
-    p_gen.add_argument("--max-new-tokens", type=_positive, default=32)
-    p_gen.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
-    p_gen.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
-    p_gen.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens (default 32)")
-    p_gen.add_argument("--save-cache", type=Path, default=None, help="save the compressed context (safetensors)")
-    p_gen.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
-    p_gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p_gen.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
-    p_gen.add_argument("--device", default=None, help="torch device, e.g. cuda")
-    p_gen.add_argument("--json", action="store_true", help="print one JSON document with answers and stats")
-
-    p_cal = sub.add_parser("calibrate", help="calibrate a method on a model ahead of time (cached on disk)")
+    _add_generate_parser(sub, [logs, model])
+    p_cal = _add_parser(sub, "calibrate", [logs, model],
+                        help="calibrate a method on a model ahead of time (cached on disk)")  # fmt: skip
     p_cal.add_argument("method", help="method name (see `kvsqueeze list`; those marked [needs: calibration])")
-    p_cal.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M)")
     p_cal.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
     p_cal.add_argument("--force", action="store_true", help="compute again even if a cached artifact exists")
-    p_cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p_cal.add_argument("--device", default=None, help="torch device, e.g. cuda")
-    _add_bench_parser(sub)
+    _add_bench_parser(sub, [logs, model])
+    p_report = _add_parser(sub, "report", [logs],
+                           help="(re)write the Markdown/HTML report and plots of a results directory")  # fmt: skip
+    p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with the defaults that depend on other options filled in (generate's --compare)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "generate" and args.compare is None:
+        args.compare = args.example
+    return args
 
 
 def _load_example() -> dict[str, Any]:
@@ -195,38 +298,58 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from kvsqueeze.loading import load_model
-    from kvsqueeze.methods import get_method
-    from kvsqueeze.methods.registry import with_budget_policy
-    from kvsqueeze.pipeline import generate
-
-    if args.load_cache:
-        return _answer_saved(args)
+def _generate_inputs(args: argparse.Namespace) -> tuple[str, list[str], str]:
+    """(context, questions, answer prefix) from --example or --context-file and --question."""
     if args.example:
         example = _load_example()
-        context = example["context"]
-        questions = args.question or [example["question"]]
         prefix = example["answer_prefix"] if args.answer_prefix is None else args.answer_prefix
-    else:
-        if not args.context_file.is_file():
-            raise ValueError(f"context file {str(args.context_file)!r} does not exist")
-        context = args.context_file.read_text(encoding="utf-8")
-        questions, prefix = args.question, args.answer_prefix or ""
-    if not questions:
+        return example["context"], args.question or [example["question"]], prefix
+    if not args.context_file.is_file():
+        raise FileNotFoundError(f"context file {str(args.context_file)!r} does not exist")
+    if not args.question:
         raise ValueError("give at least one --question")
+    return args.context_file.read_text(encoding="utf-8"), args.question, args.answer_prefix or ""
+
+
+def _generate_method(args: argparse.Namespace) -> Any:
+    from kvsqueeze.methods import get_method
+    from kvsqueeze.methods.registry import with_budget_policy
+
     options = dict(args.option)
+    if "ratio" in options:
+        raise ValueError(f"give the ratio with --ratio, not --option ratio={options['ratio']}")
     method = None if args.method.lower() == "none" else get_method(args.method, ratio=args.ratio, **options)
     if args.budget_policy is not None:
         if method is None:
             raise ValueError(f"--budget-policy {args.budget_policy} needs a scoring --method, not 'none'")
         method = with_budget_policy(args.budget_policy, method, args.ratio)
-    logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    return method
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvsqueeze.pipeline import generate
+
+    if args.load_cache:
+        if args.compare:
+            raise ValueError("--compare needs the context itself (--example or --context-file), not --load-cache")
+        return _answer_saved(args)
+    context, questions, prefix = _generate_inputs(args)
+    method = _generate_method(args)
+    model, tokenizer = _load(args)
+
+    def run(m: Any, decode_target: int | None) -> Any:
+        return generate(model, tokenizer, context, questions, method=m, max_new_tokens=args.max_new_tokens,
+                        answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=decode_target,
+                        decode_every=args.decode_every)  # fmt: skip
+
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))
-    out = generate(model, tokenizer, context, questions, method=method, max_new_tokens=args.max_new_tokens,
-                   answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=args.decode_target,
-                   decode_every=args.decode_every)  # fmt: skip
+    out = run(method, args.decode_target)
+    # the uncompressed answers: a second prefill (the library's shared-prefill path, press.record, only suits some
+    # methods, and generate's statistics would have to be rebuilt here)
+    baseline = None
+    if args.compare and method is not None:
+        logger.info("Answering again without compression, to compare ...")
+        baseline = run(None, None)
     if args.save_cache:
         from kvsqueeze.cachefile import save_cache
 
@@ -235,9 +358,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         logger.info("Saved the compressed context to %s", args.save_cache)
     if args.json:
         doc = {"method": repr(method), "questions": questions, "answers": out.answers, "stats": out.stats.to_dict()}
+        if baseline is not None:
+            doc["uncompressed"] = {"answers": baseline.answers, "stats": baseline.stats.to_dict()}
         print(json.dumps(doc))
         return 0
-    _print_human(method, questions, prefix, out)
+    if baseline is None:
+        _print_human(method, questions, prefix, out)
+    else:
+        _print_comparison(method, questions, prefix, out, baseline)
     return 0
 
 
@@ -245,12 +373,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import time
 
     from kvsqueeze.calibration import read_info
-    from kvsqueeze.loading import load_model
     from kvsqueeze.methods import get_method
 
     method = get_method(args.method, **dict(args.option))
-    logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = _load(args)
     start = time.perf_counter()
     path = method.calibrate(model, tokenizer=tokenizer, force=args.force)
     seconds = time.perf_counter() - start
@@ -266,12 +392,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _answer_saved(args: argparse.Namespace) -> int:
-    from kvsqueeze.loading import load_model
     from kvsqueeze.pipeline import answer_saved
 
     if not args.question:
         raise ValueError("give at least one --question")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    if not args.load_cache.is_file():
+        raise FileNotFoundError(f"cache file {str(args.load_cache)!r} does not exist")
+    model, tokenizer = _load(args)
     prefix = args.answer_prefix or ""
     answers, saved = answer_saved(model, tokenizer, args.load_cache, args.question, args.max_new_tokens, prefix,
                                   args.decode_target, args.decode_every)  # fmt: skip
@@ -290,11 +417,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _print_human(method: Any, questions: list[str], prefix: str, out: Any) -> None:
-    s = out.stats
-    print(f"method: {method!r}" if method is not None else "method: none (uncompressed)")
-    for q, a in zip(questions, out.answers, strict=True):
-        print(f"Q: {q}\nA: {(prefix + ' ') if prefix else ''}{a}")
+def _print_costs(s: Any) -> None:
     saved = 1 - s.kv_bytes_after / s.kv_bytes_before if s.kv_bytes_before else 0.0
     print(
         f"KV cache: {_mib(s.kv_bytes_before)} -> {_mib(s.kv_bytes_after)} ({saved:.1%} saved); "
@@ -304,6 +427,28 @@ def _print_human(method: Any, questions: list[str], prefix: str, out: Any) -> No
         f"prefill {s.prefill_seconds:.2f} s (compression {s.compression_seconds:.2f} s); "
         f"decode {s.decode_tokens_per_second:.1f} tokens/s"
     )
+
+
+def _print_human(method: Any, questions: list[str], prefix: str, out: Any) -> None:
+    print(f"method: {method!r}" if method is not None else "method: none (uncompressed)")
+    for q, a in zip(questions, out.answers, strict=True):
+        print(f"Q: {q}\nA: {(prefix + ' ') if prefix else ''}{a}")
+    _print_costs(out.stats)
+
+
+def _print_comparison(method: Any, questions: list[str], prefix: str, out: Any, baseline: Any) -> None:
+    """Each question's answer from the full cache next to the one from the compressed cache."""
+    full, kept = baseline.stats.kv_bytes_after, out.stats.kv_bytes_after
+    print(f"Each question answered twice by the same model: from the full KV cache, and from the cache compressed by "
+          f"{method!r}; where the answers differ, compression removed what the answer needed.")  # fmt: skip
+    labels = [f"uncompressed ({_mib(full)} KV)", f"compressed   ({_mib(kept)} KV)"]
+    width = max(map(len, labels))
+    pairs = zip(questions, baseline.answers, out.answers, strict=True)
+    for q, reference, answer in pairs:
+        print(f"Q: {q}")
+        for label, text in zip(labels, (reference, answer), strict=True):
+            print(f"  {label:<{width}}  A: {(prefix + ' ') if prefix else ''}{text}")
+    _print_costs(out.stats)
 
 
 def _bench_config(args: argparse.Namespace) -> Any:
@@ -318,6 +463,8 @@ def _bench_config(args: argparse.Namespace) -> Any:
         grid["tasks"] = []  # a dataset alone: no generated tasks
     options: dict[str, dict[str, Any]] = {}
     for method, key, value in args.option:
+        if key == "ratio":
+            raise ValueError(f"give ratios with --ratios, not --option {method}.ratio={value}")
         options.setdefault(method, {})[key] = value
     return default_config(args.suite, **grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
                           max_new_tokens=args.max_new_tokens, decode_every=args.decode_every, **forward,
@@ -344,56 +491,78 @@ def _print_tables(summary: Any) -> None:
         print(f"\n{title}\n\n{markdown_table(header, rows)}")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _report(results_dir: Path) -> None:
     from kvsqueeze.bench.report import write_report
+
+    files = write_report(results_dir)
+    _print_tables(files.summary)
+    if files.plots_skipped:
+        logger.warning("Plots skipped: %s", files.plots_skipped)
+    logger.info("Report: %s and %s", files.markdown, files.html)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
     from kvsqueeze.bench.results import RESULTS
     from kvsqueeze.bench.runner import run_bench
-    from kvsqueeze.loading import DEFAULT_MODEL, load_model
+    from kvsqueeze.loading import DEFAULT_MODEL
 
     config = _bench_config(args)  # bad names or values fail here, before the model loads
     model_name = args.model or DEFAULT_MODEL
     out = args.out or _default_out(config, model_name)
-    logger.info("Loading model %s ...", model_name)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    model, tokenizer = _load(args)
     logger.info("Running the %s suite into %s ...", config.name, out)
+    progress = not args.no_progress and args.log_level <= logging.INFO
     try:
-        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=not args.no_progress)
+        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=progress)
     except KeyboardInterrupt:
         print(f"kvsqueeze: interrupted; finished rows are in {out / RESULTS}: rerun the same command to resume.",
               file=sys.stderr)  # fmt: skip
         return 130
     logger.info("%d rows computed, %d already there.", run.computed_rows, run.skipped_rows)
-    files = write_report(out)
-    _print_tables(files.summary)
-    logger.info("Report: %s and %s", files.markdown, files.html)
+    _report(out)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kvsqueeze.bench.report import write_report
-
-    files = write_report(args.results_dir)
-    _print_tables(files.summary)
-    logger.info("Report: %s and %s", files.markdown, files.html)
+    _report(args.results_dir)
     return 0
 
 
+class _CliHandler(logging.StreamHandler):
+    """The stderr handler `main` puts on the `kvsqueeze` logger (replaced, not stacked, when main runs again). It
+    writes to sys.stderr as it is when a message comes, so a later redirection of stderr is followed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
+def configure_logging(level: int) -> None:
+    """Send the `kvsqueeze` logger's messages at `level` and above to stderr, as bare lines. The root logger and
+    other libraries' loggers are left alone (a root logger at DEBUG floods stderr with e.g. matplotlib's)."""
+    for handler in [h for h in logger.handlers if isinstance(h, _CliHandler)]:
+        logger.removeHandler(handler)
+    handler = _CliHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+COMMANDS = {"list": cmd_list, "generate": cmd_generate, "calibrate": cmd_calibrate, "bench": cmd_bench,
+            "report": cmd_report}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    logger.debug("kvsqueeze %s: %s", __version__, vars(args))
     try:
-        commands = {
-            "list": cmd_list,
-            "generate": cmd_generate,
-            "calibrate": cmd_calibrate,
-            "bench": cmd_bench,
-            "report": cmd_report,
-        }
-        return commands[args.command](args)
-    except (ValueError, TypeError, OSError, ModuleNotFoundError) as err:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:  # the library's user errors: bad input, a path that is not there
         print(f"kvsqueeze: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    except ModuleNotFoundError as err:
+        if err.name is not None:  # raised by an import statement: a broken install or a bug, keep the traceback
+            raise
+        print(f"kvsqueeze: error: {err}", file=sys.stderr)  # kvsqueeze's own: an optional package to install
+        return 1

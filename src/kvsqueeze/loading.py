@@ -98,6 +98,9 @@ def load_model(
             source, dtype=DTYPES[dtype], attn_implementation=attn_implementation
         )
     except OSError as err:
+        if not Path(source).exists():  # neither a directory nor a hub model: the name the user gave is not there
+            message = f"model {source!r} not found: no such local directory, nor a hub model ({err})"
+            raise FileNotFoundError(message) from err
         raise OSError(f"Could not load model {source!r}: {err}. Pass a local directory (no hub access here).") from err
     if device is not None:
         model.to(device)

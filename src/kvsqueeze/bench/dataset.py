@@ -19,7 +19,7 @@ from kvsqueeze.bench.tasks.base import Sample
 
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_METRIC = "any"
-_PARQUET_HINT = "reading .parquet files needs pandas and pyarrow: pip install pandas pyarrow"
+_PARQUET_HINT = "reading .parquet files needs pyarrow: pip install 'kvsqueeze[parquet]' (or pip install pyarrow)"
 
 
 class _RowError(ValueError):
@@ -96,15 +96,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        import pandas as pd
+        import pyarrow.parquet as pq
     except ImportError:
         raise ModuleNotFoundError(_PARQUET_HINT) from None
     try:
-        frame = pd.read_parquet(path)
-    except ImportError as err:
-        raise ModuleNotFoundError(f"{_PARQUET_HINT} ({err})") from None
-    for n, row in enumerate(frame.to_dict(orient="records"), start=1):
-        yield n, {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}  # numpy -> Python
+        table = pq.read_table(path)
+    except ValueError as err:  # pyarrow's ArrowInvalid: not a parquet file, a broken one
+        raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+    yield from enumerate(table.to_pylist(), start=1)  # plain Python values (lists, str, int; None for nulls)
 
 
 def _text(raw: dict[str, Any], name: str, required: bool) -> str:

@@ -1,5 +1,7 @@
 """The benchmark report: from a results directory, Markdown and HTML pages with the methods x ratios table and
-PNG plots (score vs compression ratio, KV bytes vs ratio, prefill time per method) written next to them.
+PNG plots (score vs compression ratio, KV bytes vs ratio, prefill time per method). The plots are written next to
+the pages; report.html also embeds them (data URIs), so it is one self-contained file. Plots need matplotlib (the
+`plot` extra): without it the pages are still written and say the plots were skipped.
 
 Scores are RULER string-match scores in %, averaged per task, then over tasks (each task weighs the same). Time and
 memory figures come from the runner's cost pass (one real run per method, ratio and length), averaged over lengths.
@@ -7,7 +9,9 @@ memory figures come from the runner's cost pass (one real run per method, ratio 
 
 from __future__ import annotations
 
+import base64
 import html
+import importlib.util
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from typing import Any
 from kvsqueeze.bench.results import CONFIG, NONE, RESULTS, read_jsonl
 
 MIB = 2**20
+PLOTS_SKIPPED = "matplotlib is not installed; to draw them: pip install 'kvsqueeze[plot]', then `kvsqueeze report DIR`"
 PLOTS = {
     "score_vs_ratio.png": "Score vs compression ratio",
     "kv_bytes_vs_ratio.png": "KV cache size vs compression ratio",
@@ -158,11 +163,13 @@ def _intro(s: Summary) -> list[str]:
     ]
 
 
-def render_markdown(s: Summary) -> str:
+def render_markdown(s: Summary, plots: list[Path] | None = None) -> str:
+    """The Markdown page; `plots` (PNG files next to it, as `plot` writes them): linked by name; none: a note."""
     parts = ["# kvsqueeze benchmark", "", *_intro(s), ""]
     for title, header, rows in tables(s):
         parts += [f"## {title}", "", markdown_table(header, rows), ""]
-    parts += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items()] + [""]
+    shown = [f"![{PLOTS.get(p.name, p.stem)}]({p.name})" for p in plots or []]
+    parts += ["## Plots", "", *(shown or [f"Plots skipped: {PLOTS_SKIPPED}."]), ""]
     return "\n".join(parts)
 
 
@@ -171,7 +178,8 @@ table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"""
 
 
-def render_html(s: Summary) -> str:
+def render_html(s: Summary, plots: list[Path] | None = None) -> str:
+    """One self-contained page: `plots` (PNG files) are embedded as data URIs; none: a note instead."""
     esc = html.escape
     body = ["<h1>kvsqueeze benchmark</h1>", *(f"<p>{esc(p)}</p>" for p in _intro(s))]
     for title, header, rows in tables(s):
@@ -180,19 +188,30 @@ def render_html(s: Summary) -> str:
         body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
         body.append("</table>")
     body.append("<h2>Plots</h2>")
-    body += [f'<img src="{name}" alt="{esc(title)}">' for name, title in PLOTS.items()]
+    body += [f'<img src="{_data_uri(p)}" alt="{esc(PLOTS.get(p.name, p.stem))}">' for p in plots or []]
+    if not plots:
+        body.append(f"<p>Plots skipped: {esc(PLOTS_SKIPPED)}.</p>")
     head = ('<meta charset="utf-8"><title>kvsqueeze benchmark</title><link rel="icon" href="data:,">'
             f"<style>{_CSS}</style>")  # fmt: skip
     page = "\n".join(body)
     return f"<!DOCTYPE html>\n<html lang='en'>\n<head>{head}</head>\n<body>\n{page}\n</body>\n</html>\n"
 
 
-def plot(s: Summary, out_dir: Path) -> list[Path]:
-    """Write the PNG plots (matplotlib, Agg backend) into out_dir."""
-    import matplotlib
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def can_plot() -> bool:
+    """Whether matplotlib (the `plot` extra) can be imported."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # in sys.modules as None (imports of it blocked)
+        return False
+
+
+def plot(s: Summary, out_dir: Path) -> list[Path]:
+    """Write the PNG plots into out_dir, drawn on matplotlib Figures with the Agg canvas (no pyplot, no global
+    backend switch: safe inside any application)."""
 
     def series(method: str, value: Any) -> tuple[list[float], list[float]]:
         xs = [r for r in s.ratios if (method, r) in s.cells]
@@ -203,7 +222,7 @@ def plot(s: Summary, out_dir: Path) -> list[Path]:
         ("score_vs_ratio.png", "average score (%)", lambda c: 100 * c.average),
         ("kv_bytes_vs_ratio.png", "KV cache after compression (MiB)", lambda c: c.kv_after / MIB),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        fig, ax = _figure()
         for m in s.methods:
             xs, ys = series(m, value)
             if m == NONE:
@@ -217,12 +236,21 @@ def plot(s: Summary, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir / name))
-    paths.append(_prefill_plot(s, out_dir / "prefill_time.png", plt))
+    paths.append(_prefill_plot(s, out_dir / "prefill_time.png"))
     return paths
 
 
-def _prefill_plot(s: Summary, path: Path, plt: Any) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+def _figure() -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)  # attaches itself to the figure: savefig renders with Agg
+    return fig, fig.add_subplot()
+
+
+def _prefill_plot(s: Summary, path: Path) -> Path:
+    fig, ax = _figure()
     keys = [(m, r) for m in s.methods for r in s.ratios if (m, r) in s.cells]
     labels = [m if m == NONE else f"{m}\n{r:g}" for m, r in keys]
     total = [s.cells[k].prefill_s for k in keys]
@@ -239,10 +267,7 @@ def _prefill_plot(s: Summary, path: Path, plt: Any) -> Path:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.savefig(path, format="png")
     return path
 
 
@@ -250,12 +275,14 @@ def _save(fig: Any, path: Path) -> Path:
 class ReportFiles:
     markdown: Path
     html: Path
-    plots: list[Path]
+    plots: list[Path]  # empty when plots_skipped says why
     summary: Summary
+    plots_skipped: str | None = None  # why no plots were drawn, and how to get them
 
 
 def write_report(results_dir: str | Path) -> ReportFiles:
-    """Write report.md, report.html and the plots into `results_dir` (which holds results.jsonl)."""
+    """Write report.md, report.html and the plots into `results_dir` (which holds results.jsonl). Without matplotlib,
+    the pages only (ReportFiles.plots_skipped says so)."""
     out = Path(results_dir)
     if not (out / RESULTS).is_file():
         raise ValueError(f"{str(out)!r} holds no {RESULTS}: run `kvsqueeze bench --out {out}` first")
@@ -265,8 +292,9 @@ def write_report(results_dir: str | Path) -> ReportFiles:
 
         meta = json.loads((out / CONFIG).read_text(encoding="utf-8"))
     summary = summarize(read_jsonl(out / RESULTS), meta)
-    plots = plot(summary, out)
+    drawn = can_plot()
+    plots = plot(summary, out) if drawn else []
     md, page = out / "report.md", out / "report.html"
-    md.write_text(render_markdown(summary), encoding="utf-8")
-    page.write_text(render_html(summary), encoding="utf-8")
-    return ReportFiles(md, page, plots, summary)
+    md.write_text(render_markdown(summary, plots), encoding="utf-8")
+    page.write_text(render_html(summary, plots), encoding="utf-8")
+    return ReportFiles(md, page, plots, summary, None if drawn else PLOTS_SKIPPED)

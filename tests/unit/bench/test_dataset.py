@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,21 +96,44 @@ def test_files_that_cannot_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValueError, match="has no rows"):
         load_dataset(tmp_path / "e.jsonl")
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
-    with pytest.raises(ModuleNotFoundError, match="pip install pandas pyarrow"):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"needs pyarrow: pip install 'kvsqueeze\[parquet\]'"):
         load_dataset(tmp_path / "d.parquet")
 
 
+def _write_parquet(path: Path, rows: list[dict]) -> Path:
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install 'kvsqueeze[parquet]')")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)  # pyarrow alone, no pandas
+    return path
+
+
 def test_parquet_rows(tmp_path: Path) -> None:
-    pd = pytest.importorskip("pandas", reason="pandas is not installed (pip install pandas pyarrow)")
-    pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pandas pyarrow)")
-    path = tmp_path / "d.parquet"
-    rows = [ROW, {**ROW, "question": "Code?", "answers": ["4417", "x"], "max_new_tokens": 4}]
-    pd.DataFrame(rows).to_parquet(path)
+    rows = [
+        {**ROW, "max_new_tokens": None},
+        {**ROW, "question": "Code?", "answers": ["4417", "x"], "max_new_tokens": 4},
+    ]
+    path = _write_parquet(tmp_path / "d.parquet", rows)
     samples = load_dataset(path)
     assert [s.questions for s in samples] == [("What is the code?",), ("Code?",)]
     assert samples[1].answers == (("4417", "x"),) and samples[1].max_new_tokens == 4
-    assert samples[0].max_new_tokens == 32  # NaN in the column: the default
-    pd.DataFrame([{**ROW, "answers": []}]).to_parquet(path)
+    assert samples[0].max_new_tokens == 32  # the null: the default
+    _write_parquet(path, [{**ROW, "answers": []}])
     with pytest.raises(ValueError, match=r"d\.parquet: line 1: field 'answers'"):
         load_dataset(path)
+    path.write_bytes(b"PAR1 but not parquet")
+    with pytest.raises(ValueError, match=r"d\.parquet: not a readable parquet file"):
+        load_dataset(path)
+
+
+def test_parquet_is_read_without_pandas(tmp_path: Path) -> None:
+    """pyarrow alone reads the file: pandas is neither needed nor imported (a fresh interpreter shows what the
+    reader imports)."""
+    path = _write_parquet(tmp_path / "d.parquet", [ROW])
+    code = ("import sys; from kvsqueeze.bench.dataset import load_dataset\n"
+            f"print(len(load_dataset({str(path)!r})), 'pandas' in sys.modules)")  # fmt: skip
+    src = Path(__file__).resolve().parents[3] / "src"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(src)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "False"]

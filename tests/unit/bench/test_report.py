@@ -1,13 +1,28 @@
-"""The report: tables with the right numbers, Markdown and HTML pages, PNG plots next to them."""
+"""The report: tables with the right numbers, Markdown and HTML pages, PNG plots next to them (and inside the HTML),
+the pages alone without matplotlib."""
 
 from __future__ import annotations
 
+import base64
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from kvsqueeze.bench.report import method_labels, summarize, tables, write_report
 from tests.unit.bench.report_rows import rows, write_results
+
+SRC = Path(__file__).resolve().parents[3] / "src"
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter on this checkout's sources (what it imports stays there)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -36,6 +51,20 @@ def test_labels_keep_options_only_where_they_differ() -> None:
     assert labels["SnapKV(ratio=0.5, window=16, kernel=5)"] == "SnapKV(window=16, kernel=5)"
 
 
+class _Links(HTMLParser):
+    """Every URL an HTML page points at: src/href attributes, and url(...) in its styles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [value or "" for name, value in attrs if name in ("src", "href", "srcset", "data", "poster")]
+
+    def handle_data(self, data: str) -> None:
+        self.urls += [part.split(")")[0].strip("'\" ") for part in data.split("url(")[1:]]
+
+
 def test_write_report_makes_markdown_html_and_plots(tmp_path: Path) -> None:
     files = write_report(write_results(tmp_path))
     md = files.markdown.read_text()
@@ -43,9 +72,53 @@ def test_write_report_makes_markdown_html_and_plots(tmp_path: Path) -> None:
     assert "KV MiB after" in md and "by context length" in md and "Model: tiny" in md
     page = files.html.read_text()
     assert page.count("<table>") == 3 and "<th>average</th>" in page
+    assert len(files.plots) == 3 and files.plots_skipped is None
     for plot in files.plots:
         assert plot.parent == tmp_path and plot.read_bytes().startswith(PNG) and plot.stat().st_size > 5000
-        assert f'src="{plot.name}"' in page and f"]({plot.name})" in md
+        assert f"]({plot.name})" in md  # the Markdown links the PNG next to it
+        embedded = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
+        assert f'src="{embedded}"' in page  # the HTML carries the same image inside
+
+
+def test_html_report_references_no_other_file(tmp_path: Path) -> None:
+    """report.html is self-contained: every URL in it is a data: URI (it can be mailed or moved alone)."""
+    files = write_report(write_results(tmp_path))
+    links = _Links()
+    links.feed(files.html.read_text())
+    assert len([u for u in links.urls if u.startswith("data:image/png;base64,")]) == 3
+    assert links.urls and all(u.startswith("data:") for u in links.urls), [u[:40] for u in links.urls]
+
+
+def test_without_matplotlib_the_pages_are_written_and_say_why_no_plots(tmp_path: Path) -> None:
+    """matplotlib is an extra: blocked (as if not installed), the report still has its tables and says how to get
+    the plots. Run in a subprocess, so blocking the import cannot leak into other tests."""
+    out = write_results(tmp_path)
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from kvsqueeze.bench.report import write_report\n"
+            f"files = write_report({str(out)!r})\n"
+            "print(len(files.plots), files.plots_skipped)")  # fmt: skip
+    done = _python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("0 matplotlib is not installed") and "kvsqueeze[plot]" in done.stdout
+    assert not list(tmp_path.glob("*.png"))
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert "| knorm |  | 50.0 | 25.0 |" in md and "<th>average</th>" in page
+    for text in (md, page):
+        assert "Plots skipped: matplotlib is not installed" in text and "kvsqueeze[plot]" in text
+    assert "<img" not in page and ".png" not in md
+
+
+def test_plots_leave_pyplot_and_the_global_backend_alone(tmp_path: Path) -> None:
+    """The report draws on Figure objects: writing it neither imports pyplot nor switches matplotlib's backend (an
+    application embedding kvsqueeze keeps its own). In a subprocess, to see what the report alone imports."""
+    out = write_results(tmp_path)
+    code = ("import sys, matplotlib; matplotlib.use('svg')\n"
+            "from kvsqueeze.bench.report import write_report\n"
+            f"files = write_report({str(out)!r})\n"
+            "print(len(files.plots), matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")  # fmt: skip
+    done = _python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "svg", "False"]
 
 
 def test_report_of_an_empty_directory_says_what_to_do(tmp_path: Path) -> None:
