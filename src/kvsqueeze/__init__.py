@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from kvsqueeze.cachefile import load_cache, save_cache
     from kvsqueeze.conversation import Conversation
     from kvsqueeze.hf_pipeline import register_pipeline
+    from kvsqueeze.hooks import attach
     from kvsqueeze.loading import load_model
+    from kvsqueeze.memory import CacheStats, cache_bytes, cache_stats
     from kvsqueeze.methods import (
         Method,
         ScoreContext,
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
     from kvsqueeze.methods.decoding import DecodingCompression
     from kvsqueeze.models import get_adapter
     from kvsqueeze.pipeline import GenerateOutput, GenerationStats, generate
-    from kvsqueeze.press import attach, compress
+    from kvsqueeze.press import compress
 
 
 def __getattr__(name: str) -> Any:
