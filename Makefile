@@ -1,11 +1,13 @@
 # Two commands on a fresh machine with only Python 3.11+:  `make run` (the main job) and `make test`.
+# `make docs` builds the documentation site (mkdocs --strict: a broken link or anchor fails it) into site/.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
+DOCS_STAMP := $(VENV)/.kvsqueeze-docs-installed
 
-.PHONY: setup run test lint typecheck pytest clean
+.PHONY: setup run test lint typecheck pytest docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +36,13 @@ pytest: setup
 
 test: lint typecheck pytest
 
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# NO_MKDOCS_2_WARNING: the material theme's banner about its successor, printed on every build
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
