@@ -3,6 +3,7 @@ ragged, optionally with thin keys) to transformers' cache-layer API. With `cache
 transformers' Cache internals.
 
 A layer holds:
+
     storage   the kept keys, values and slot positions (see `storage/base.py` for the rectangular view)
     seen      (B,) real (non-pad) tokens this layer has seen per row, kept or not (the uncompressed length)
     thin      the key channels kept by ThinK (`storage/thin.py`), or None

@@ -1,6 +1,7 @@
 """What a compression method is, what it sees, and the plumbing every scorer shares.
 
 Shape legend (used in comments across kvsqueeze):
+
     B      batch rows                  T    cached slots of one layer (kept tokens + new tokens)
     H      KV heads (H_kv)             q    tokens added by the current forward
     H_q    query heads, G = H_q / H    D    head dim
