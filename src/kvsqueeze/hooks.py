@@ -16,12 +16,27 @@ from kvsqueeze.attention import BACKENDS, PREFIX, implementation_name, register
 from kvsqueeze.cache import KVCache
 from kvsqueeze.models import ModelAdapter, get_adapter
 
-__all__ = ["attach", "forward_cache", "is_attached"]
+__all__ = ["attach", "detached", "forward_cache", "is_attached"]
 
 
 def is_attached(model: Any) -> bool:
     """True while the model's attention runs through kvsqueeze (inside `attach` or `compress`)."""
     return str(getattr(model.config, "_attn_implementation", "") or "").startswith(PREFIX)
+
+
+@contextmanager
+def detached(model: Any) -> Iterator[None]:
+    """Inside `attach`/`compress`, run the model's own attention instead of kvsqueeze's for this block (a lazy
+    calibration's plain forwards); restored on exit. Outside them, nothing changes."""
+    current = str(getattr(model.config, "_attn_implementation", "") or "")
+    if not is_attached(model):
+        yield
+        return
+    _set_attention(model, current.removeprefix(PREFIX))
+    try:
+        yield
+    finally:
+        _set_attention(model, current)
 
 
 def forward_cache(kwargs: dict[str, Any], output: Any) -> Any:

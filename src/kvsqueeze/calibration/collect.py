@@ -12,14 +12,14 @@ import hashlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kvsqueeze.hooks import detached
 from kvsqueeze.models import ModelAdapter, apply_rope, get_adapter
 from kvsqueeze.text import generic_text
 
@@ -83,21 +83,6 @@ def ids_digest(ids: Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-@contextmanager
-def _plain_attention(model: Any) -> Iterator[None]:
-    """Outside kvsqueeze's attention (when calibrating lazily inside `compress`): the model's own attention, restored
-    after. kvsqueeze's compression hooks do nothing here, as no KVCache is passed."""
-    current = str(getattr(model.config, "_attn_implementation", "") or "")
-    if not current.startswith("kvsqueeze_"):
-        yield
-        return
-    model.set_attn_implementation(current.removeprefix("kvsqueeze_"))
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(current)
-
-
 def collect_attention(
     model: Any,
     ids: Tensor,
@@ -126,7 +111,7 @@ def collect_attention(
     chunks = ids.reshape(-1).split(chunk_size)
     handles = [adapter.attention_modules[i].register_forward_hook(make(i), with_kwargs=True) for i in layers]
     try:
-        with torch.no_grad(), _plain_attention(model):
+        with torch.no_grad(), detached(model):
             for chunk in tqdm(chunks, desc=desc, unit="chunk", file=sys.stderr, leave=False):
                 model.base_model(input_ids=chunk[None].to(device), use_cache=False)  # no LM head: not needed
     finally:
