@@ -117,12 +117,27 @@ class KVCache(Cache):
         return out
 
     @classmethod
-    def from_tensors(cls, config: PretrainedConfig, tensors: dict[str, Tensor]) -> KVCache:
-        """Rebuild a cache saved by `to_tensors` for a model with this config (layers and windows from it)."""
+    def from_tensors(cls, config: PretrainedConfig, tensors: dict[str, Tensor], heads: int, head_dim: int) -> KVCache:
+        """Rebuild a cache saved by `to_tensors` for a model with this config (layers and windows from it), `heads`
+        KV heads and `head_dim` channels. Every layer must be there and pass its checks: a ValueError names the
+        layer and what is wrong."""
         cache = cls(config)
+        n = len(cache.kv_layers())
+        parts: list[dict[str, Tensor]] = [{} for _ in range(n)]
+        for name, t in tensors.items():
+            prefix, _, rest = name.partition(".")
+            index, _, part = rest.partition(".")
+            if prefix != "layers" or not index.isdigit() or int(index) >= n or not part:
+                raise ValueError(f"unexpected tensor {name!r} (the model has {n} layers: layers.0 .. layers.{n - 1})")
+            parts[int(index)][part] = t
         for i, layer in enumerate(cache.kv_layers()):
-            prefix = f"layers.{i}."
-            parts = {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
-            if parts:
-                layer.load_tensors(parts)
+            if not parts[i]:
+                raise ValueError(f"layer {i} is missing (the model has {n} layers)")
+            try:
+                layer.load_tensors(parts[i], heads, head_dim)
+            except ValueError as err:
+                raise ValueError(f"layer {i}: {err}") from None
+        rows = {tuple(layer.seen.tolist()) for layer in cache.kv_layers() if layer.seen is not None}
+        if len(rows) > 1:
+            raise ValueError(f"the layers disagree on the tokens seen per row: {sorted(rows)}")
         return cache

@@ -1,9 +1,14 @@
 """Save a compressed cache to disk and load it back, so a long document is compressed once and reused.
 
 The file is safetensors: the cache's tensors (`KVCache.to_tensors`) plus string metadata -- the kvsqueeze version,
-the model's identity fingerprint, the method's repr and ratio, the tokens seen per row, and any extra JSON a caller
-adds (a `Conversation` stores its messages there). Loading checks the fingerprint against the model it is given:
-a cache is only valid for the exact model (architecture and weights) that computed it.
+the model's identity fingerprint, the method's repr and ratio, the tokens seen per row, any extra JSON a caller adds
+(a `Conversation` stores its messages there) and a SHA-256 checksum of the tensor data. Writes are atomic.
+
+A damaged file never answers: loading checks, in order, that the file is readable safetensors, that its metadata is
+complete and well formed, that the metadata and tensor data match the checksum, that it was computed by this very
+model (architecture and weights fingerprint), and that every layer's tensors fit the model (layer count, heads,
+head dim, float keys/values without NaN, positions in slot order and below the tokens seen). Any failure is one
+`CacheFileError` (a ValueError) naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from kvsqueeze import __version__
+from kvsqueeze.atomic import write_atomic
 from kvsqueeze.cache import KVCache
 from kvsqueeze.methods.base import Method
+from kvsqueeze.models import get_adapter
 
-FORMAT = "kvsqueeze-cache/1"
+FORMAT = "kvsqueeze-cache/2"  # /2: a checksum of the tensor data in the metadata
+_METADATA = ("format", "kvsqueeze_version", "model", "fingerprint", "method", "ratio", "seen", "extra", "checksum")
 _CONFIG_KEYS = (
     "model_type",
     "num_hidden_layers",
@@ -73,13 +82,29 @@ class SavedCache:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class CacheFileError(ValueError):
+    """A saved cache that cannot be used: unreadable, damaged, incomplete, or made by another model."""
+
+
+def file_digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over the metadata (all but the checksum itself) and every tensor's name, dtype, shape and bytes."""
+    fields = {key: value for key, value in metadata.items() if key != "checksum"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_cache(
     path: str | Path, cache: KVCache, model: Any, method: Method | None = None, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write `cache` (computed by `model`, compressed by `method`) to a safetensors file."""
+    """Write `cache` (computed by `model`, compressed by `method`) to a safetensors file, atomically."""
     seen = cache.real_tokens_seen()
     if seen is None:
         raise ValueError("the cache is empty: prefill a context before saving it")
+    tensors = {name: t.detach().cpu() for name, t in cache.to_tensors().items()}
     metadata = {
         "format": FORMAT,
         "kvsqueeze_version": __version__,
@@ -90,42 +115,79 @@ def save_cache(
         "seen": json.dumps([int(s) for s in seen.tolist()]),
         "extra": json.dumps(extra or {}),
     }
-    tensors = {name: t.detach().cpu() for name, t in cache.to_tensors().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    metadata["checksum"] = file_digest(tensors, metadata)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    name = str(path)
+    if not path.exists():
+        raise CacheFileError(f"cache file {name!r} does not exist")
+    if path.is_dir():
+        raise CacheFileError(f"{name!r} is a directory, not a cache file")
+    try:
+        with safe_open(name, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as err:
+        raise CacheFileError(f"{name!r} is not a readable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise CacheFileError(f"{name!r} is not a kvsqueeze cache file (format {meta.get('format')!r}, need {FORMAT})")
+    missing = [key for key in _METADATA if key not in meta]
+    if missing:
+        raise CacheFileError(f"{name!r}: metadata {missing} are missing")
+    return meta
+
+
+def _parse(path: Path, meta: dict[str, str]) -> tuple[float | None, list[int], dict[str, Any]]:
+    """The JSON fields of the metadata: ratio, seen, extra."""
+    try:
+        ratio, seen, extra = (json.loads(meta[key]) for key in ("ratio", "seen", "extra"))
+    except json.JSONDecodeError as err:
+        raise CacheFileError(f"{str(path)!r}: malformed metadata ({err})") from None
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        raise CacheFileError(f"{str(path)!r}: metadata ratio {ratio!r} is not a number")
+    if not isinstance(seen, list) or not seen or not all(isinstance(s, int) and s >= 0 for s in seen):
+        raise CacheFileError(f"{str(path)!r}: metadata seen {seen!r} is not a list of token counts >= 0")
+    if not isinstance(extra, dict):
+        raise CacheFileError(f"{str(path)!r}: metadata extra is not a JSON object")
+    return ratio, seen, extra
 
 
 def load_cache(path: str | Path, model: Any) -> SavedCache:
-    """Load a cache saved by `save_cache` for `model`; a file from another model raises ValueError."""
+    """Load a cache saved by `save_cache` for `model`; any problem with the file raises `CacheFileError` (see the
+    module docstring for what is checked)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"cache file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a kvsqueeze cache file (format {meta.get('format')!r}, need {FORMAT})")
+    meta = _read_metadata(path)
+    ratio, seen, extra = _parse(path, meta)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CacheFileError(f"{str(path)!r}: the tensor data cannot be read ({err})") from None
+    if file_digest(tensors, meta) != meta["checksum"]:
+        raise CacheFileError(f"{str(path)!r}: the data does not match its checksum (the file is damaged or was edited)")
     mine = model_fingerprint(model)
     if meta["fingerprint"] != mine:
-        raise ValueError(
+        raise CacheFileError(
             f"{str(path)!r} was computed by model {meta['model']!r} (fingerprint {meta['fingerprint']}), not by this "
             f"model {model_name(model)!r} (fingerprint {mine}): a compressed cache only works with the model that made "
             "it."
         )
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    tensors = load_file(str(path), device=str(device))
-    for name in list(tensors):
-        if name.endswith((".keys", ".values")):
-            tensors[name] = tensors[name].to(dtype)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    tensors = {n: t.to(device, dtype) if n.endswith((".keys", ".values")) else t.to(device) for n, t in tensors.items()}
+    adapter = get_adapter(model)
+    try:
+        cache = KVCache.from_tensors(model.config, tensors, adapter.n_kv_heads, adapter.head_dim)
+    except ValueError as err:
+        raise CacheFileError(f"{str(path)!r}: {err}") from None
+    if cache.real_tokens_seen() is None or cache.real_tokens_seen().tolist() != seen:  # type: ignore[union-attr]
+        raise CacheFileError(f"{str(path)!r}: metadata seen {seen} does not match the layers' tokens seen")
     return SavedCache(
-        cache=KVCache.from_tensors(model.config, tensors),
+        cache=cache,
         method=meta["method"],
-        ratio=json.loads(meta["ratio"]),
-        seen=json.loads(meta["seen"]),
+        ratio=ratio,
+        seen=seen,
         model=meta["model"],
         fingerprint=meta["fingerprint"],
         version=meta["kvsqueeze_version"],
-        extra=json.loads(meta["extra"]),
+        extra=extra,
     )

@@ -350,22 +350,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compare and method is not None:
         logger.info("Answering again without compression, to compare ...")
         baseline = run(None, None)
-    if args.save_cache:
-        from kvsqueeze.cachefile import save_cache
-
-        template = bool(getattr(tokenizer, "chat_template", None))
-        save_cache(args.save_cache, out.cache, model, method, extra={"chat_template": template})
-        logger.info("Saved the compressed context to %s", args.save_cache)
     if args.json:
         doc = {"method": repr(method), "questions": questions, "answers": out.answers, "stats": out.stats.to_dict()}
         if baseline is not None:
             doc["uncompressed"] = {"answers": baseline.answers, "stats": baseline.stats.to_dict()}
-        print(json.dumps(doc))
-        return 0
-    if baseline is None:
+        print(json.dumps(doc), flush=True)
+    elif baseline is None:
         _print_human(method, questions, prefix, out)
     else:
         _print_comparison(method, questions, prefix, out, baseline)
+    if args.save_cache:  # after the answers are out: a failed save (a full disk) loses nothing already computed
+        from kvsqueeze.cachefile import save_cache
+
+        template = bool(getattr(tokenizer, "chat_template", None))
+        try:
+            save_cache(args.save_cache, out.cache, model, method, extra={"chat_template": template})
+        except OSError as err:
+            print(f"kvsqueeze: error: could not save the cache to {str(args.save_cache)!r}: {err}", file=sys.stderr)
+            return 1
+        logger.info("Saved the compressed context to %s", args.save_cache)
     return 0
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping
+
 from torch import Tensor
 
-from kvsqueeze.storage.base import LayerStorage, StepView, storage_bytes
+from kvsqueeze.storage.base import LayerStorage, StepView, check_tensor, storage_bytes
 from kvsqueeze.storage.dense import DenseStorage
 from kvsqueeze.storage.ragged import RaggedStorage, segment_starts, unpack
 from kvsqueeze.storage.thin import KeyChannels
@@ -16,6 +17,7 @@ __all__ = [
     "LayerStorage",
     "RaggedStorage",
     "StepView",
+    "check_tensor",
     "from_tensors",
     "segment_starts",
     "storage_bytes",
@@ -23,9 +25,8 @@ __all__ = [
 ]
 
 
-def from_tensors(tensors: dict[str, Tensor]) -> LayerStorage:
-    """Rebuild a storage saved by its `to_tensors` (a `lengths` entry marks the ragged layout)."""
-    positions = tensors["positions"].to(torch.int32)
-    if "lengths" in tensors:
-        return RaggedStorage(tensors["keys"], tensors["values"], positions, tensors["lengths"].long())
-    return DenseStorage(tensors["keys"], tensors["values"], positions)
+def from_tensors(tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int) -> LayerStorage:
+    """Rebuild a storage saved by its `to_tensors` (a `lengths` entry marks the ragged layout), checking that it holds
+    `heads` KV heads, keys of `key_width` channels and values of `value_dim`: a ValueError says what is wrong."""
+    layout: type[DenseStorage] | type[RaggedStorage] = RaggedStorage if "lengths" in tensors else DenseStorage
+    return layout.from_tensors(tensors, heads, key_width, value_dim)

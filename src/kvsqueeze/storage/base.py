@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
-__all__ = ["LayerStorage", "StepView", "storage_bytes"]
+__all__ = ["LayerStorage", "StepView", "check_names", "check_positions", "check_tensor", "storage_bytes"]
 
 StepView = tuple[Tensor, Tensor, Tensor]  # keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T)
 
@@ -122,3 +123,34 @@ def storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
         seen.add(ptr)
         total += storage.nbytes()
     return total
+
+
+# -- checks of tensors read back from a file (every failure is a ValueError saying what is wrong)
+def check_names(tensors: Mapping[str, Tensor], required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """The saved parts are exactly `required` plus some of `optional`."""
+    missing, unknown = set(required) - set(tensors), set(tensors) - set(required) - set(optional)
+    if missing or unknown:
+        parts = [f"missing {sorted(missing)}" if missing else "", f"unexpected {sorted(unknown)}" if unknown else ""]
+        raise ValueError("tensors " + " and ".join(p for p in parts if p))
+
+
+def check_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], floating: bool) -> None:
+    """`t` has this many dims with the given sizes (None = any), a float (finite values) or an integer dtype."""
+    want = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ")"
+    if t.dim() != len(shape) or any(n is not None and n != got for n, got in zip(shape, t.shape, strict=True)):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+    if floating != t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {'a float' if floating else 'an integer'} dtype")
+    if floating and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+
+
+def check_positions(positions: Tensor, filled: Tensor, name: str = "positions") -> None:
+    """Slot positions (..., T): -1 exactly where `filled` is False, else >= 0 and strictly increasing along T."""
+    if bool((positions[filled] < 0).any()) or bool((positions[~filled] != -1).any()):
+        raise ValueError(f"{name} must be >= 0 in filled slots and -1 in empty ones")
+    order = torch.where(filled, positions.long(), torch.iinfo(torch.long).min)
+    running = torch.cummax(order, dim=-1).values  # the largest position in the earlier slots, at each slot
+    earlier = torch.cat([running.new_full((*running.shape[:-1], 1), -1), running[..., :-1]], dim=-1)
+    if bool((filled & (positions.long() <= earlier)).any()):
+        raise ValueError(f"{name} of the filled slots must increase strictly (slots are kept in position order)")

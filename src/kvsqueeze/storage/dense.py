@@ -16,7 +16,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from kvsqueeze.storage.base import StepView
+from kvsqueeze.storage.base import StepView, check_names, check_positions, check_tensor
 from kvsqueeze.storage.ragged import RaggedStorage
 
 __all__ = ["DenseStorage"]
@@ -39,6 +39,18 @@ class DenseStorage:
         b, h, _, d = keys.shape
         positions = torch.empty(b, h, 0, dtype=torch.int32, device=keys.device)
         return cls(keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, values.shape[-1]), positions)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int) -> DenseStorage:
+        """Rebuild from `to_tensors` output read back from a file, checking every tensor (ValueError if wrong)."""
+        check_names(tensors, {"keys", "values", "positions"})
+        keys, values, positions = tensors["keys"], tensors["values"], tensors["positions"]
+        check_tensor("positions", positions, (None, heads, None), floating=False)
+        b, _, t = positions.shape
+        check_tensor("keys", keys, (b, heads, t, key_width), floating=True)
+        check_tensor("values", values, (b, heads, t, value_dim), floating=True)
+        check_positions(positions, positions >= 0)
+        return cls(keys, values, positions.to(torch.int32))
 
     def view(self) -> StepView:
         return self.keys, self.values, self.positions

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from kvsqueeze.storage.base import StepView
+from kvsqueeze.storage.base import StepView, check_names, check_positions, check_tensor
 
 __all__ = ["RaggedStorage", "segment_starts", "unpack"]
 
@@ -74,6 +74,24 @@ class RaggedStorage:
         state = {name: s.reshape(-1)[flat] for name, s in slot_state.items()}
         lengths = counts.to(torch.long).clone()
         return cls(keys[flat], kept_values, positions[flat], lengths, MappingProxyType(state))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int) -> RaggedStorage:
+        """Rebuild from `to_tensors` output read back from a file, checking every tensor (ValueError if wrong)."""
+        check_names(tensors, {"keys", "values", "positions", "lengths"})
+        keys, values, positions, lengths = (tensors[n] for n in ("keys", "values", "positions", "lengths"))
+        check_tensor("lengths", lengths, (None, heads), floating=False)
+        if bool((lengths < 0).any()):
+            raise ValueError("lengths must be >= 0")
+        n = int(lengths.sum())
+        check_tensor("positions", positions, (n,), floating=False)
+        check_tensor("keys", keys, (n, key_width), floating=True)
+        check_tensor("values", values, (n, value_dim), floating=True)
+        lengths = lengths.long()
+        check_positions(
+            unpack(positions.long(), lengths, -1), unpack(torch.ones_like(positions, dtype=torch.bool), lengths, 0)
+        )
+        return cls(keys, values, positions.to(torch.int32), lengths)
 
     def view(self) -> StepView:
         return self.unpack(self.keys, 0.0), self.unpack(self.values, 0.0), self.unpack(self.positions, -1)
