@@ -10,14 +10,11 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.pipeline import prefill
+from tests.helpers import ids_of
 
 N = 97
 PER_TOKEN = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32: bytes per token in one layer
 SCORERS = {"knorm": {}, "streaming_llm": {"n_sink": 2}, "snapkv": {"window": 2}}  # window <= the first chunk's budget
-
-
-def ids(n: int = N) -> torch.Tensor:
-    return torch.randint(5, 500, (1, n), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", sorted(SCORERS))
@@ -26,7 +23,7 @@ def ids(n: int = N) -> torch.Tensor:
 def test_peak_is_at_most_the_budget_plus_one_chunk(name, chunk, ratio, make_model):
     model = make_model("llama")
     method = kvs.get_method(name, ratio=ratio, **SCORERS[name])
-    x = ids()
+    x = ids_of(N)
     cache, _, _, _ = prefill(model, x, torch.ones_like(x), method, chunk_size=chunk)
     stats = kvs.cache_stats(cache)
     budget = math.floor(N * (1 - ratio))
@@ -42,7 +39,7 @@ def test_peak_is_at_most_the_budget_plus_one_chunk(name, chunk, ratio, make_mode
 
 def test_peak_counts_sliding_layers_too(make_model):
     model = make_model("gemma3")  # layers 0 and 2 slide over 16 tokens and are never pruned
-    x = ids()
+    x = ids_of(N)
     cache, _, _, _ = prefill(model, x, torch.ones_like(x), kvs.get_method("knorm", ratio=0.5), chunk_size=8)
     stats = kvs.cache_stats(cache)
     budget = N // 2
@@ -53,7 +50,7 @@ def test_peak_counts_sliding_layers_too(make_model):
 
 def test_chunking_without_compression_changes_nothing(make_model):
     model = make_model("llama")
-    x = ids()
+    x = ids_of(N)
     a, _, _, _ = prefill(model, x, torch.ones_like(x), None)
     b, _, _, _ = prefill(model, x, torch.ones_like(x), None, chunk_size=10)
     for la, lb in zip(a.kv_layers(), b.kv_layers(), strict=True):

@@ -11,7 +11,7 @@ import kvsqueeze as kvs
 from kvsqueeze.methods.cam import CaM, cam_merge, newest_attention, position_draws
 from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.press import _context, record
-from tests.unit.methods.helpers import ids_of
+from tests.helpers import ids_of
 
 
 def reference(values, valid, kept: list[list[list[int]]], attn, m: int, draws):
