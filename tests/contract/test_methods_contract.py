@@ -21,6 +21,7 @@ from kvsqueeze.methods import METHODS
 from kvsqueeze.methods.base import ModelScopeMethod
 from kvsqueeze.methods.pyramidkv import pyramid_budgets
 from kvsqueeze.methods.snapkv import SnapKV
+from tests.helpers import full_layer_indices, ids_of, kept_counts, kept_total, prefill, prefill_with_log
 
 METHOD_NAMES = kvs.list_methods()
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
@@ -104,23 +105,6 @@ def build(name: str, ratio: float) -> kvs.Method:
     return kvs.get_method(name, ratio=ratio, **{**small_options(name), **CONTRACT_OPTIONS.get(name, {})})
 
 
-def context_ids(n: int = N_CTX, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(5, 500, (batch, n), generator=gen)
-
-
-def full_layer_indices(model) -> list[int]:
-    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
-    return [i for i, t in enumerate(types) if t == "full_attention"]
-
-
-def prefill(model, ids: torch.Tensor, method: kvs.Method | None, mask: torch.Tensor | None = None):
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method) as log:
-        out = model(ids, attention_mask=mask, past_key_values=cache)
-    return cache, log, out.logits
-
-
 def expected_keep(name: str, n: int, ratio: float, layer_idx: int, n_layers: int) -> int:
     if name == "pyramidkv":
         return max(1, math.floor(pyramid_budgets(n, ratio, n_layers, 0.95, SMALL_WINDOW)[layer_idx]))
@@ -158,8 +142,8 @@ def assert_sliding_layer_shifted(model, idx: int, layer, dense_layer, shift: int
 def test_target_size_is_reached(name, family, make_model):
     model = make_model(family)
     ratio = 0.5
-    dense, _, _ = prefill(model, context_ids(), None)
-    cache, _, _ = prefill(model, context_ids(), build(name, ratio))
+    dense = prefill(model, ids_of(N_CTX), None)
+    cache = prefill(model, ids_of(N_CTX), build(name, ratio))
     full = full_layer_indices(model)
     kept_per_layer = []
     for idx, layer in enumerate(cache.kv_layers()):
@@ -195,7 +179,7 @@ def test_target_size_is_reached(name, family, make_model):
 def test_target_size_other_ratios(name, ratio, make_model):
     model = make_model("llama")
     n = 100  # 0.25 and 0.75 are exact in binary, so floor(n(1-r)) has no rounding ambiguity
-    cache, _, _ = prefill(model, context_ids(n), build(name, ratio))
+    cache = prefill(model, ids_of(n), build(name, ratio))
     kept = [per_head_counts(layer.kept.tolist(), name) for layer in cache.full_layers()]
     if budget_kind(name) == "adaptive":
         assert all(k[0][0] == k[0][1] and 1 <= k[0][0] <= n for k in kept)
@@ -210,8 +194,8 @@ def test_target_size_other_ratios(name, ratio, make_model):
 @pytest.mark.parametrize(("n", "ratio", "keep"), [(100, 0.8, 20), (100, 0.9, 10), (90, 0.3, 63)])
 def test_target_size_is_exact_for_decimal_ratios(n, ratio, keep, make_model):
     model = make_model("llama")
-    cache, _, _ = prefill(model, context_ids(n), build("knorm", ratio))
-    assert [layer.kept.tolist() for layer in cache.full_layers()] == [[[keep, keep]]] * 4
+    cache = prefill(model, ids_of(n), build("knorm", ratio))
+    assert kept_counts(cache) == [[[keep, keep]]] * 4
 
 
 # --- (b) bytes drop ---------------------------------------------------------------------------------------------------
@@ -220,9 +204,9 @@ def test_target_size_is_exact_for_decimal_ratios(n, ratio, keep, make_model):
 @pytest.mark.parametrize(("name", "family"), params())
 def test_bytes_drop_by_the_ratio(name, family, make_model):
     model = make_model(family)
-    ids = context_ids()
-    dense, _, _ = prefill(model, ids, None)
-    cache, log, _ = prefill(model, ids, build(name, 0.5))
+    ids = ids_of(N_CTX)
+    dense = prefill(model, ids, None)
+    cache, log = prefill_with_log(model, ids, build(name, 0.5))
     before, after = kvs.cache_stats(dense), kvs.cache_stats(cache)
     n_full = len(full_layer_indices(model))
     per_token = 2 * 2 * 16 * 4 * n_full  # keys+values, 2 KV heads, head_dim 16, fp32, over the full layers
@@ -232,7 +216,7 @@ def test_bytes_drop_by_the_ratio(name, family, make_model):
     assert after.padding_bytes == 0
     assert after.sliding_kv_bytes == before.sliding_kv_bytes  # sliding layers are never pruned
     if budget_kind(name) == "adaptive":  # the bytes held are those of the kept tokens (per head: ragged layers)
-        kept = sum(int(layer.kept.sum()) for layer in cache.full_layers())
+        kept = kept_total(cache)
         assert after.kv_bytes == kept * per_token // n_full // 2 <= before.kv_bytes
     elif name == "pyramidkv":  # per-layer floors: at most one token per layer under half
         assert before.kv_bytes * 0.5 - per_token <= after.kv_bytes <= before.kv_bytes * 0.5
@@ -257,8 +241,8 @@ def test_bytes_drop_by_the_ratio(name, family, make_model):
 @pytest.mark.parametrize(("name", "family"), params())
 def test_ratio_zero_is_identical_to_attach(name, family, make_model):
     model = make_model(family)
-    ids = context_ids()
-    question = context_ids(7, seed=1)
+    ids = ids_of(N_CTX)
+    question = ids_of(7, seed=1)
     results = []
     for method in (None, build(name, 0.0)):
         cache = kvs.KVCache(model.config)
@@ -308,7 +292,7 @@ def test_list_and_describe_agree():
 
 
 def _padded_batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    rows = [context_ids(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    rows = [ids_of(n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -325,9 +309,9 @@ def test_padding_is_never_kept(name, family, make_model):
     ratio = 0.5
     ids, mask, rows = _padded_batch(lengths)
     method = build(name, ratio)
-    dense, _, _ = prefill(model, ids, None, mask)  # uncompressed, for the slot contents
-    cache, _, _ = prefill(model, ids, method, mask)
-    alone = [prefill(model, row[None], method)[0] for row in rows]
+    dense = prefill(model, ids, None, mask)  # uncompressed, for the slot contents
+    cache = prefill(model, ids, method, mask)
+    alone = [prefill(model, row[None], method) for row in rows]
     full = full_layer_indices(model)
     assert cache.real_tokens_seen().tolist() == lengths
     for idx in full:
@@ -378,9 +362,9 @@ def test_padding_is_never_kept(name, family, make_model):
 @pytest.mark.parametrize(("name", "family"), params())
 def test_question_after_compression(name, family, make_model):
     model = make_model(family)
-    ids = context_ids()
-    question = context_ids(9, seed=2)
-    cache, _, _ = prefill(model, ids, build(name, 0.5))
+    ids = ids_of(N_CTX)
+    question = ids_of(9, seed=2)
+    cache = prefill(model, ids, build(name, 0.5))
     kept_before = [layer.kept.clone() for layer in cache.full_layers()]
     with torch.no_grad(), kvs.attach(model):
         logits = model(question, past_key_values=cache).logits

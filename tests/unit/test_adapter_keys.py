@@ -8,16 +8,15 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.calibration import collect_attention
+from tests.helpers import ids_of, prefill
 from tests.tiny import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keys_values_match_the_cache(family, make_model):
     model = make_model(family)
-    ids = torch.randint(5, 500, (1, 23), generator=torch.Generator().manual_seed(0))
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.attach(model):
-        model(ids, past_key_values=cache)
+    ids = ids_of(23)
+    cache = prefill(model, ids)
     got = collect_attention(model, ids[0], lambda call: call.keys_values(), chunk_size=23)
     for idx in kvs.get_adapter(model).full_layers:
         keys, values = got[idx][0]

@@ -14,28 +14,18 @@ from kvsqueeze.attention import expand_heads, implementation_name, layer_mask
 from kvsqueeze.cache import KVLayer
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.storage import DenseStorage
+from tests.helpers import full_layer_positions, ids_of, layer_types, prefill
 
 N_CTX, N_Q = 50, 6
 ATOL = 1e-4
 
 
-def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def layer_types(model) -> list[str]:
-    return list(getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers)
-
-
 def compressed_question_logits(model, ctx, question, method):
     """Prefill + compress the context, then run the question over the pruned cache (kvsqueeze attention)."""
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad():
-        with kvs.compress(model, method):
-            model(ctx, past_key_values=cache)
-        kept = {i: layer.positions.clone() for i, layer in enumerate(cache.kv_layers()) if not layer.is_sliding}
-        with kvs.attach(model):
-            logits = model(question, past_key_values=cache).logits
+    cache = prefill(model, ctx, method)
+    kept = full_layer_positions(cache)
+    with torch.no_grad(), kvs.attach(model):
+        logits = model(question, past_key_values=cache).logits
     return logits, kept
 
 

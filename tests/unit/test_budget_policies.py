@@ -10,8 +10,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.recording import compress_recording, record
+from tests.helpers import full_layer_positions, ids_of, kept_counts, prefill
 from tests.unit.test_attention import reference_question_logits
-from tests.unit.test_ragged import ids_of, kept_positions, prefill
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -32,7 +32,7 @@ def test_global_budget_in_forward_equals_recording_and_dense_reference(family, m
         for x, y in zip(a.view(), b.view(), strict=True):
             assert torch.equal(x, y)
     assert log.kv_bytes_after == kvs.cache_stats(copy).kv_bytes
-    kept = kept_positions(cache)
+    kept = full_layer_positions(cache)
     with torch.no_grad(), kvs.attach(model):
         got = model(question, past_key_values=cache).logits
     torch.testing.assert_close(got, reference_question_logits(model, ctx, question, kept), atol=1e-4, rtol=1e-4)
@@ -48,7 +48,7 @@ def test_layer_budgets_follow_the_weights(make_model):
     model = make_model("llama")
     method = kvs.get_method("layer_budgets", ratio=0.5, scorer="knorm", weights=[1, 1, 2, 4])
     cache = prefill(model, ids_of(64), method)
-    kept = [layer.kept.tolist() for layer in cache.full_layers()]
+    kept = kept_counts(cache)
     # mean 32 over 4 layers = 128 tokens in weight 1:1:2:4 -> 16, 16, 32, 64 (64 = all the layer holds)
     assert kept == [[[16, 16]], [[16, 16]], [[32, 32]], [[64, 64]]]
     capped = kvs.get_method("layer_budgets", ratio=0.5, scorer="knorm", weights=[1, 1, 1, 9])

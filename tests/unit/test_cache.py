@@ -14,12 +14,9 @@ from transformers.cache_utils import Cache
 import kvsqueeze as kvs
 from kvsqueeze import step
 from kvsqueeze.cache import KVCache, KVLayer
+from tests.helpers import ids_of, kept_counts, kept_positions
 
 PER_TOKEN = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32: bytes per token and layer
-
-
-def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def run(model, ids, cache, method=None, mask=None):
@@ -210,8 +207,7 @@ def test_sliding_trim_keeps_the_window_of_every_row(make_model):
         newest = layer.positions.amax(-1)
         assert newest.tolist() == [[33, 33], [40, 40]]
         for b in range(2):
-            pos = layer.positions[b, 0]
-            assert sorted(pos[pos >= 0].tolist()) == list(range(int(newest[b, 0]) - 14, int(newest[b, 0]) + 1))
+            assert kept_positions(layer, b, 0) == list(range(int(newest[b, 0]) - 14, int(newest[b, 0]) + 1))
 
 
 # --- peak -------------------------------------------------------------------------------------------------------------
@@ -238,7 +234,7 @@ def test_peak_chunked_prefill_is_bounded_by_budget_plus_chunk(make_model):
     for lo in range(0, 96, chunk):
         run(model, ids[:, lo : lo + chunk], cache, kvs.get_method("knorm", ratio=0.75))
         peaks.append(cache.tracker.peak)
-    assert [layer.kept.tolist() for layer in cache.full_layers()] == [[[24, 24]]] * 4
+    assert kept_counts(cache) == [[[24, 24]]] * 4
     # at any time: every layer within its budget, and one layer holding one extra chunk
     assert peaks[-1] <= (4 * 24 + chunk) * PER_TOKEN
     assert peaks == sorted(peaks)

@@ -13,6 +13,7 @@ from torch import Tensor
 import kvsqueeze as kvs
 from kvsqueeze import step
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
+from tests.helpers import ids_of
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Spy(ScorerMethod):
 def test_captured_queries_equal_recomputed(family, make_model):
     model = make_model(family)
     spy = Spy(ratio=0.5)
-    ids = torch.randint(5, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids = ids_of(20, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # a left-padded row
     with torch.no_grad(), kvs.compress(model, spy):

@@ -10,14 +10,11 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.pipeline import prefill
+from tests.helpers import ids_of
 
 N = 97
 PER_TOKEN = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32: bytes per token in one layer
 SCORERS = {"knorm": {}, "streaming_llm": {"n_sink": 2}, "snapkv": {"window": 2}}  # window <= the first chunk's budget
-
-
-def ids(n: int = N) -> torch.Tensor:
-    return torch.randint(5, 500, (1, n), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", sorted(SCORERS))
@@ -26,7 +23,7 @@ def ids(n: int = N) -> torch.Tensor:
 def test_peak_is_at_most_the_budget_plus_one_chunk(name, chunk, ratio, make_model):
     model = make_model("llama")
     method = kvs.get_method(name, ratio=ratio, **SCORERS[name])
-    x = ids()
+    x = ids_of(N)
     cache, _, _, _ = prefill(model, x, torch.ones_like(x), method, chunk_size=chunk)
     stats = kvs.cache_stats(cache)
     budget = math.floor(N * (1 - ratio))
@@ -42,7 +39,7 @@ def test_peak_is_at_most_the_budget_plus_one_chunk(name, chunk, ratio, make_mode
 
 def test_peak_counts_sliding_layers_too(make_model):
     model = make_model("gemma3")  # layers 0 and 2 slide over 16 tokens and are never pruned
-    x = ids()
+    x = ids_of(N)
     cache, _, _, _ = prefill(model, x, torch.ones_like(x), kvs.get_method("knorm", ratio=0.5), chunk_size=8)
     stats = kvs.cache_stats(cache)
     budget = N // 2
@@ -53,7 +50,7 @@ def test_peak_counts_sliding_layers_too(make_model):
 
 def test_chunking_without_compression_changes_nothing(make_model):
     model = make_model("llama")
-    x = ids()
+    x = ids_of(N)
     a, _, _, _ = prefill(model, x, torch.ones_like(x), None)
     b, _, _, _ = prefill(model, x, torch.ones_like(x), None, chunk_size=10)
     for la, lb in zip(a.kv_layers(), b.kv_layers(), strict=True):
@@ -66,7 +63,7 @@ def test_bytes_before_are_the_whole_uncompressed_context(chunk, make_model):
     """The reported bytes before compression are the whole context's, not the last chunk's (a chunked run's ratio
     must read as the one-shot run's)."""
     model = make_model("llama")
-    x = ids()
+    x = ids_of(N)
     method = kvs.get_method("knorm", ratio=0.5)
     _, _, _, chunked = prefill(model, x, torch.ones_like(x), method, chunk_size=chunk)
     _, _, _, one_shot = prefill(model, x, torch.ones_like(x), method)
@@ -77,13 +74,13 @@ def test_early_chunks_cap_the_protected_window(make_model):
     """A window larger than an early chunk's budget is capped while more context follows; the last chunk keeps it
     whole. The same window on a one-shot prefill whose budget cannot hold it is still an error."""
     model = make_model("llama")
-    x = ids()
+    x = ids_of(N)
     method = kvs.get_method("snapkv", ratio=0.5, window=16)  # chunk 8 keeps 4 tokens at first: fewer than 16
     cache, _, _, _ = prefill(model, x, torch.ones_like(x), method, chunk_size=8)
     assert kvs.cache_stats(cache).tokens_kept == [N // 2] * 4
     for layer in cache.full_layers():
         kept = set(layer.view()[2][0, 0].tolist())
         assert set(range(N - 16, N)) <= kept  # the final window is protected
-    short = ids(20)  # one shot: a budget of 10 cannot hold the 16-token window
+    short = ids_of(20)  # one shot: a budget of 10 cannot hold the 16-token window
     with pytest.raises(ValueError, match="cannot hold the 16 protected"):
         prefill(model, short, torch.ones_like(short), method)

@@ -16,12 +16,9 @@ from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
 from kvsqueeze.recording import record
+from tests.helpers import ids_of
 
 N_CTX = 40
-
-
-def context_ids(n: int = N_CTX, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 500, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -75,7 +72,7 @@ def test_cache_stays_within_target_and_target_plus_every(scorer, family, make_mo
             compressions += 1
         sizes.append(size)
 
-    greedy(model, context_ids(), 200, method, check)
+    greedy(model, ids_of(N_CTX), 200, method, check)
     assert sizes[0] == target + 1  # the prefill was compressed to the target, then one token was appended
     assert compressions == 200 // every  # once every `every` steps
     assert set(sizes) == set(range(target, target + every))
@@ -92,19 +89,19 @@ def test_ratio_target_grows_with_the_tokens_seen(make_model):
         for layer in cache.full_layers():
             assert target <= int(layer.kept.max()) < target + every
 
-    greedy(model, context_ids(), 60, method, check)
+    greedy(model, ids_of(N_CTX), 60, method, check)
 
 
 @pytest.mark.parametrize("scorer", sorted(SCORERS))
 def test_target_above_the_total_length_equals_no_compression(scorer, make_model):
     model = make_model("qwen2")
     steps = 50
-    expected = greedy(model, context_ids(), steps, None)
+    expected = greedy(model, ids_of(N_CTX), steps, None)
     method = DecodingCompression(scorer=SCORERS[scorer](), target_tokens=N_CTX + steps, every=1)
-    assert greedy(model, context_ids(), steps, method) == expected
+    assert greedy(model, ids_of(N_CTX), steps, method) == expected
     assert len(set(expected)) > 3, "a degenerate generation would make this test vacuous"
     squeezed = DecodingCompression(scorer=SCORERS[scorer](), target_tokens=16, every=4)
-    assert greedy(model, context_ids(), steps, squeezed) != expected  # the comparison can fail
+    assert greedy(model, ids_of(N_CTX), steps, squeezed) != expected  # the comparison can fail
 
 
 def test_positions_continue_from_the_uncompressed_length(make_model):
@@ -114,7 +111,7 @@ def test_positions_continue_from_the_uncompressed_length(make_model):
         lambda module, args, kwargs: calls.append(kwargs["position_ids"].clone()), with_kwargs=True
     )
     try:
-        greedy(model, context_ids(), 30, DecodingCompression(scorer=KNorm(), target_tokens=10, every=4))
+        greedy(model, ids_of(N_CTX), 30, DecodingCompression(scorer=KNorm(), target_tokens=10, every=4))
     finally:
         handle.remove()
     assert calls[0].tolist() == [list(range(N_CTX))]
@@ -139,8 +136,8 @@ def test_query_scorers_see_the_recent_decoded_tokens_at_their_own_positions(make
     # the first compression happens after step 12 (the cache reaches 40 + 12 = 52 = 44 + 8): nothing was evicted
     # before it, so the remembered layer inputs must equal those of one uncompressed forward over the whole sequence
     method = DecodingCompression(scorer=spy, target_tokens=44, every=8)
-    tokens = greedy(model, context_ids(), steps, method)
-    full = torch.cat([context_ids(), torch.tensor([tokens[:-1]])], dim=1)  # all tokens fed in: 40 + 11 + the last
+    tokens = greedy(model, ids_of(N_CTX), steps, method)
+    full = torch.cat([ids_of(N_CTX), torch.tensor([tokens[:-1]])], dim=1)  # all tokens fed in: 40 + 11 + the last
     last = torch.tensor([[tokens[-1]]])
     with torch.no_grad(), record(model, kvs.KVCache(model.config)) as rec:
         model(torch.cat([full, last], dim=1), past_key_values=rec.cache)
@@ -159,11 +156,11 @@ def test_query_scorers_see_the_recent_decoded_tokens_at_their_own_positions(make
 def test_remembered_tokens_reset_on_a_new_sequence(make_model):
     model = make_model("llama")
     method = DecodingCompression(scorer=SnapKV(window=4), target_tokens=20, every=4, query_window=48)
-    first = greedy(model, context_ids(), 10, method)
+    first = greedy(model, ids_of(N_CTX), 10, method)
     assert method._recent[0].query_positions.tolist() == [list(range(N_CTX + 10 - 48, N_CTX + 10))]
-    greedy(model, context_ids(), 0, method)  # the same instance on a fresh cache: only the new prefill is remembered
+    greedy(model, ids_of(N_CTX), 0, method)  # the same instance on a fresh cache: only the new prefill is remembered
     assert method._recent[0].query_positions.tolist() == [list(range(N_CTX))]
-    assert greedy(model, context_ids(), 10, method) == first
+    assert greedy(model, ids_of(N_CTX), 10, method) == first
     assert DecodingCompression(scorer=KNorm()).remembered == 0  # query-free scorers remember nothing
 
 
@@ -171,7 +168,7 @@ def test_protected_tokens_above_the_target_raise(make_model):
     model = make_model("llama")
     method = DecodingCompression(scorer=SnapKV(window=16), target_tokens=8, every=4)
     with pytest.raises(ValueError, match=r"target of 8 tokens cannot hold the 16 protected"):
-        greedy(model, context_ids(), 2, method)
+        greedy(model, ids_of(N_CTX), 2, method)
 
 
 @pytest.mark.parametrize(

@@ -19,31 +19,7 @@ from kvsqueeze.methods.expected_attention import (
 )
 from kvsqueeze.models import apply_rope, get_adapter
 from kvsqueeze.pipeline import prefill as pipeline_prefill
-
-
-def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def prefill(model, ids, method, mask=None) -> kvs.KVCache:
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache
-
-
-def record_scores(method) -> dict[int, torch.Tensor]:
-    """Make `method` record the scores it returns, per layer."""
-    seen: dict[int, torch.Tensor] = {}
-    original = method.score
-
-    def score(ctx):
-        out = original(ctx)
-        seen[ctx.layer_idx] = out.clone()
-        return out
-
-    method.score = score
-    return seen
+from tests.helpers import ids_of, kept_positions, prefill, record_scores
 
 
 def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
@@ -184,7 +160,7 @@ def test_sinks_are_kept_and_the_rest_is_the_top_scores(make_model):
     cache = prefill(model, ids_of(40, seed=5), method)
     for idx, layer in enumerate(cache.full_layers()):
         for h in range(2):
-            kept = sorted(layer.positions[0, h].tolist())
+            kept = kept_positions(layer, 0, h)
             s = seen[idx][0, h]
             best = sorted(range(4, 40), key=lambda p, s=s: (-float(s[p]), p))[:16]
             assert kept == sorted([0, 1, 2, 3, *best])

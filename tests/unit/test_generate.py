@@ -11,6 +11,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.pipeline import split_prompt
+from tests.helpers import ids_of
 
 CONTEXT = (
     "The harbour master walked to the market in the morning because it was raining. The old baker sold a box of "
@@ -222,7 +223,7 @@ def test_context_too_long_raises_with_the_numbers(make_model, tokenizer):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_model_generate_under_compress(family, make_model):
     model = make_model(family)
-    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids = ids_of(40, batch=2)
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :9] = 0
     kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
@@ -241,7 +242,7 @@ def test_model_generate_under_compress(family, make_model):
 
 def test_model_generate_under_compress_needs_a_kvcache(make_model):
     model = make_model("llama")
-    ids = torch.randint(5, 500, (1, 10), generator=torch.Generator().manual_seed(0))
+    ids = ids_of(10)
     needs_kvcache = pytest.raises(TypeError, match=r"past_key_values=kvsqueeze\.KVCache\(model\.config\)")
     with needs_kvcache, kvs.compress(model, kvs.get_method("knorm", ratio=0.5)):
         model.generate(ids, max_new_tokens=2, do_sample=False)

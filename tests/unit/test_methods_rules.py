@@ -14,24 +14,8 @@ from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.pyramidkv import PyramidKV, pyramid_budgets
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
+from tests.helpers import ids_of, kept_by_layer, kept_positions, prefill
 from tests.unit.methods.helpers import SpySnapKV
-
-
-def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def prefill(model, ids, method, mask=None) -> kvs.KVCache:
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache
-
-
-def kept_positions(layer, row: int, head: int) -> list[int]:
-    pos = layer.view()[2][row, head]  # rectangular positions (B, H, T), also for a ragged layer
-    return sorted(pos[pos >= 0].tolist())
-
 
 # --- KNorm ------------------------------------------------------------------------------------------------------------
 
@@ -260,7 +244,7 @@ def test_random_is_deterministic_given_seed(make_model):
 
     def kept(seed):
         cache = prefill(model, ids, kvs.get_method("random", ratio=0.5, seed=seed))
-        return [[kept_positions(layer, 0, h) for h in range(2)] for layer in cache.full_layers()]
+        return kept_by_layer(cache)
 
     first, again, other = kept(3), kept(3), kept(4)
     assert first == again

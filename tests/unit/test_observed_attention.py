@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvsqueeze.methods.observed_attention import ObservedAttention, seers
-from tests.unit.test_expected_attention import ids_of, prefill, record_scores
+from tests.helpers import ids_of, prefill, record_scores
 
 
 def _by_hand(attn: torch.Tensor, rows: list[int], group: int = 2) -> torch.Tensor:

@@ -8,10 +8,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.bench.perplexity import score_tokens
-
-
-def text_ids(n: int = 60) -> torch.Tensor:
-    return torch.randint(5, 500, (1, n), generator=torch.Generator().manual_seed(0))
+from tests.helpers import ids_of
 
 
 def reference_nll(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -23,7 +20,7 @@ def reference_nll(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
 
 def test_token_by_token_equals_one_forward(make_model):
     model = make_model("llama")
-    ids = text_ids()
+    ids = ids_of(60)
     score = score_tokens(model, ids, None, prefix=5)
     torch.testing.assert_close(score.nll, reference_nll(model, ids, 5), rtol=1e-4, atol=1e-4)
     assert score.perplexity == pytest.approx(float(torch.exp(reference_nll(model, ids, 5).mean())), rel=1e-4)
@@ -32,7 +29,7 @@ def test_token_by_token_equals_one_forward(make_model):
 
 def test_decoding_compression(make_model):
     model = make_model("llama")
-    ids = text_ids()
+    ids = ids_of(60)
     plain = score_tokens(model, ids, None, prefix=5)
     big = kvs.DecodingCompression(scorer=kvs.get_method("knorm"), target_tokens=100, every=4)
     assert torch.equal(score_tokens(model, ids, big, prefix=5).nll, plain.nll)
@@ -46,6 +43,6 @@ def test_decoding_compression(make_model):
 def test_bad_arguments(make_model):
     model = make_model("llama")
     with pytest.raises(ValueError, match="prefix must be in"):
-        score_tokens(model, text_ids(10), None, prefix=10)
+        score_tokens(model, ids_of(10), None, prefix=10)
     with pytest.raises(ValueError, match="one row"):
-        score_tokens(model, text_ids(10)[0], None)
+        score_tokens(model, ids_of(10)[0], None)

@@ -11,6 +11,7 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.calibration import forget, read_info, remembered
 from kvsqueeze.methods.qfilters import QFilters, compute_filters, query_directions
+from tests.helpers import prefill
 
 
 def planted(n: int, d: int, direction: torch.Tensor, coef: torch.Tensor, noise: float, seed: int = 0) -> torch.Tensor:
@@ -105,9 +106,7 @@ def test_lazy_calibration_matches_calibrating_ahead(make_model, tmp_path, monkey
         models.append(model)
         if ahead:
             assert method.calibrate(model, force=True).exists()
-        cache = kvs.KVCache(model.config)
-        with torch.no_grad(), kvs.compress(model, method):
-            model(ids, past_key_values=cache)
+        cache = prefill(model, ids, method)
         kept.append([layer.positions.tolist() for layer in cache.full_layers()])
     assert kept[0] == kept[1]
     lazy, early = (method.filters(m) for m in models)

@@ -10,25 +10,11 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.storage import unpack
+from tests.helpers import full_layer_positions, ids_of, kept_total, prefill
 from tests.unit.test_attention import reference_question_logits
 
 N_CTX, N_Q = 50, 6
 ATOL = 1e-4
-
-
-def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def prefill(model, ids, method, mask=None) -> kvs.KVCache:
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache
-
-
-def kept_positions(cache: kvs.KVCache) -> dict[int, torch.Tensor]:
-    return {i: layer.view()[2].clone() for i, layer in enumerate(cache.kv_layers()) if not layer.is_sliding}
 
 
 ADAKV_CASES = [
@@ -46,7 +32,7 @@ def test_ragged_attention_equals_dense_masked_reference(family, method, make_mod
     cache = prefill(model, ctx, method)
     full = cache.full_layers()
     assert any(layer.is_ragged for layer in full), "heads must keep different counts to test the ragged layout"
-    kept = kept_positions(cache)
+    kept = full_layer_positions(cache)
     with torch.no_grad(), kvs.attach(model):
         got = model(question, past_key_values=cache).logits
     expected = reference_question_logits(model, ctx, question, kept)
@@ -61,7 +47,7 @@ def test_ragged_decoding_steps_equal_dense_reference(make_model):
     model = make_model("llama")
     ctx, question = ids_of(N_CTX, seed=4), ids_of(N_Q, seed=5)
     cache = prefill(model, ctx, kvs.get_method("adakv", ratio=0.5, scorer="knorm"))
-    kept = kept_positions(cache)
+    kept = full_layer_positions(cache)
     steps = [question[:, :3], question[:, 3:4], question[:, 4:5], question[:, 5:]]
     with torch.no_grad(), kvs.attach(model):
         got = torch.cat([model(s, past_key_values=cache).logits for s in steps], dim=1)
@@ -79,7 +65,7 @@ def test_bytes_are_the_kept_tokens_plus_small_metadata(dtype, make_model):
     model = make_model("llama", head_dim=64).to(dtype)
     cache = prefill(model, ids_of(200), kvs.get_method("adakv", ratio=0.5, scorer="knorm"))
     stats = kvs.cache_stats(cache)
-    kept = sum(int(layer.kept.sum()) for layer in cache.full_layers())  # (token, head) pairs
+    kept = kept_total(cache)  # (token, head) pairs
     assert any(layer.is_ragged for layer in cache.full_layers())
     assert kept == 4 * 2 * 100  # the pooled totals: H x floor(n (1 - r)) per layer
     per_token_head = 2 * 64 * torch.finfo(dtype).bits // 8  # one key and one value

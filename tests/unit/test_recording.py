@@ -7,6 +7,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.recording import compress_recording, record
+from tests.helpers import prefill
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -20,9 +21,7 @@ def test_recording_then_compress_equals_in_forward(make_model, family: str, name
     if name == "pyramidkv":
         options = {"scorer": kvs.get_method("snapkv", window=8)}
     method = kvs.get_method(name, ratio=0.5, **options)
-    direct = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, attention_mask=mask, past_key_values=direct)
+    direct = prefill(model, ids, method, mask)
     full = kvs.KVCache(model.config)
     with torch.no_grad(), record(model, full) as rec:
         model(ids, attention_mask=mask, past_key_values=full)

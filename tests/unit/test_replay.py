@@ -9,17 +9,10 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze import step
 from kvsqueeze.replay import VARIANTS, kvzip_scores
-from tests.unit.methods.helpers import ids_of
+from tests.helpers import ids_of, prefill
 
 FAMILIES = ["llama", "qwen3", "phi3", "gemma2", "gemma3"]
 PROMPT = [11, 12, 13, 14, 15]
-
-
-def prefilled(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> kvs.KVCache:
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.attach(model):
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache
 
 
 @torch.no_grad()
@@ -62,7 +55,7 @@ def reference_scores(model, ids: torch.Tensor, prompt: list[int], variant: str) 
 def test_replay_scores_match_the_full_attention_matrix(family, variant, make_model):
     model = make_model(family)
     ids = ids_of(40, seed=3)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     got = kvzip_scores(model, cache, ids, variant, prompt_ids=PROMPT, chunk_size=16)  # 45 replay tokens: 3 chunks
     want = reference_scores(make_model(family, attn_implementation="eager"), ids, PROMPT, variant)
     assert sorted(got) == sorted(want) == kvs.get_adapter(model).full_layers
@@ -75,7 +68,7 @@ def test_replay_scores_match_the_full_attention_matrix(family, variant, make_mod
 def test_chunk_size_does_not_change_the_scores(make_model):
     model = make_model("llama")
     ids = ids_of(50, seed=1)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     one = kvzip_scores(model, cache, ids, prompt_ids=PROMPT, chunk_size=1000)
     for chunk in (1, 7, 55):
         other = kvzip_scores(model, cache, ids, prompt_ids=PROMPT, chunk_size=chunk)
@@ -87,7 +80,7 @@ def test_cache_is_left_exactly_as_it_was(make_model):
     model = make_model("gemma3")  # sliding layers too: they are trimmed during the replay and must come back
     ids = ids_of(45, seed=2)
     question = ids_of(6, seed=9)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     layers = cache.kv_layers()
     before = [(x.keys, x.values, x.positions, x.seen.clone(), x.total_seen, x.lengths) for x in layers]
     current = cache.tracker.current
@@ -97,7 +90,7 @@ def test_cache_is_left_exactly_as_it_was(make_model):
         assert torch.equal(x.seen, s) and x.total_seen == t
         assert x.query_positions is None and x.step_view is None and step.take_queries(x) is None
     assert cache.tracker.current == current
-    full = prefilled(model, ids)  # the same prefill never replayed: a question gets identical logits
+    full = prefill(model, ids)  # the same prefill never replayed: a question gets identical logits
     with torch.no_grad(), kvs.attach(model):
         a = model(question, past_key_values=cache).logits
         b = model(question, past_key_values=full).logits
@@ -107,7 +100,7 @@ def test_cache_is_left_exactly_as_it_was(make_model):
 def test_peak_bytes_record_the_replay(make_model):
     model = make_model("llama")
     ids = ids_of(30)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     dense = kvs.cache_stats(cache).kv_bytes
     kvzip_scores(model, cache, ids, prompt_ids=PROMPT, chunk_size=8)
     assert kvs.cache_stats(cache).kv_bytes == dense
@@ -121,10 +114,10 @@ def test_left_padded_rows_score_as_alone(make_model):
     mask = torch.zeros(2, 37, dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, 37 - len(row) :], mask[b, 37 - len(row) :] = row, 1
-    cache = prefilled(model, ids, mask)
+    cache = prefill(model, ids, mask=mask)
     got = kvzip_scores(model, cache, ids, "kvzip+", attention_mask=mask, prompt_ids=PROMPT, chunk_size=10)
     for b, row in enumerate(rows):
-        alone = kvzip_scores(model, prefilled(model, row[None]), row[None], "kvzip+", prompt_ids=PROMPT)
+        alone = kvzip_scores(model, prefill(model, row[None]), row[None], "kvzip+", prompt_ids=PROMPT)
         pad = 37 - len(row)
         for i in got:
             assert bool((got[i][b, :, :pad] == 0).all()), "pad slots score 0"
@@ -134,7 +127,7 @@ def test_left_padded_rows_score_as_alone(make_model):
 def test_bad_inputs_raise_value_errors(make_model):
     model = make_model("llama")
     ids = ids_of(20)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     with pytest.raises(ValueError, match="variant must be one of"):
         kvzip_scores(model, cache, ids, "kvzap")
     with pytest.raises(ValueError, match=r"chunk_size must be an integer in \[1, 1000000\], got 0"):

@@ -9,8 +9,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze import step
 from kvsqueeze.replay import KVGRAD, kvzip_scores
-from tests.unit.methods.helpers import ids_of
-from tests.unit.test_replay import PROMPT, prefilled
+from tests.helpers import ids_of, prefill
+from tests.unit.test_replay import PROMPT
 
 FAMILIES = ["llama", "qwen3", "phi3", "gemma2", "gemma3"]
 
@@ -63,7 +63,7 @@ def reference_scores(model, ids: torch.Tensor, prompt: list[int], chunk: int) ->
 def test_kvgrad_scores_match_dense_autograd(family, make_model):
     model = make_model(family)
     ids = ids_of(40, seed=3)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     with torch.no_grad():  # as inside compress: the replay turns gradients on for itself
         got = kvzip_scores(model, cache, ids, KVGRAD, prompt_ids=PROMPT, chunk_size=16)  # 45 replay tokens: 3 chunks
     want = reference_scores(make_model(family, attn_implementation="eager"), ids, PROMPT, 16)
@@ -77,7 +77,7 @@ def test_kvgrad_scores_match_dense_autograd(family, make_model):
 def test_one_chunk_is_the_gradient_of_the_whole_replay(make_model):
     model = make_model("llama")
     ids = ids_of(30, seed=5)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     got = kvzip_scores(model, cache, ids, KVGRAD, prompt_ids=PROMPT, chunk_size=1000)
     want = reference_scores(make_model("llama", attn_implementation="eager"), ids, PROMPT, 1000)
     chunked = kvzip_scores(model, cache, ids, KVGRAD, prompt_ids=PROMPT, chunk_size=7)
@@ -94,7 +94,7 @@ def test_cache_and_model_are_left_as_they_were(make_model):
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     ids = ids_of(45, seed=2)
     question = ids_of(6, seed=9)
-    cache = prefilled(model, ids)
+    cache = prefill(model, ids)
     layers = cache.kv_layers()
     before = [(x.keys, x.values, x.positions, x.seen.clone(), x.total_seen, x.keys.clone()) for x in layers]
     current = cache.tracker.current
@@ -108,7 +108,7 @@ def test_cache_and_model_are_left_as_they_were(make_model):
     assert cache.tracker.current == current
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters()), "no parameter gradient is accumulated"
-    full = prefilled(model, ids)  # the same prefill never replayed: a question gets identical logits
+    full = prefill(model, ids)  # the same prefill never replayed: a question gets identical logits
     with torch.no_grad(), kvs.attach(model):
         a = model(question, past_key_values=cache).logits
         b = model(question, past_key_values=full).logits
@@ -122,10 +122,10 @@ def test_left_padded_rows_score_as_alone(make_model):
     mask = torch.zeros(2, 33, dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, 33 - len(row) :], mask[b, 33 - len(row) :] = row, 1
-    cache = prefilled(model, ids, mask)
+    cache = prefill(model, ids, mask=mask)
     got = kvzip_scores(model, cache, ids, KVGRAD, attention_mask=mask, prompt_ids=PROMPT, chunk_size=8)
     for b, row in enumerate(rows):  # the same chunks as alone: the replay is padded on the right
-        alone = kvzip_scores(model, prefilled(model, row[None]), row[None], KVGRAD, prompt_ids=PROMPT, chunk_size=8)
+        alone = kvzip_scores(model, prefill(model, row[None]), row[None], KVGRAD, prompt_ids=PROMPT, chunk_size=8)
         pad = 33 - len(row)
         for i in got:
             assert bool((got[i][b, :, :pad] == 0).all()), "pad slots score 0"
@@ -136,7 +136,7 @@ def test_inference_mode_cannot_differentiate(make_model):
     model = make_model("llama")
     ids = ids_of(20)
     with torch.inference_mode():
-        cache = prefilled(model, ids)
+        cache = prefill(model, ids)
     with pytest.raises(ValueError, match=r"outside torch.inference_mode\(\)"):
         kvzip_scores(model, cache, ids, KVGRAD)
     with pytest.raises(ValueError, match=r"variant must be one of .*'kvgrad'.*got 'kvgrads'"):

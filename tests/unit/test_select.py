@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import kvsqueeze as kvs
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, select
+from tests.helpers import ids_of, prefill
 
 
 def kept_sets(indices: torch.Tensor, counts: torch.Tensor) -> list[list[list[int]]]:
@@ -136,11 +136,9 @@ class _LogProbLike(ScorerMethod):
 
 def test_minus_inf_scores_through_compress(make_model):
     model = make_model("llama")
-    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids = ids_of(40, batch=2)
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :20] = 0  # row 1: 20 real tokens
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, _LogProbLike(ratio=0.1)):
-        model(ids, attention_mask=mask, past_key_values=cache)
+    cache = prefill(model, ids, _LogProbLike(ratio=0.1), mask)
     for layer in cache.full_layers():
         assert layer.kept.tolist() == [[36, 36], [18, 18]]  # floor(n * 0.9) real tokens per row

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvsqueeze.methods.tova import TOVA
-from tests.unit.test_expected_attention import ids_of, prefill, record_scores
+from tests.helpers import ids_of, prefill, record_scores
 
 
 def test_score_is_the_last_tokens_attention_by_hand(make_model):

@@ -1,4 +1,5 @@
-"""Helpers for the per-method rule tests: fake score contexts from plain tensors, prefills, kept positions."""
+"""Helpers for the per-method rule tests: fake score contexts from plain tensors, the positions a top-k rule keeps,
+the replay methods' global-top check and a SnapKV score spy (ids, prefills and kept positions: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.snapkv import SnapKV
-
-
-def ids_of(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randint(5, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
+from tests.helpers import ids_of, prefill, prefill_with_log
 
 
 def fake_ctx(
@@ -40,18 +38,6 @@ def fake_ctx(
     )
 
 
-def prefill(model, ids, method, mask=None) -> kvs.KVCache:
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache
-
-
-def kept_positions(layer, row: int, head: int) -> list[int]:
-    pos = layer.positions[row, head]
-    return sorted(pos[pos >= 0].tolist())
-
-
 def top_positions(scores: list[float], k: int, protected: set[int] | None = None) -> list[int]:
     """The k positions a rule keeps: protected ones first, then the highest scores, ties to the earlier position."""
     protected = protected or set()
@@ -63,22 +49,14 @@ def budget(n: int, ratio: float) -> int:
     return max(1, math.floor(n * (1 - ratio) + 1e-6))
 
 
-def replay_prefill(model: Any, ids: torch.Tensor, method: Any, mask: torch.Tensor | None = None) -> tuple[Any, Any]:
-    """One forward of `ids` into a fresh KVCache under `compress(model, method)`: (cache, log)."""
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method) as log:
-        model(ids, attention_mask=mask, past_key_values=cache)
-    return cache, log
-
-
 def assert_global_top_of_replay(model: Any, name: str, variant: str, ratio: float, n: int = 57) -> Any:
     """A replay method (KVzip, KVzip+, KVgrad) keeps exactly the model-wide top floor(n(1-r)) x heads x layers of its
     replay scores (computed on an uncompressed prefill), and heads/layers keep different counts. Returns the log."""
     from kvsqueeze.replay import kvzip_scores
 
     ids = ids_of(n, seed=7)
-    cache, log = replay_prefill(model, ids, kvs.get_method(name, ratio=ratio, chunk_size=20))
-    dense, _ = replay_prefill(model, ids, None)
+    cache, log = prefill_with_log(model, ids, kvs.get_method(name, ratio=ratio, chunk_size=20))
+    dense = prefill(model, ids)
     scores = kvzip_scores(model, dense, ids, variant, prompt_ids=[], chunk_size=20)  # no tokenizer: no prompt
     layers = kvs.get_adapter(model).full_layers
     heads = dense.layer(layers[0]).view()[2].shape[1]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from kvsqueeze.methods.block import BlockWise
 from kvsqueeze.methods.keydiff import KeyDiff
 from kvsqueeze.methods.snapkv import SnapKV
-from tests.unit.methods.helpers import budget, fake_ctx, ids_of, kept_positions, prefill
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import budget, fake_ctx
 
 
 def _keydiff_reference(keys: torch.Tensor, block: int, k: int) -> list[int]:

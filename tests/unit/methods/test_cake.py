@@ -10,7 +10,8 @@ import torch
 
 from kvsqueeze.methods._shares import capped_shares, integer_shares
 from kvsqueeze.methods.cake import CAKE
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import budget
 
 
 def _stats(attn: torch.Tensor, window: int) -> tuple[float, float, list[list[float]], list[list[float]]]:

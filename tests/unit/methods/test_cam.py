@@ -12,7 +12,7 @@ from kvsqueeze.methods.cam import CaM, cam_merge, newest_attention, position_dra
 from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.press import score_context
 from kvsqueeze.recording import record
-from tests.unit.methods.helpers import ids_of
+from tests.helpers import ids_of
 
 
 def reference(values, valid, kept: list[list[list[int]]], attn, m: int, draws):

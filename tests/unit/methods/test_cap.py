@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvsqueeze.methods.cap import CAP
-from tests.unit.methods.helpers import budget, fake_ctx, ids_of, prefill
+from tests.helpers import ids_of, prefill
+from tests.unit.methods.helpers import budget, fake_ctx
 
 
 def _ctx(t: int, n_q: int, seed: int, pad_queries: int = 0):

@@ -8,7 +8,8 @@ from kvsqueeze.methods.chunkkv import ChunkKV
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.pyramidkv import PyramidKV
 from kvsqueeze.methods.snapkv import SnapKV
-from tests.unit.methods.helpers import SpySnapKV, budget, ids_of, kept_positions, prefill
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import SpySnapKV, budget
 
 
 def _reference(scores: list[float], chunk: int, k: int, protected: set[int]) -> list[int]:

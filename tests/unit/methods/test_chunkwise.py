@@ -8,7 +8,8 @@ import torch
 from kvsqueeze.methods.chunkwise import ChunkWise, chunk_quotas
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.streaming_llm import StreamingLLM
-from tests.unit.methods.helpers import SpySnapKV, budget, ids_of, kept_positions, prefill
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import SpySnapKV, budget
 
 
 def _reference(scores: list[float], chunk: int, k: int, protected: set[int]) -> list[int]:

@@ -11,7 +11,8 @@ import kvsqueeze as kvs
 from kvsqueeze.methods.compactor import Compactor
 from kvsqueeze.methods.leverage import leverage_scores
 from kvsqueeze.methods.noncausal_attention import NonCausalAttention
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill, top_positions
+from tests.helpers import ids_of, kept_by_layer, kept_positions, prefill
+from tests.unit.methods.helpers import budget, top_positions
 
 
 @dataclass
@@ -116,7 +117,7 @@ def test_blend_extremes_are_the_parts(make_model):
 
     def kept(method):
         cache = prefill(model, ids, method)
-        return [[kept_positions(layer, 0, h) for h in range(2)] for layer in cache.full_layers()]
+        return kept_by_layer(cache)
 
     assert kept(Compactor(ratio=0.5, blend=1.0, chunk_size=8, n_sink=0)) == kept(
         NonCausalAttention(ratio=0.5, chunk_size=8)

@@ -11,7 +11,7 @@ from kvsqueeze.methods.compose import Compose
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
-from tests.unit.methods.helpers import ids_of, kept_positions, prefill
+from tests.helpers import ids_of, kept_by_layer, kept_positions, prefill
 
 
 def test_stage_ratios_and_budgets_multiply():
@@ -44,7 +44,7 @@ def test_single_stage_and_nested_topk_equal_the_method(make_model):
 
     def kept(method):
         cache = prefill(model, ids, method)
-        return [[kept_positions(layer, 0, h) for h in range(2)] for layer in cache.full_layers()]
+        return kept_by_layer(cache)
 
     assert kept(Compose(ratio=0.6, methods=(SnapKV(window=8),))) == kept(SnapKV(ratio=0.6, window=8))
     assert kept(Compose(ratio=0.6, methods=(KNorm(), KNorm()))) == kept(KNorm(ratio=0.6))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvsqueeze.methods.curdkv import CurDKV
-from tests.unit.methods.helpers import budget, fake_ctx, ids_of, kept_positions, prefill, top_positions
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import budget, fake_ctx, top_positions
 
 
 def _reference(keys: list[list[float]], values: list[list[float]], window: int) -> list[float]:

@@ -12,7 +12,7 @@ from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.dms import DMS
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.snapkv import SnapKV
-from tests.unit.methods.helpers import ids_of
+from tests.helpers import ids_of
 
 
 def ctx_for(keys: torch.Tensor, kept: list[list[int]], seen: int, new: int) -> ScoreContext:

@@ -11,7 +11,7 @@ import kvsqueeze as kvs
 from kvsqueeze.calibration import AttentionCall, collect_attention, forget, remembered
 from kvsqueeze.methods import duo_attention as duo
 from kvsqueeze.methods.duo_attention import DuoAttention, n_streaming, streaming_error, streaming_ranks
-from tests.unit.methods.helpers import ids_of, prefill
+from tests.helpers import ids_of, kept_positions, kept_total, prefill
 from tests.unit.test_expected_attention import rotation_matrix
 
 
@@ -104,10 +104,8 @@ def test_streaming_heads_keep_sinks_and_window_the_others_everything(ratio, frac
     cache = prefill(model, ids_of(n, seed=1), method)
     streamed = 0
     for idx, layer in enumerate(cache.full_layers()):
-        _, _, positions = layer.view()
         for h in range(2):
-            pos = positions[0, h]
-            kept = sorted(pos[pos >= 0].tolist())
+            kept = kept_positions(layer, 0, h)
             if int(ranks[idx][h]) < n_stream:
                 streamed += 1
                 assert kept == [0, 1, 2, 3, *range(n - 8, n)]
@@ -115,9 +113,9 @@ def test_streaming_heads_keep_sinks_and_window_the_others_everything(ratio, frac
                 assert kept == list(range(n))
     assert streamed == n_stream
     stats = kvs.cache_stats(cache)
-    kept_total = sum(int(layer.kept.sum()) for layer in cache.full_layers())
-    assert kept_total == n_stream * 12 + (8 - n_stream) * n
-    assert stats.kv_bytes == kept_total * 2 * 16 * 4  # ragged: only the kept tokens are stored
+    total = kept_total(cache)
+    assert total == n_stream * 12 + (8 - n_stream) * n
+    assert stats.kv_bytes == total * 2 * 16 * 4  # ragged: only the kept tokens are stored
     forget(model)
 
 
@@ -126,7 +124,7 @@ def test_ratio_sets_about_the_evicted_share(make_model):
     method = DuoAttention(ratio=0.5, n_sink=4, window=8, n_tokens=256, calibration_chunk=64)
     n = 200
     cache = prefill(model, ids_of(n, seed=4), method)
-    kept = sum(int(layer.kept.sum()) for layer in cache.full_layers())
+    kept = kept_total(cache)
     per_stream = n - 12
     assert abs((8 * n - kept) - 0.5 * 8 * n) <= per_stream / 2  # within half a head of the target
     forget(model)

@@ -12,8 +12,8 @@ from kvsqueeze.calibration import forget
 from kvsqueeze.methods import expected_attention_calibrated as eac
 from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.expected_attention_calibrated import ExpectedAttentionCalibrated, compute_query_stats
-from tests.unit.methods.helpers import ids_of, prefill
-from tests.unit.test_expected_attention import record_scores, rotation_matrix
+from tests.helpers import ids_of, prefill, record_scores
+from tests.unit.test_expected_attention import rotation_matrix
 
 
 def _pre_rope_queries(model, chunk: torch.Tensor, layer_idx: int) -> torch.Tensor:

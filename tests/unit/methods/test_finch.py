@@ -10,7 +10,8 @@ from kvsqueeze.methods.finch import Finch
 from kvsqueeze.models import apply_rope
 from kvsqueeze.press import score_context
 from kvsqueeze.recording import record
-from tests.unit.methods.helpers import budget, ids_of
+from tests.helpers import ids_of, prefill
+from tests.unit.methods.helpers import budget
 
 
 def _recording(model, n: int):
@@ -73,9 +74,7 @@ def test_without_a_question_the_last_window_stands_in(make_model):
 
 def test_kept_keys_are_rerotated_to_contiguous_positions(make_model):
     model = make_model("llama")
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, Finch(0.5, question_tokens=5, chunk_size=8)):
-        model(ids_of(40), past_key_values=cache)
+    cache = prefill(model, ids_of(40), Finch(0.5, question_tokens=5, chunk_size=8))
     for layer in cache.full_layers():
         assert layer.positions[0].tolist() == [list(range(20))] * 2
     assert cache.next_positions().tolist() == [20]

@@ -10,7 +10,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.methods.h2o import H2O, STATE
-from tests.unit.methods.helpers import ids_of
+from tests.helpers import ids_of
 
 
 @dataclass

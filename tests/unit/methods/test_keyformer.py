@@ -9,8 +9,8 @@ import torch
 
 import kvsqueeze.methods.keyformer as keyformer_module
 from kvsqueeze.methods.keyformer import Keyformer, gumbel_noise
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill, top_positions
-from tests.unit.test_expected_attention import record_scores
+from tests.helpers import ids_of, kept_by_layer, kept_positions, prefill, record_scores
+from tests.unit.methods.helpers import budget, top_positions
 
 
 def _by_hand(attn: torch.Tensor, noise: torch.Tensor, tau: float, h: int) -> list[list[float]]:
@@ -87,7 +87,7 @@ def test_deterministic_for_a_seed(make_model):
     kept = []
     for seed in (3, 3, 4):
         cache = prefill(model, ids, Keyformer(ratio=0.6, seed=seed))
-        kept.append([kept_positions(layer, 0, h) for layer in cache.full_layers() for h in range(2)])
+        kept.append(kept_by_layer(cache))
     assert kept[0] == kept[1]
     assert kept[0] != kept[2]
 

@@ -11,7 +11,7 @@ from kvsqueeze.methods.keyrerotation import KeyRerotation
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.streaming_llm import StreamingLLM
 from kvsqueeze.recording import compress_recording, record
-from tests.unit.methods.helpers import ids_of, kept_positions, prefill
+from tests.helpers import ids_of, kept_positions, prefill
 
 
 def _cache_at(model, ids, positions) -> kvs.KVCache:

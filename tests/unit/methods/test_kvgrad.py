@@ -10,8 +10,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.recording import compress_recording, record
 from kvsqueeze.replay import KVGRAD
-from tests.unit.methods.helpers import assert_global_top_of_replay, ids_of
-from tests.unit.methods.helpers import replay_prefill as prefill
+from tests.helpers import ids_of, prefill
+from tests.unit.methods.helpers import assert_global_top_of_replay
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.75])
@@ -23,8 +23,8 @@ def test_keeps_the_global_top_of_the_gradient_weighted_scores(ratio, make_model)
 def test_ranks_differently_from_kvzip_plus(make_model):
     model = make_model("llama")
     ids = ids_of(60, seed=3)
-    plus, _ = prefill(model, ids, kvs.get_method("kvzip_plus", ratio=0.5))
-    grad, _ = prefill(model, ids, kvs.get_method("kvgrad", ratio=0.5))
+    plus = prefill(model, ids, kvs.get_method("kvzip_plus", ratio=0.5))
+    grad = prefill(model, ids, kvs.get_method("kvgrad", ratio=0.5))
     pairs = zip(plus.full_layers(), grad.full_layers(), strict=True)
     assert any(not torch.equal(a.view()[2], b.view()[2]) for a, b in pairs)
 

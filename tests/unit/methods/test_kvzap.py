@@ -16,6 +16,7 @@ from kvsqueeze.methods._kvzap import Dataset, heldout_spearman, ranks, spearman
 from kvsqueeze.methods.fastkvzip_gates import FastKVzipGates, percentile_labels
 from kvsqueeze.methods.kvzap_linear import KVzapLinear, ridge_fit
 from kvsqueeze.methods.kvzap_mlp import KVzapMLP
+from tests.helpers import kept_counts, prefill
 
 NAMES = ["kvzap_linear", "kvzap_mlp", "fastkvzip_gates"]
 SMALL = {"n_docs": 3, "doc_tokens": 48, "heldout_docs": 1}
@@ -178,9 +179,7 @@ def test_collect_targets_are_log_kvzip_plus(make_model):
     model = make_model("llama")
     ids = torch.randint(5, 400, (40,), generator=torch.Generator().manual_seed(3))
     data = _kvzap.collect(model, [ids])
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.attach(model):
-        model(ids[None], past_key_values=cache)
+    cache = prefill(model, ids[None])
     scores = kvzip_scores(model, cache, ids[None], variant="kvzip+")
     for layer, target in data.targets.items():
         assert data.features[layer].shape == (40, model.config.hidden_size)
@@ -192,10 +191,8 @@ def test_scores_follow_the_predictor_and_refuse_later_forwards(name, make_model)
     model = make_model("llama")
     method = get_method(name, ratio=0.5, **SMALL, **FAST[name])
     ids = torch.randint(5, 400, (1, 30), generator=torch.Generator().manual_seed(4))
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, past_key_values=cache)
-    assert [layer.kept.tolist() for layer in cache.full_layers()] == [[[15, 15]]] * 4
+    cache = prefill(model, ids, method)
+    assert kept_counts(cache) == [[[15, 15]]] * 4
     with pytest.raises(ValueError, match="one-shot prefill"), torch.no_grad(), kvs.compress(model, method):
         model(ids[:, :5], past_key_values=cache)
 

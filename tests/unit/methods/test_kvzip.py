@@ -9,8 +9,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.recording import compress_recording, record
 from kvsqueeze.replay import VARIANTS, kvzip_scores
-from tests.unit.methods.helpers import assert_global_top_of_replay, ids_of
-from tests.unit.methods.helpers import replay_prefill as prefill
+from tests.helpers import ids_of, kept_counts, prefill, prefill_with_log
+from tests.unit.methods.helpers import assert_global_top_of_replay
 
 NAMES = {"kvzip": "kvzip", "kvzip_plus": "kvzip+"}
 
@@ -24,15 +24,15 @@ def test_keeps_the_global_top_of_the_replay_scores(name, ratio, make_model):
 def test_kvzip_plus_ranks_differently(make_model):
     model = make_model("llama")
     ids = ids_of(60, seed=3)
-    plain, _ = prefill(model, ids, kvs.get_method("kvzip", ratio=0.5))
-    plus, _ = prefill(model, ids, kvs.get_method("kvzip_plus", ratio=0.5))
+    plain = prefill(model, ids, kvs.get_method("kvzip", ratio=0.5))
+    plus = prefill(model, ids, kvs.get_method("kvzip_plus", ratio=0.5))
     pairs = zip(plain.full_layers(), plus.full_layers(), strict=True)
     assert any(not torch.equal(a.view()[2], b.view()[2]) for a, b in pairs)
 
 
 def test_replay_time_counts_as_compression_time(make_model):
     model = make_model("llama")
-    _, log = prefill(model, ids_of(40), kvs.get_method("kvzip", ratio=0.5))
+    _, log = prefill_with_log(model, ids_of(40), kvs.get_method("kvzip", ratio=0.5))
     assert log.seconds > 0
     assert log.kv_bytes_after < log.kv_bytes_before
 
@@ -55,7 +55,7 @@ def test_recording_cannot_replay(make_model):
     with pytest.raises(ValueError, match="compress_recording cannot replay"):
         compress_recording(rec, kvs.get_method("kvzip", ratio=0.5))
     dense, _ = compress_recording(rec, kvs.get_method("kvzip", ratio=0.0))  # ratio 0 needs no replay
-    assert [layer.kept.tolist() for layer in dense.full_layers()] == [[[30, 30]]] * 4
+    assert kept_counts(dense) == [[[30, 30]]] * 4
 
 
 def test_the_prompt_is_tokenized_with_the_models_tokenizer(make_model, tokenizer, monkeypatch):
@@ -65,8 +65,8 @@ def test_the_prompt_is_tokenized_with_the_models_tokenizer(make_model, tokenizer
     monkeypatch.setattr(replay, "find_tokenizer", lambda m: tokenizer)
     prompt = "Say it again."
     ids = ids_of(30)
-    cache, _ = prefill(model, ids, kvs.get_method("kvzip", ratio=0.5, prompt=prompt))
-    dense, _ = prefill(model, ids, None)
+    cache = prefill(model, ids, kvs.get_method("kvzip", ratio=0.5, prompt=prompt))
+    dense = prefill(model, ids)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     scores = kvzip_scores(model, dense, ids, prompt_ids=prompt_ids)
     other = kvzip_scores(model, dense, ids, prompt_ids=[])

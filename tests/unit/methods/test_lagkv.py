@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvsqueeze.methods.lagkv import LagKV
-from tests.unit.methods.helpers import budget, fake_ctx, ids_of, kept_positions, prefill, top_positions
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import budget, fake_ctx, top_positions
 
 
 def _std(xs: list[float]) -> float:

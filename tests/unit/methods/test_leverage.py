@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvsqueeze.methods.leverage import Leverage, leverage_scores
-from tests.unit.methods.helpers import budget, fake_ctx, ids_of, kept_positions, prefill, top_positions
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import budget, fake_ctx, top_positions
 
 
 def _svd_leverage(k: torch.Tensor) -> torch.Tensor:

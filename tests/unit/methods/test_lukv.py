@@ -21,7 +21,7 @@ from kvsqueeze.methods.lukv import (
     loss_curve,
     oracle_importance,
 )
-from tests.unit.methods.helpers import ids_of, prefill
+from tests.helpers import ids_of, kept_positions, kept_total, prefill
 
 
 def test_oracle_importance_matches_loops():
@@ -145,16 +145,14 @@ def test_heads_keep_their_allocation_of_their_scorers_best_tokens(make_model):
     dense = prefill(model, ids, None)
     expected = allocate(convex_gains(torch.cat([curves[i] for i in range(4)])), torch.tensor([n]), 0.5,
                         torch.tensor([1]))[0].view(4, 2)  # fmt: skip
-    assert sum(int(layer.kept.sum()) for layer in cache.full_layers()) == 8 * 30  # the model total is exact
+    assert kept_total(cache) == 8 * 30  # the model total is exact
     assert len({int(c) for c in expected.flatten()}) > 1  # heads keep different counts
     for idx, layer in enumerate(cache.full_layers()):
         assert layer.kept[0].tolist() == expected[idx].tolist()
-        _, _, positions = layer.view()
         for h in range(2):
             norms = dense.layer(idx).keys[0, h].norm(dim=-1)
             best = sorted(range(n), key=lambda j, norms=norms: (float(norms[j]), j))[: int(expected[idx, h])]
-            pos = positions[0, h]
-            assert sorted(pos[pos >= 0].tolist()) == sorted(best)
+            assert kept_positions(layer, 0, h) == sorted(best)
     assert kvs.cache_stats(cache).kv_bytes == 8 * 30 * 2 * 16 * 4  # ragged: only the kept tokens are stored
     forget(model)
 

@@ -13,7 +13,8 @@ from kvsqueeze.methods.adakv import AdaKV
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.merge import Merge
 from kvsqueeze.methods.snapkv import SnapKV
-from tests.unit.methods.helpers import fake_ctx, ids_of, prefill
+from tests.helpers import ids_of, prefill
+from tests.unit.methods.helpers import fake_ctx
 
 
 def reference(keys, values, positions, kept: list[list[list[int]]], min_similarity: float = -1.0):

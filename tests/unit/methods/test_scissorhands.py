@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvsqueeze.methods.scissorhands import Scissorhands
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill, top_positions
-from tests.unit.test_expected_attention import record_scores
+from tests.helpers import ids_of, kept_positions, prefill, record_scores
+from tests.unit.methods.helpers import budget, top_positions
 
 
 def _by_hand(attn: torch.Tensor, window: int, h: int) -> list[list[float]]:

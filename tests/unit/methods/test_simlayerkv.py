@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvsqueeze.methods.simlayerkv import SimLayerKV
-from tests.unit.methods.helpers import ids_of, kept_positions, prefill
+from tests.helpers import full_layer_indices, ids_of, kept_positions, prefill
 
 
 def _masses(attentions, n: int, keep: int, n_sink: int, window: int) -> list[float]:
@@ -24,11 +24,7 @@ def test_lazy_layers_keep_sinks_and_recent_the_others_everything(family, window,
     keep = math.floor(n * (1 - ratio))
     with torch.no_grad():
         attentions = model(ids_of(n, seed=5), output_attentions=True).attentions
-    full = [
-        i
-        for i, t in enumerate(getattr(model.config, "layer_types", None) or ["full_attention"] * 4)
-        if t == "full_attention"
-    ]
+    full = full_layer_indices(model)
     masses = [m for i, m in enumerate(_masses(attentions, n, keep, n_sink, window)) if i in full]
     threshold = sorted(masses)[len(masses) // 2]  # the upper half of the layers is lazy
     cache = prefill(

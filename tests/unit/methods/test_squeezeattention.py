@@ -11,7 +11,8 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.methods.squeezeattention import SqueezeAttention, kmeans_1d, unimportant_layers
 from kvsqueeze.recording import compress_recording, record
-from tests.unit.methods.helpers import budget, ids_of, kept_positions, prefill, top_positions
+from tests.helpers import ids_of, kept_positions, prefill
+from tests.unit.methods.helpers import budget, top_positions
 
 
 def _similarities(model, ids: torch.Tensor, full: list[int]) -> list[float]:

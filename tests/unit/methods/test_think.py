@@ -20,7 +20,7 @@ from kvsqueeze.methods.adakv import AdaKV
 from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.think import ThinK, channel_scores, top_channels
-from tests.unit.methods.helpers import ids_of
+from tests.helpers import ids_of, kept_counts, kept_total, prefill
 
 N_CTX = 61
 HEAD_DIM = 16
@@ -246,9 +246,7 @@ def test_new_tokens_are_stored_with_the_kept_channels(make_model):
     model = make_model("llama")
     method = ThinK(key_channel_ratio=0.5, window=8)
     _, _, after_prefill = _run(model, method, "sdpa", decode_under_compress=True)
-    dense = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.attach(model):
-        model(ids_of(N_CTX), past_key_values=dense)
+    dense = prefill(model, ids_of(N_CTX))
     for layer, ref in zip(after_prefill.full_layers(), dense.full_layers(), strict=True):
         channels = layer.key_channels
         assert channels is not None
@@ -288,11 +286,9 @@ def test_key_bytes_shrink_by_exactly_the_channel_ratio(key_channel_ratio, make_m
 
 def test_tokens_and_channels_compose_in_bytes(make_model):
     model = make_model("llama")
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, ThinK(ratio=0.5, key_channel_ratio=0.5, scorer=SnapKV(window=8))):
-        model(ids_of(N_CTX), past_key_values=cache)
+    cache = prefill(model, ids_of(N_CTX), ThinK(ratio=0.5, key_channel_ratio=0.5, scorer=SnapKV(window=8)))
     kept = N_CTX // 2
-    assert [layer.kept.tolist() for layer in cache.full_layers()] == [[[kept, kept]]] * 4
+    assert kept_counts(cache) == [[[kept, kept]]] * 4
     assert kvs.cache_stats(cache).kv_bytes == kept * 2 * (HEAD_DIM // 2 + HEAD_DIM) * 4 * 4
 
 
@@ -351,15 +347,8 @@ def test_padded_rows_are_stored_ragged_with_thin_keys(make_model):
     for i, row in enumerate(rows):
         ids[i, N_CTX - len(row) :], mask[i, N_CTX - len(row) :] = row, 1
     method = ThinK(ratio=0.5, key_channel_ratio=0.5, window=8, scorer=SnapKV(window=8))
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids, attention_mask=mask, past_key_values=cache)
-    alone = []
-    for row in rows:
-        c = kvs.KVCache(model.config)
-        with torch.no_grad(), kvs.compress(model, method):
-            model(row[None], past_key_values=c)
-        alone.append(c)
+    cache = prefill(model, ids, method, mask)
+    alone = [prefill(model, row[None], method) for row in rows]
     for idx, layer in enumerate(cache.kv_layers()):
         assert layer.is_ragged and layer.keys.shape[-1] == HEAD_DIM // 2
         keys, _, pos = layer.view()
@@ -371,7 +360,7 @@ def test_padded_rows_are_stored_ragged_with_thin_keys(make_model):
                 assert pos[b, h][filled].tolist() == ref_pos[0, h].tolist()
                 torch.testing.assert_close(keys[b, h][filled], ref_keys[0, h])
     stats = kvs.cache_stats(cache)
-    kept = sum(int(layer.kept.sum()) for layer in cache.full_layers())
+    kept = kept_total(cache)
     assert stats.kv_bytes == kept * (HEAD_DIM // 2 + HEAD_DIM) * 4
     with torch.no_grad(), kvs.attach(model):  # a question appended to both rows is stored thin too
         logits = model(ids_of(5, seed=4).expand(2, -1), past_key_values=cache).logits
@@ -383,9 +372,7 @@ def test_padded_rows_are_stored_ragged_with_thin_keys(make_model):
 def test_save_and_load_keep_thin_keys(make_model, tmp_path):
     model = make_model("llama")
     method = ThinK(ratio=0.5, key_channel_ratio=0.5, window=8, scorer=AdaKV(scorer=SnapKV(window=8)))
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, method):
-        model(ids_of(N_CTX), past_key_values=cache)
+    cache = prefill(model, ids_of(N_CTX), method)
     path = save_cache(tmp_path / "thin.safetensors", cache, model, method)
     loaded = load_cache(path, model).cache
     for a, b in zip(loaded.kv_layers(), cache.kv_layers(), strict=True):
@@ -409,9 +396,7 @@ def test_generate_answers_with_thin_keys(make_model, tokenizer):
 
 def test_thin_keys_cannot_be_rerotated_or_pruned_twice(make_model):
     model = make_model("llama")
-    cache = kvs.KVCache(model.config)
-    with torch.no_grad(), kvs.compress(model, ThinK(key_channel_ratio=0.5)):
-        model(ids_of(N_CTX), past_key_values=cache)
+    cache = prefill(model, ids_of(N_CTX), ThinK(key_channel_ratio=0.5))
     layer = cache.layer(0)
     keys, _, pos = layer.view()
     with pytest.raises(ValueError, match="re-rotation cannot move thin keys"):
