@@ -16,8 +16,11 @@ def test_list_json_is_one_array_with_descriptions(capsys: pytest.CaptureFixture[
     names = {m["name"] for m in methods}
     assert {"knorm", "random", "streaming_llm", "pyramidkv", "snapkv"} <= names
     for m in methods:
-        assert set(m) == {"name", "description", "options", "needs"}
+        assert set(m) == {"name", "description", "options", "needs", "budget_scope", "budget_kind"}
         assert m["description"] and "ratio" in m["options"]
+        assert m["budget_scope"] in ("head", "layer", "model") and m["budget_kind"] in ("uniform", "adaptive")
+    kinds = {m["name"]: m["budget_kind"] for m in methods}
+    assert kinds["knorm"] == "uniform" and kinds["simlayerkv"] == "adaptive"
 
 
 def test_list_human(capsys: pytest.CaptureFixture[str]) -> None:
