@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvsqueeze import __version__
+from kvsqueeze.validation import check_choice
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -85,12 +86,8 @@ def load_model(
     hub id (hub ids only work where the hub is reachable or already cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        raise ValueError(
-            f"attn_implementation must be 'sdpa', 'eager' or 'flash_attention_2', got {attn_implementation!r}"
-        )
+    check_choice("dtype", dtype, sorted(DTYPES))
+    check_choice("attn_implementation", attn_implementation, ("sdpa", "eager", "flash_attention_2"))
     source = str(default_model_dir()) if name in (None, "", DEFAULT_MODEL) else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -10,11 +10,7 @@ from torch import Tensor
 
 from kvsqueeze.calibration import calibration_ids, ids_digest
 from kvsqueeze.models import get_adapter
-
-
-def check_int(name: str, value: object, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+from kvsqueeze.validation import check_int
 
 
 def check_calibration_options(n_tokens: object, seed: object, calibration_chunk: object) -> None:

@@ -36,10 +36,11 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import AttentionCall, artifact_path, calibrated, collect_attention, remembered
-from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, check_int, per_layer
+from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, per_layer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
+from kvsqueeze.validation import check_float, check_int
 
 KIND = "duo_attention"
 
@@ -129,9 +130,7 @@ class DuoAttention(ScorerMethod):
         check_int("window", self.window, 0, 1_000_000)
         if self.n_sink + self.window < 1:
             raise ValueError("a streaming head must keep a token: n_sink + window must be >= 1, got 0 + 0")
-        f = self.streaming_fraction
-        if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0):
-            raise ValueError(f"streaming_fraction must be None or a number in [0, 1], got {f!r}")
+        check_float("streaming_fraction", self.streaming_fraction, 0.0, 1.0, none_ok=True)
         check_calibration_options(self.n_tokens, self.seed, self.calibration_chunk)
         if self.calibration_chunk <= self.n_sink + self.window:
             raise ValueError(

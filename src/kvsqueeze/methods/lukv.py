@@ -37,12 +37,13 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import AttentionCall, artifact_path, calibrated, collect_attention, remembered
-from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, check_int, per_layer
+from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, per_layer
 from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, uniform_budget
 from kvsqueeze.methods.expected_attention import ExpectedAttention
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
+from kvsqueeze.validation import check_int
 
 KIND = "lukv"
 
