@@ -50,8 +50,7 @@ class Keyformer(ScorerMethod):
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1] (a share of the budget), got {self.recent_ratio}")
         check_int("seed", self.seed)
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        check_int("block_size", self.block_size, 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         q = ctx.queries(rope=True)  # (B, H_q, q, D)

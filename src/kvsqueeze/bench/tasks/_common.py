@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvsqueeze.bench.tasks.base import Sample, Task
-from kvsqueeze.validation import check_int
+from kvsqueeze.validation import check_float, check_int
 
 
 def words(text: str, sep: str | None = None) -> tuple[str, ...]:
@@ -95,8 +95,7 @@ def spread_depth(index: int) -> float:
 
 
 def check_depth(depth: float | None) -> None:
-    if depth is not None and not (isinstance(depth, (int, float)) and 0.0 <= depth <= 1.0):
-        raise ValueError(f"depth must be a float in [0, 1] or None (spread over samples), got {depth!r}")
+    check_float("depth", depth, 0.0, 1.0, none_ok=True, note="spread over samples")
 
 
 def value_name(kind: str) -> str:
