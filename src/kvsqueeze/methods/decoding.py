@@ -66,8 +66,7 @@ class DecodingCompression(ScorerMethod):
         if self.target_tokens is not None and self.ratio != 0.0:
             raise ValueError(f"give either target_tokens ({self.target_tokens}) or ratio ({self.ratio}), not both")
         check_int("every", self.every, 1)
-        if self.query_window is not None and self.query_window < 1:
-            raise ValueError(f"query_window must be >= 1 or None, got {self.query_window}")
+        check_int("query_window", self.query_window, 1, none_ok=True)
 
     @property
     def remembered(self) -> int:

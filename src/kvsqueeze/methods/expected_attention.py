@@ -22,7 +22,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import apply_rope
-from kvsqueeze.validation import check_float, check_int
+from kvsqueeze.validation import check_bool, check_float, check_int
 
 
 @dataclass
@@ -109,6 +109,8 @@ class ExpectedAttention(ScorerMethod):
         check_int("n_future", self.n_future, 1)
         check_int("n_sink", self.n_sink, 0)
         check_float("eps", self.eps, 0.0, finite=True)
+        for flag in ("use_covariance", "use_vnorm", "use_output_projection"):
+            check_bool(flag, getattr(self, flag))
         if self.use_output_projection and not self.use_vnorm:
             raise ValueError("use_output_projection=True rescales by ||W_O v||: it needs use_vnorm=True")
 

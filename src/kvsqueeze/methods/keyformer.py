@@ -47,8 +47,7 @@ class Keyformer(ScorerMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float("tau", self.tau, 0.0, low_open=True, finite=True, note="a temperature")
-        if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1] (a share of the budget), got {self.recent_ratio}")
+        check_float("recent_ratio", self.recent_ratio, 0.0, 1.0, note="a share of the budget")
         check_int("seed", self.seed)
         check_int("block_size", self.block_size, 1)
 

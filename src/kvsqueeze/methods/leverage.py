@@ -51,6 +51,7 @@ class Leverage(ScorerMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("sketch_rows", self.sketch_rows, 0, note="0 = exact scores")
+        check_int("seed", self.seed)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         seed = self.seed * 1_000_003 + ctx.layer_idx
