@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvsqueeze.validation import check_choice
+
 NORMALIZATIONS = ("auto", "softmax", "sum", "none")
 
 
 def comparable_scores(scores: Tensor, valid: Tensor, normalize: str) -> Tensor:
     """scores, valid (..., T) -> scores on one scale across segments (see the module docstring); empty = -inf."""
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    check_choice("normalize", normalize, NORMALIZATIONS)
     s = scores.float().masked_fill(~valid, float("-inf"))
     if normalize == "auto":
         negative = (scores.float() < 0) & valid

@@ -27,41 +27,12 @@ from torch import Tensor
 from kvsqueeze import __version__
 from kvsqueeze.atomic import write_atomic
 from kvsqueeze.cache import KVCache
+from kvsqueeze.fingerprint import model_fingerprint
 from kvsqueeze.methods.base import Method
 from kvsqueeze.models import get_adapter
 
 FORMAT = "kvsqueeze-cache/2"  # /2: a checksum of the tensor data in the metadata
 _METADATA = ("format", "kvsqueeze_version", "model", "fingerprint", "method", "ratio", "seen", "extra", "checksum")
-_CONFIG_KEYS = (
-    "model_type",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_size",
-    "vocab_size",
-    "max_position_embeddings",
-    "sliding_window",
-    "layer_types",
-    "rope_parameters",
-)
-_SAMPLE = 4096  # values hashed per sampled weight tensor
-
-
-def model_fingerprint(model: Any) -> str:
-    """A short hash of the model's architecture and of samples of its weights (embeddings, first and last layers).
-
-    Two loads of the same checkpoint agree (in any dtype of at least bf16 precision the samples are rounded to);
-    a different checkpoint or architecture does not.
-    """
-    text = model.config.get_text_config(decoder=True)
-    arch = {key: getattr(text, key, None) for key in _CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
-    params = list(model.named_parameters())
-    for _, p in [params[0], params[len(params) // 2], params[-1]]:
-        sample = p.detach().flatten()[:_SAMPLE].to(device="cpu", dtype=torch.bfloat16).float()
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def model_name(model: Any) -> str:

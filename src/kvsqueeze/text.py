@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from kvsqueeze.validation import check_int
+
 PEOPLE = (
     "Amara", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kalinda", "Luca",
     "Mei", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Samir", "Tove", "Umar", "Vera", "Wendell", "Ximena",
@@ -134,8 +136,7 @@ def generic_paragraphs(seed: int = 0) -> Iterator[str]:
 def generic_text(tokenizer: Any, n_tokens: int, seed: int = 0) -> str:
     """Whole paragraphs (joined by blank lines) holding at least `n_tokens` tokens of `tokenizer` (special tokens not
     counted); at most one paragraph more than needed. `tokenizer=None` counts characters instead of tokens."""
-    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    check_int("n_tokens", n_tokens, 1)
 
     def count(text: str) -> int:
         if tokenizer is None:

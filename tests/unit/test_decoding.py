@@ -175,10 +175,10 @@ def test_protected_tokens_above_the_target_raise(make_model):
     ("options", "message"),
     [
         ({"every": 0}, "every must be an integer >= 1, got 0"),
-        ({"target_tokens": 0}, "target_tokens must be >= 1, got 0"),
+        ({"target_tokens": 0}, "target_tokens must be an integer >= 1 or None, got 0"),
         ({"target_tokens": 1.5}, "target_tokens must be an integer"),
         ({"target_tokens": 10, "ratio": 0.5}, r"either target_tokens \(10\) or ratio \(0.5\)"),
-        ({"query_window": 0}, "query_window must be >= 1"),
+        ({"query_window": 0}, "query_window must be an integer >= 1 or None, got 0"),
         ({"scorer": "knorm"}, "scorer must be a scoring method"),
         ({"ratio": 1.0}, r"ratio must be a number in \[0, 1\)"),
     ],

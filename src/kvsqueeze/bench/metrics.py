@@ -16,6 +16,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from kvsqueeze.bench.tasks.base import Sample
+from kvsqueeze.validation import check_choice
 
 METRICS = ("all", "any")
 _SPACES = re.compile(r"\s+")
@@ -28,8 +29,7 @@ def normalize(text: str) -> str:
 
 def score(prediction: str, references: Sequence[str], metric: str = "all") -> float:
     """Score one prediction against its references: fraction found ("all") or any found ("any")."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(repr(m) for m in METRICS)}, got {metric!r}")
+    check_choice("metric", metric, METRICS)
     if isinstance(references, str):
         raise ValueError(f"references must be a list of strings, not one string ({references!r})")
     if not references:

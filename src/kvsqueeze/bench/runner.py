@@ -50,6 +50,7 @@ from kvsqueeze.pipeline import (
     question_token_count,
 )
 from kvsqueeze.recording import Recording, compress_recording, record
+from kvsqueeze.validation import check_int, check_ratio
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -98,22 +99,18 @@ class BenchConfig:
         if not self.methods:
             raise ValueError("give at least one method")
         for ratio in self.ratios:
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-                raise ValueError(f"ratio must be in [0, 1) (the fraction of tokens removed), got {ratio!r}")
+            check_ratio(ratio)
         if not self.ratios and any(m != NONE for m in self.methods):
             raise ValueError("give at least one ratio")
         for length in self.lengths:
-            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-                raise ValueError(f"context length must be an integer >= 1, got {length!r}")
+            check_int("context length", length, 1)
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.budget_policy is not None and self.budget_policy not in BUDGET_POLICIES:
             known = ", ".join(sorted(BUDGET_POLICIES))
             raise ValueError(f"unknown budget policy {self.budget_policy!r}; known: {known}")
         for key in ("chunk_size", "decode_target", "decode_every"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+            check_int(key, getattr(self, key), 1, none_ok=True)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.tasks and not self.datasets:

@@ -1,7 +1,7 @@
 """Statistics computed locally from a model, once, and cached on disk (Q-Filters' directions, and later others).
 
-`store` keys artifacts by a fingerprint of the model, the settings and the kvsqueeze version; `collect` runs a model
-over kvsqueeze's generic text and gathers per-layer tensors from its attention modules.
+`store` keys artifacts by the model's fingerprint (`kvsqueeze.fingerprint`), the settings and the kvsqueeze version;
+`collect` runs a model over kvsqueeze's generic text and gathers per-layer tensors from its attention modules.
 """
 
 from kvsqueeze.calibration.collect import AttentionCall, calibration_ids, collect_attention, ids_digest
@@ -11,10 +11,10 @@ from kvsqueeze.calibration.store import (
     calibration_dir,
     forget,
     load_artifact,
-    model_fingerprint,
     read_info,
     remembered,
 )
+from kvsqueeze.fingerprint import model_fingerprint
 
 __all__ = [
     "AttentionCall",

@@ -1,15 +1,15 @@
 """Calibration artifacts on disk: computed once per (model weights, settings, kvsqueeze version), loaded afterwards.
 
 Layout: `<dir>/<kind>/<key>.safetensors` (the tensors) next to `<key>.json` (model, kind, settings, version, creation
-time, seconds taken). `<dir>` is $KVSQUEEZE_CALIBRATION_DIR if set, else `kvsqueeze.loading.cache_dir()/calibration`
-($KVSQUEEZE_CACHE, else ~/.cache/kvsqueeze). Files are written to a temporary name, then renamed: a reader never sees
-half a file. A missing or unreadable artifact is computed again.
+time, seconds taken). `<dir>` is $KVSQUEEZE_CALIBRATION_DIR if set, else `kvsqueeze.paths.cache_dir()/calibration`
+($KVSQUEEZE_CACHE, else $XDG_CACHE_HOME/kvsqueeze, else ~/.cache/kvsqueeze). Files are written to a temporary name,
+then renamed: a reader never sees half a file. A missing or unreadable artifact is computed again.
 
-The key hashes the kind, the settings (a JSON-serializable dict), the kvsqueeze version and a *fast fingerprint* of the
-model: its class, its configuration (without runtime switches such as the attention implementation) and, for every
-parameter, its name, shape, dtype and 1,024 evenly spaced elements (their raw bytes). It costs milliseconds instead of
-reading gigabytes, at a price: an edit of the weights that touches none of the sampled elements (a few rows) goes
-unnoticed; pass `force=True` (`kvsqueeze calibrate --force`) after such an edit.
+The key hashes the kind, the settings (a JSON-serializable dict), the kvsqueeze version and the model's fingerprint
+(`kvsqueeze.fingerprint`: its class, its configuration and samples of every weight, the same for a float32 and a
+bfloat16 load, so one artifact serves both). It costs milliseconds instead of reading gigabytes, at a price: an edit of
+the weights that touches none of the sampled elements goes unnoticed; pass `force=True` (`kvsqueeze calibrate
+--force`) after such an edit.
 """
 
 from __future__ import annotations
@@ -27,61 +27,21 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor, nn
 
 from kvsqueeze import __version__
+from kvsqueeze.fingerprint import model_fingerprint
+from kvsqueeze.paths import cache_subdir
 
 logger = logging.getLogger("kvsqueeze")
 
 DIR_ENV = "KVSQUEEZE_CALIBRATION_DIR"
-SAMPLES_PER_PARAMETER = 1024
-# configuration entries that change how a model runs, not what it computes
-_RUNTIME_CONFIG_KEYS = frozenset(
-    {"transformers_version", "attn_implementation", "dtype", "torch_dtype", "use_cache", "output_attentions",
-     "output_hidden_states", "return_dict", "architectures"}
-)  # fmt: skip
-
 T = TypeVar("T")
 
 
 def calibration_dir() -> Path:
-    """Where calibration artifacts live ($KVSQUEEZE_CALIBRATION_DIR, else <kvsqueeze cache>/calibration)."""
-    from kvsqueeze.loading import cache_dir
-
-    override = os.environ.get(DIR_ENV)
-    return Path(override) if override else cache_dir() / "calibration"
-
-
-def _config_dict(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: _config_dict(v) for k, v in value.items() if not str(k).startswith("_") and k not in _RUNTIME_CONFIG_KEYS
-        }
-    return value
-
-
-def _sample_bytes(param: Tensor) -> bytes:
-    flat = param.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0 or flat.device.type == "meta":
-        return b""
-    k = min(n, SAMPLES_PER_PARAMETER)
-    index = (torch.arange(k, dtype=torch.int64) * (n - 1)) // max(k - 1, 1)  # integer arithmetic: same on any device
-    sample = flat[index.to(flat.device)].cpu().contiguous()
-    return sample.view(torch.uint8).numpy().tobytes()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A fast fingerprint of a model's configuration and weights (see the module docstring for what it samples)."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(json.dumps(_config_dict(config.to_dict()), sort_keys=True, default=str).encode())
-    for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        digest.update(_sample_bytes(param))
-    return digest.hexdigest()[:24]
+    """Where calibration artifacts live ($KVSQUEEZE_CALIBRATION_DIR, else `kvsqueeze.paths.cache_dir()/calibration`)."""
+    return cache_subdir("calibration", DIR_ENV)
 
 
 def _settings_json(settings: dict[str, Any]) -> str:

@@ -31,21 +31,12 @@ from kvsqueeze.calibration import artifact_path, calibrated, calibration_ids, id
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.models import get_adapter
 from kvsqueeze.replay import prompt_token_ids, replay_document
+from kvsqueeze.validation import check_int
 
 logger = logging.getLogger("kvsqueeze")
 
 LOG_EPS = 1e-10
 VERSION = 1  # bump when the training recipe changes: part of the artifact key
-
-
-def check_int(name: str, value: object, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def check_float(name: str, value: object, low: float, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= float(value) <= high:
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
 
 # --- rank correlation -------------------------------------------------------------------------------------------------

@@ -23,11 +23,6 @@ from kvsqueeze.methods.base import ScoreContext, select
 StepScores = Callable[[Tensor, int, int], tuple[Tensor, Tensor | None]]
 
 
-def check_block_size(value: object, name: str = "block_size") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def keep_mask(indices: Tensor, counts: Tensor, t: int) -> Tensor:
     """(B, H, T) bool of the slots a plan (indices (B, H, K), counts (B, H)) keeps."""
     k = indices.shape[-1]

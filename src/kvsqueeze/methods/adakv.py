@@ -21,6 +21,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, checked_protected, select
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.validation import check_choice, check_float
 
 
 @register_method("adakv")
@@ -37,10 +38,8 @@ class AdaKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         self.scorer = wrapped_scorer(self.scorer, self.ratio)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        check_float("alpha", self.alpha, 0.0, 1.0)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
 
     def score(self, ctx: ScoreContext) -> Tensor:
         return self.scorer.score(ctx)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from kvsqueeze.models import ModelAdapter, apply_rope
 from kvsqueeze.registry import first_paragraph
+from kvsqueeze.validation import check_ratio  # re-exported: methods import it from here too
 
 Need = Literal["queries", "question", "calibration", "residual", "model"]
 BudgetScope = Literal["head", "layer", "model"]
@@ -175,11 +176,6 @@ class Method:
             elif f.default_factory is not dataclasses.MISSING:
                 out[f.name] = f.default_factory()
         return out
-
-
-def check_ratio(ratio: float) -> None:
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1) (the fraction of tokens removed), got {ratio!r}")
 
 
 def uniform_budget(seen: Tensor, ratio: float, n_heads: int) -> Tensor:

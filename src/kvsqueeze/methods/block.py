@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from kvsqueeze.methods._streaming import check_block_size, gather_context, scatter_back, stream_keep
+from kvsqueeze.methods._streaming import gather_context, scatter_back, stream_keep
 from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio, checked_protected
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 @register_method("block")
@@ -40,7 +41,7 @@ class BlockWise(ScorerMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        check_block_size(self.block_size)
+        check_int("block_size", self.block_size, 1)
         self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T): 1 for the slots the walk keeps, 0 otherwise

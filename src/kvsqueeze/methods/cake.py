@@ -40,6 +40,7 @@ from kvsqueeze.methods.base import (
     uniform_budget,
 )
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 
 @dataclass
@@ -71,16 +72,13 @@ class CAKE(ModelScopeMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1, note="odd")
+        if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd integer, got {self.kernel!r}")
-        for name in ("gamma", "tau1", "tau2"):
-            value = getattr(self, name)
-            low_ok = value >= 0 if name == "gamma" else value > 0
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok or math.isinf(value):
-                bound = ">= 0" if name == "gamma" else "> 0"
-                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        check_float("gamma", self.gamma, 0.0, finite=True)
+        check_float("tau1", self.tau1, 0.0, low_open=True, finite=True)
+        check_float("tau2", self.tau2, 0.0, low_open=True, finite=True)
 
     def layer_scores(self, ctx: ScoreContext) -> CakeLayer:
         valid = ctx.valid

@@ -33,6 +33,7 @@ from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.methods.merge import kept_mask
 from kvsqueeze.methods.registry import get_method, register_method
 from kvsqueeze.methods.snapkv import window_attention
+from kvsqueeze.validation import check_bool, check_int
 
 _MODULUS = 2_147_483_647  # 2^31 - 1: products below stay far inside int64
 
@@ -92,12 +93,9 @@ class CaM(DecodingCompression):
         if isinstance(self.scorer, str):  # a registered name (`--option cam.scorer=snapkv`)
             self.scorer = get_method(self.scorer)  # type: ignore[assignment]
         super().__post_init__()
-        if isinstance(self.merge_budget, bool) or not isinstance(self.merge_budget, int) or self.merge_budget < 1:
-            raise ValueError(f"merge_budget must be an integer >= 1, got {self.merge_budget!r}")
-        if not isinstance(self.sample, bool):
-            raise ValueError(f"sample must be True or False, got {self.sample!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_int("merge_budget", self.merge_budget, 1)
+        check_bool("sample", self.sample)
+        check_int("seed", self.seed, 0)
 
     def merge_values(self, ctx: ScoreContext, indices: Tensor, counts: Tensor) -> Tensor:
         attn = newest_attention(ctx)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 
 def mean_window_query(ctx: ScoreContext, window: int) -> Tensor:
@@ -65,12 +66,9 @@ class CAP(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 0:
-            raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge > 0:
-            raise ValueError(f"ridge must be a number > 0, got {self.ridge!r}")
+        check_int("window", self.window, 1)
+        check_float("beta", self.beta, 0.0)
+        check_float("ridge", self.ridge, 0.0, low_open=True)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         q_bar = mean_window_query(ctx, self.window)  # (B, H, D)

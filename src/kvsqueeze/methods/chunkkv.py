@@ -23,6 +23,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.validation import check_int
 
 
 def chunk_order_scores(scores: Tensor, chunk: Tensor) -> Tensor:
@@ -52,8 +53,7 @@ class ChunkKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        check_int("chunk_size", self.chunk_size, 1)
         self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)

@@ -19,6 +19,7 @@ from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.leverage import leverage_scores
 from kvsqueeze.methods.noncausal_attention import chunk_attention, impute_mean
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 
 def standardize(x: Tensor, valid: Tensor) -> Tensor:
@@ -44,14 +45,11 @@ class Compactor(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.blend <= 1.0:
-            raise ValueError(f"blend must be in [0, 1] (the weight of the attention score), got {self.blend}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
-        if not isinstance(self.sketch_rows, int) or self.sketch_rows < 0:
-            raise ValueError(f"sketch_rows must be an integer >= 0 (0 = exact scores), got {self.sketch_rows!r}")
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        check_float("blend", self.blend, 0.0, 1.0, note="the weight of the attention score")
+        check_int("chunk_size", self.chunk_size, 1)
+        check_int("sketch_rows", self.sketch_rows, 0, note="0 = exact scores")
+        check_int("n_sink", self.n_sink, 0)
+        check_int("seed", self.seed)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         valid = ctx.valid

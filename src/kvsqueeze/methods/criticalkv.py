@@ -21,6 +21,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, checked_protected, select
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.validation import check_choice, check_float
 
 
 def projected_value_norms(values: Tensor, w_o: Tensor, chunk: int = 1024) -> Tensor:
@@ -48,12 +49,9 @@ class CriticalKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         self.scorer = wrapped_scorer(self.scorer, self.ratio)
-        if not 0.0 <= self.first_share <= 1.0:
-            raise ValueError(f"first_share must be in [0, 1], got {self.first_share}")
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        check_float("first_share", self.first_share, 0.0, 1.0)
+        check_float("eps", self.eps, 0.0)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T) the stage-2 score
         base = comparable_scores(self.scorer.score(ctx), ctx.valid, self.normalize).exp()

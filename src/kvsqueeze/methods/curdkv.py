@@ -19,6 +19,7 @@ from torch import Tensor
 from kvsqueeze.methods._segments import gather_segments, segment_ids, segment_reduce
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 def local_share(x: Tensor, seg: Tensor) -> Tensor:
@@ -36,8 +37,7 @@ class CurDKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0 (0 = the whole head), got {self.window}")
+        check_int("window", self.window, 0, note="0 = the whole head")
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         seg = torch.where(ctx.valid, 0, -1) if self.window == 0 else segment_ids(ctx.positions, self.window)

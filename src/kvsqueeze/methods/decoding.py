@@ -29,6 +29,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio, select
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 DEFAULT_QUERY_WINDOW = 64
 
@@ -62,17 +63,11 @@ class DecodingCompression(ScorerMethod):
         check_ratio(self.ratio)
         if not isinstance(self.scorer, ScorerMethod) or isinstance(self.scorer, DecodingCompression):
             raise ValueError(f"scorer must be a scoring method (not a DecodingCompression), got {self.scorer!r}")
-        if self.target_tokens is not None:
-            if isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int):
-                raise ValueError(f"target_tokens must be an integer >= 1 or None, got {self.target_tokens!r}")
-            if self.target_tokens < 1:
-                raise ValueError(f"target_tokens must be >= 1, got {self.target_tokens}")
-            if self.ratio != 0.0:
-                raise ValueError(f"give either target_tokens ({self.target_tokens}) or ratio ({self.ratio}), not both")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {self.every!r}")
-        if self.query_window is not None and self.query_window < 1:
-            raise ValueError(f"query_window must be >= 1 or None, got {self.query_window}")
+        check_int("target_tokens", self.target_tokens, 1, none_ok=True)
+        if self.target_tokens is not None and self.ratio != 0.0:
+            raise ValueError(f"give either target_tokens ({self.target_tokens}) or ratio ({self.ratio}), not both")
+        check_int("every", self.every, 1)
+        check_int("query_window", self.query_window, 1, none_ok=True)
 
     @property
     def remembered(self) -> int:

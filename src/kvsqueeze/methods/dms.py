@@ -33,6 +33,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio, select
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 def leaving_and_reference(positions: Tensor, seen: Tensor, new: Tensor, window: int) -> tuple[Tensor, Tensor]:
@@ -80,8 +81,7 @@ class DMS(ScorerMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1 (recent tokens kept), got {self.window!r}")
+        check_int("window", self.window, 1, note="recent tokens kept")
         self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:

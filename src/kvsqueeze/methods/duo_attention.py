@@ -36,10 +36,11 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import AttentionCall, artifact_path, calibrated, collect_attention, remembered
-from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, check_int, per_layer
+from kvsqueeze.methods._calibrated import CalibrationOptions, per_layer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
+from kvsqueeze.validation import check_float, check_int
 
 KIND = "duo_attention"
 
@@ -106,22 +107,16 @@ def n_streaming(seen: Tensor, ratio: float, n_heads: int, kept: int, fraction: f
     return torch.floor(want + 0.5).long().clamp(max=n_heads)
 
 
-@register_method("duo_attention")
 @dataclass
-class DuoAttention(ScorerMethod):
-    """Streaming heads (lowest calibrated error when restricted to sinks + recent window) keep only those, the
-    others keep everything; as many streaming heads as evict about the ratio (DuoAttention)."""
+class DuoAttentionOptions(ScorerMethod):
+    """DuoAttention's own options, before the calibration options (`CalibrationOptions` explains the split)."""
 
-    needs = ("calibration",)
     budget_scope = "layer"  # heads of a layer keep different counts (stored ragged)
     budget_kind = "adaptive"  # the total is about n(1-r), set by how many heads stream
 
     n_sink: int = 4  # first positions a streaming head keeps
     window: int = 64  # most recent positions a streaming head keeps
     streaming_fraction: float | None = None  # fixed share of streaming heads (the ratio is then not used)
-    n_tokens: int = 4096  # calibration tokens of generic text
-    seed: int = 0  # which generic text
-    calibration_chunk: int = 1024  # tokens per calibration forward (capped by the model's max positions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,10 +124,17 @@ class DuoAttention(ScorerMethod):
         check_int("window", self.window, 0, 1_000_000)
         if self.n_sink + self.window < 1:
             raise ValueError("a streaming head must keep a token: n_sink + window must be >= 1, got 0 + 0")
-        f = self.streaming_fraction
-        if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= f <= 1.0):
-            raise ValueError(f"streaming_fraction must be None or a number in [0, 1], got {f!r}")
-        check_calibration_options(self.n_tokens, self.seed, self.calibration_chunk)
+        check_float("streaming_fraction", self.streaming_fraction, 0.0, 1.0, none_ok=True)
+
+
+@register_method("duo_attention")
+@dataclass
+class DuoAttention(CalibrationOptions, DuoAttentionOptions):
+    """Streaming heads (lowest calibrated error when restricted to sinks + recent window) keep only those, the
+    others keep everything; as many streaming heads as evict about the ratio (DuoAttention)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.calibration_chunk <= self.n_sink + self.window:
             raise ValueError(
                 f"calibration_chunk must exceed n_sink + window = {self.n_sink + self.window} (else streaming changes "
@@ -143,7 +145,7 @@ class DuoAttention(ScorerMethod):
         return (KIND, self.n_tokens, self.seed, self.calibration_chunk, self.n_sink, self.window)
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
-        ids, chunk, settings = calibration_setup(model, tokenizer, self.n_tokens, self.seed, self.calibration_chunk)
+        ids, chunk, settings = self.calibration_setup(model, tokenizer)
         settings.update(n_sink=self.n_sink, window=self.window)
         compute = lambda: compute_head_errors(model, ids, chunk, self.n_sink, self.window)  # noqa: E731
         tensors = calibrated(KIND, model, settings, compute, force=force)

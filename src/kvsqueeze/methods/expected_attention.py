@@ -23,6 +23,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import Need, ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import apply_rope
+from kvsqueeze.validation import check_bool, check_float, check_int
 
 
 @dataclass
@@ -106,12 +107,11 @@ class ExpectedAttention(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n_future, int) or self.n_future < 1:
-            raise ValueError(f"n_future must be an integer >= 1, got {self.n_future!r}")
-        if not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be an integer >= 0, got {self.n_sink!r}")
-        if not isinstance(self.eps, (int, float)) or not 0.0 <= self.eps < float("inf"):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        check_int("n_future", self.n_future, 1)
+        check_int("n_sink", self.n_sink, 0)
+        check_float("eps", self.eps, 0.0, finite=True)
+        for flag in ("use_covariance", "use_vnorm", "use_output_projection"):
+            check_bool(flag, getattr(self, flag))
         if self.use_output_projection and not self.use_vnorm:
             raise ValueError("use_output_projection=True rescales by ||W_O v||: it needs use_vnorm=True")
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import artifact_path, calibrated, collect_attention, remembered
-from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, per_layer
+from kvsqueeze.methods._calibrated import CalibrationOptions, per_layer
 from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.expected_attention import ExpectedAttention, QueryStats, query_stats
 from kvsqueeze.methods.registry import register_method
@@ -56,24 +56,14 @@ def compute_query_stats(model: Any, ids: Tensor, chunk_size: int, n_sink: int) -
 
 @register_method("expected_attention_calibrated")
 @dataclass
-class ExpectedAttentionCalibrated(ExpectedAttention):
+class ExpectedAttentionCalibrated(CalibrationOptions, ExpectedAttention):
     """Expected Attention whose query mean and covariance come from a calibration on generic text (cached on disk)."""
-
-    needs = ("calibration",)
-
-    n_tokens: int = 4096  # calibration tokens of generic text
-    seed: int = 0  # which generic text
-    calibration_chunk: int = 1024  # tokens per calibration forward (capped by the model's max positions)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_calibration_options(self.n_tokens, self.seed, self.calibration_chunk)
 
     def _key(self) -> tuple[Any, ...]:
         return (KIND, self.n_tokens, self.seed, self.calibration_chunk, self.n_sink)
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[str, dict[int, Tensor]]]:
-        ids, chunk, settings = calibration_setup(model, tokenizer, self.n_tokens, self.seed, self.calibration_chunk)
+        ids, chunk, settings = self.calibration_setup(model, tokenizer)
         settings["n_sink"] = self.n_sink
         tensors = calibrated(KIND, model, settings, lambda: compute_query_stats(model, ids, chunk, self.n_sink), force)
         stats = {name: per_layer(tensors, name) for name in ("mean", "cov", "count")}

@@ -33,14 +33,13 @@ from torch.nn import functional as F
 
 from kvsqueeze.methods._kvzap import (
     KVzapBase,
-    check_float,
-    check_int,
     init_weight,
     ranks,
     standardizer,
     train_adam,
 )
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 BATCH = 512
 

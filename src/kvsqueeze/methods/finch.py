@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvsqueeze.methods._streaming import check_block_size, stream_keep
+from kvsqueeze.methods._streaming import stream_keep
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import window_attention
+from kvsqueeze.validation import check_int
 
 
 @register_method("finch")
@@ -50,14 +51,9 @@ class Finch(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.question_tokens is not None and (
-            isinstance(self.question_tokens, bool)
-            or not isinstance(self.question_tokens, int)
-            or self.question_tokens < 1
-        ):
-            raise ValueError(f"question_tokens must be an integer >= 1 or None, got {self.question_tokens!r}")
-        check_block_size(self.window, "window")
-        check_block_size(self.chunk_size, "chunk_size")
+        check_int("question_tokens", self.question_tokens, 1, none_ok=True)
+        check_int("window", self.window, 1)
+        check_int("chunk_size", self.chunk_size, 1)
 
     def question_length(self, ctx: ScoreContext) -> int:
         """How many of the forward's last tokens are the question (or stand in for it)."""

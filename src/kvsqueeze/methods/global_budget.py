@@ -20,6 +20,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import LayerScores, ModelScopeMethod, ScoreContext, ScorerMethod, checked_protected, select
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.validation import check_choice
 
 
 @register_method("global_budget")
@@ -35,8 +36,7 @@ class GlobalBudget(ModelScopeMethod):
 
     def __post_init__(self) -> None:
         self.scorer = wrapped_scorer(self.scorer, self.ratio)
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
 
     def layer_scores(self, ctx: ScoreContext) -> LayerScores:
         valid = ctx.valid

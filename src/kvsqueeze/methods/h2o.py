@@ -31,6 +31,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, checked_protected, select
 from kvsqueeze.methods.observed_attention import received_attention
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 STATE = "h2o_accumulated_attention"
 
@@ -51,20 +52,11 @@ class H2O(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget_tokens is not None:
-            if (
-                isinstance(self.budget_tokens, bool)
-                or not isinstance(self.budget_tokens, int)
-                or self.budget_tokens < 1
-            ):
-                raise ValueError(f"budget_tokens must be an integer >= 1 or None, got {self.budget_tokens!r}")
-            if self.ratio != 0.0:
-                raise ValueError(f"give either budget_tokens ({self.budget_tokens}) or ratio ({self.ratio}), not both")
-        share = self.recent_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= float(share) <= 1.0:
-            raise ValueError(f"recent_share must be a number in [0, 1], got {share!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        check_int("budget_tokens", self.budget_tokens, 1, none_ok=True)
+        if self.budget_tokens is not None and self.ratio != 0.0:
+            raise ValueError(f"give either budget_tokens ({self.budget_tokens}) or ratio ({self.ratio}), not both")
+        check_float("recent_share", self.recent_share, 0.0, 1.0)
+        check_int("block_size", self.block_size, 1)
 
     def budget(self, ctx: ScoreContext) -> Tensor:  # (B, H)
         kept = ctx.valid.sum(dim=-1)  # (B, H) after this forward's tokens were appended

@@ -14,7 +14,6 @@ in `observed_attention` (never the whole matrix at once).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.observed_attention import received_attention
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 
 def gumbel_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -46,14 +46,10 @@ class Keyformer(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau < math.inf:
-            raise ValueError(f"tau must be a number > 0 (a temperature), got {self.tau!r}")
-        if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1] (a share of the budget), got {self.recent_ratio}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        check_float("tau", self.tau, 0.0, low_open=True, finite=True, note="a temperature")
+        check_float("recent_ratio", self.recent_ratio, 0.0, 1.0, note="a share of the budget")
+        check_int("seed", self.seed)
+        check_int("block_size", self.block_size, 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         q = ctx.queries(rope=True)  # (B, H_q, q, D)

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvsqueeze.methods._kvzap import KVzapBase, check_float
+from kvsqueeze.methods._kvzap import KVzapBase
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float
 
 
 def ridge_fit(x: Tensor, y: Tensor, ridge: float) -> tuple[Tensor, Tensor]:

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kvsqueeze.methods._kvzap import KVzapBase, check_float, check_int, init_weight, standardizer, train_adam
+from kvsqueeze.methods._kvzap import KVzapBase, init_weight, standardizer, train_adam
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float, check_int
 
 BATCH = 512
 

@@ -33,6 +33,7 @@ from kvsqueeze.methods.base import (
 from kvsqueeze.methods.global_budget import pooled_plans
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.replay import DEFAULT_PROMPT, prompt_token_ids
+from kvsqueeze.validation import check_int
 
 
 @register_method("kvzip")
@@ -50,8 +51,7 @@ class KVzip(ModelScopeMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        check_int("chunk_size", self.chunk_size, 1)
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {self.prompt!r}")
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from kvsqueeze.methods._segments import gather_segments, segment_ids, segment_reduce, segment_softmax
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 def lag_scores(x: Tensor, seg: Tensor, scored: Tensor) -> Tensor:
@@ -48,10 +49,8 @@ class LagKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
-        if self.partition_size < 2:
-            raise ValueError(f"partition_size must be >= 2 (a std over tokens needs two), got {self.partition_size}")
+        check_int("n_sink", self.n_sink, 0)
+        check_int("partition_size", self.partition_size, 2, note="a std over tokens needs two")
 
     def _partitions(self, ctx: ScoreContext) -> tuple[Tensor, Tensor]:
         """Partition id of every slot (B, H, T) and whether it has a complete next partition (B, H, T)."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 def gaussian_sketch(positions: Tensor, rows: int, seed: int) -> Tensor:
@@ -49,8 +50,8 @@ class Leverage(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.sketch_rows, int) or self.sketch_rows < 0:
-            raise ValueError(f"sketch_rows must be an integer >= 0 (0 = exact scores), got {self.sketch_rows!r}")
+        check_int("sketch_rows", self.sketch_rows, 0, note="0 = exact scores")
+        check_int("seed", self.seed)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         seed = self.seed * 1_000_003 + ctx.layer_idx

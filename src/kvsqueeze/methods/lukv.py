@@ -37,12 +37,13 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import AttentionCall, artifact_path, calibrated, collect_attention, remembered
-from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, check_int, per_layer
+from kvsqueeze.methods._calibrated import CalibrationOptions, per_layer
 from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, uniform_budget
 from kvsqueeze.methods.expected_attention import ExpectedAttention
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
+from kvsqueeze.validation import check_int
 
 KIND = "lukv"
 
@@ -175,26 +176,29 @@ def allocate(gains: Tensor, seen: Tensor, ratio: float, floor: Tensor) -> Tensor
     return torch.stack(out)
 
 
-@register_method("lukv")
 @dataclass
-class LUKV(ScorerMethod):
-    """Per-head budgets from calibrated loss-versus-budget curves, filled greedily by marginal utility, over any
-    scorer (LU-KV)."""
+class LUKVOptions(ScorerMethod):
+    """LU-KV's own options, before the calibration options (`CalibrationOptions` explains the split)."""
 
-    needs = ("calibration",)
     budget_scope = "model"  # one total for the whole model; heads keep different counts (stored ragged)
 
     scorer: ScorerMethod = field(default_factory=ExpectedAttention)
     horizon: int = 128  # last tokens of each calibration chunk whose attention defines the oracle importance
     grid: int = 32  # keep fractions 0, 1/grid, ..., 1 on each head's loss curve
-    n_tokens: int = 4096  # calibration tokens of generic text
-    seed: int = 0  # which generic text
-    calibration_chunk: int = 1024  # tokens per calibration forward (capped by the model's max positions)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the ratio is checked by wrapped_scorer
         self.scorer = wrapped_scorer(self.scorer, self.ratio)
         check_int("grid", self.grid, 1, 4096)
-        check_calibration_options(self.n_tokens, self.seed, self.calibration_chunk)
+
+
+@register_method("lukv")
+@dataclass
+class LUKV(CalibrationOptions, LUKVOptions):
+    """Per-head budgets from calibrated loss-versus-budget curves, filled greedily by marginal utility, over any
+    scorer (LU-KV)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_int("horizon", self.horizon, 1, self.calibration_chunk - 1)
 
     def _key(self) -> tuple[Any, ...]:
@@ -202,7 +206,7 @@ class LUKV(ScorerMethod):
         return (KIND, scorer, self.horizon, self.grid, self.n_tokens, self.seed, self.calibration_chunk)
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
-        ids, chunk, settings = calibration_setup(model, tokenizer, self.n_tokens, self.seed, self.calibration_chunk)
+        ids, chunk, settings = self.calibration_setup(model, tokenizer)
         if chunk <= self.horizon:
             raise ValueError(f"horizon must be below the calibration chunk of {chunk} tokens, got {self.horizon}")
         self.scorer.calibrate(model, tokenizer)  # a calibrated scorer must not calibrate inside LU-KV's forwards

@@ -27,6 +27,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_float
 
 _CHUNK = 2048  # evicted candidates compared with the kept keys at once (bounds the (T, K) similarity matrix)
 
@@ -79,10 +80,7 @@ class Merge(ScorerMethod):
     min_similarity: float = -1.0  # evicted tokens whose best cosine is lower are dropped (-1: merge them all)
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_similarity, bool) or not isinstance(self.min_similarity, (int, float)):
-            raise ValueError(f"min_similarity must be a number in [-1, 1], got {self.min_similarity!r}")
-        if not -1.0 <= self.min_similarity <= 1.0:
-            raise ValueError(f"min_similarity must be in [-1, 1] (a cosine), got {self.min_similarity}")
+        check_float("min_similarity", self.min_similarity, -1.0, 1.0, note="a cosine")
         self.scorer = wrapped_scorer(self.scorer, self.ratio, per_head=False)  # per-head or per-layer budgets alike
 
     def score(self, ctx: ScoreContext) -> Tensor:

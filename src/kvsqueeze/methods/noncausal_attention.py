@@ -18,6 +18,7 @@ from torch import Tensor
 
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 def _by_position(x: Tensor, slot: Tensor, width: int) -> Tensor:
@@ -80,8 +81,7 @@ class NonCausalAttention(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        check_int("chunk_size", self.chunk_size, 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         return impute_mean(*chunk_attention(ctx, self.chunk_size))

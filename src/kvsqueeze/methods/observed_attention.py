@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 @register_method("observed_attention")
@@ -32,10 +33,8 @@ class ObservedAttention(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if not isinstance(self.query_stride, int) or self.query_stride < 1:
-            raise ValueError(f"query_stride must be an integer >= 1, got {self.query_stride!r}")
+        check_int("block_size", self.block_size, 1)
+        check_int("query_stride", self.query_stride, 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         q = ctx.queries(rope=True)  # (B, H_q, q, D)

@@ -11,6 +11,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, check_ratio
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.validation import check_float
 
 
 def pyramid_budgets(n: float, ratio: float, n_layers: int, slope: float, floor: float) -> list[float]:
@@ -35,8 +36,7 @@ class PyramidKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        if not 0.0 <= self.slope <= 1.0:
-            raise ValueError(f"slope must be in [0, 1], got {self.slope}")
+        check_float("slope", self.slope, 0.0, 1.0)
         self.scorer = wrapped_scorer(self.scorer, self.ratio)  # a method or a registered name
 
     def score(self, ctx: ScoreContext) -> Tensor:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.calibration import artifact_path, calibrated, collect_attention, remembered
-from kvsqueeze.methods._calibrated import calibration_setup, check_calibration_options, per_layer
-from kvsqueeze.methods.base import ScoreContext, ScorerMethod
+from kvsqueeze.methods._calibrated import CalibrationOptions, per_layer
+from kvsqueeze.methods.base import ScoreContext
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.models import get_adapter
 
@@ -56,24 +56,14 @@ def compute_filters(model: Any, ids: Tensor, chunk_size: int) -> dict[str, Tenso
 
 @register_method("qfilters")
 @dataclass
-class QFilters(ScorerMethod):
+class QFilters(CalibrationOptions):
     """Keep keys projecting most on the head's main query direction (calibrated once per model, cached on disk)."""
-
-    needs = ("calibration",)
-
-    n_tokens: int = 4096  # calibration tokens of generic text
-    seed: int = 0  # which generic text
-    calibration_chunk: int = 1024  # tokens per calibration forward (capped by the model's max positions)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_calibration_options(self.n_tokens, self.seed, self.calibration_chunk)
 
     def _settings(self) -> tuple[int, int, int]:
         return self.n_tokens, self.seed, self.calibration_chunk
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
-        ids, chunk, settings = calibration_setup(model, tokenizer, self.n_tokens, self.seed, self.calibration_chunk)
+        ids, chunk, settings = self.calibration_setup(model, tokenizer)
         tensors = calibrated("qfilters", model, settings, lambda: compute_filters(model, ids, chunk), force=force)
         return artifact_path("qfilters", model, settings), per_layer(tensors, "layer")
 

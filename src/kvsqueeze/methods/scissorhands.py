@@ -20,6 +20,7 @@ from torch import Tensor
 from kvsqueeze.methods._window import window_probs
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 @register_method("scissorhands")
@@ -34,8 +35,7 @@ class Scissorhands(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        check_int("window", self.window, 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         attn, real = window_probs(ctx, self.window)  # (B, H, G, w, T), (B, w)

@@ -22,6 +22,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent, uniform_budget
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import window_attention
+from kvsqueeze.validation import check_float, check_int
 
 
 @register_method("simlayerkv")
@@ -38,12 +39,9 @@ class SimLayerKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1] (a share of attention), got {self.threshold}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        check_float("threshold", self.threshold, 0.0, 1.0, note="a share of attention")
+        check_int("window", self.window, 1)
+        check_int("n_sink", self.n_sink, 0)
 
     def lazy_mass(self, ctx: ScoreContext) -> Tensor:
         """(B,) attention share the last `window` queries give to the sinks + recent tokens a lazy layer keeps."""

@@ -10,6 +10,7 @@ from torch import Tensor
 from kvsqueeze.methods._window import window_probs
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 def window_attention(ctx: ScoreContext, window: int) -> Tensor:
@@ -36,9 +37,9 @@ class SnapKV(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
+        check_int("window", self.window, 1)
+        check_int("kernel", self.kernel, 1, note="odd")
+        if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)

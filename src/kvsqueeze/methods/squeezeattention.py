@@ -32,6 +32,7 @@ from kvsqueeze.methods._wrappers import wrapped_scorer
 from kvsqueeze.methods.base import LayerScores, ModelScopeMethod, ScoreContext, ScorerMethod, checked_protected, select
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import SnapKV
+from kvsqueeze.validation import check_float
 
 
 @dataclass
@@ -92,8 +93,7 @@ class SqueezeAttention(ModelScopeMethod):
 
     def __post_init__(self) -> None:
         self.scorer = wrapped_scorer(self.scorer, self.ratio)
-        if isinstance(self.squeeze, bool) or not isinstance(self.squeeze, (int, float)) or not 0 <= self.squeeze <= 1:
-            raise ValueError(f"squeeze must be in [0, 1] (a share of the uniform budget), got {self.squeeze!r}")
+        check_float("squeeze", self.squeeze, 0.0, 1.0, note="a share of the uniform budget")
 
     def layer_scores(self, ctx: ScoreContext) -> SqueezeLayer:
         if ctx.layer_input is None or ctx.attention_update is None:

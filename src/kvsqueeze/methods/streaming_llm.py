@@ -8,6 +8,7 @@ from torch import Tensor
 
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
+from kvsqueeze.validation import check_int
 
 
 @register_method("streaming_llm")
@@ -19,8 +20,7 @@ class StreamingLLM(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        check_int("n_sink", self.n_sink, 0)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T): newer = higher
         return ctx.positions.float()

@@ -31,6 +31,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import Method, ModelScopeMethod, ScoreContext, check_ratio
 from kvsqueeze.methods.compose import subset_context
 from kvsqueeze.methods.registry import get_method, register_method
+from kvsqueeze.validation import check_float, check_int
 
 
 def channel_scores(queries: Tensor, keys: Tensor, valid: Tensor, real_queries: Tensor) -> Tensor:
@@ -83,11 +84,8 @@ class ThinK(Method):
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
-        kcr = self.key_channel_ratio
-        if not isinstance(kcr, (int, float)) or isinstance(kcr, bool) or not 0.0 <= float(kcr) < 1.0:
-            raise ValueError(f"key_channel_ratio must be a number in [0, 1) (key channels removed), got {kcr!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        check_float("key_channel_ratio", self.key_channel_ratio, 0.0, 1.0, high_open=True, note="key channels removed")
+        check_int("window", self.window, 1)
         if self.scorer is None:
             if self.ratio != 0.0:
                 raise ValueError(

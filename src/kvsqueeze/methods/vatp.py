@@ -20,6 +20,7 @@ from torch import Tensor
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, sinks_and_recent
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.methods.snapkv import window_attention
+from kvsqueeze.validation import check_int
 
 
 @register_method("vatp")
@@ -35,12 +36,9 @@ class VATP(ScorerMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1 (queries), got {self.window!r}")
-        if not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be an integer >= 0, got {self.n_sink!r}")
-        if not isinstance(self.n_recent, int) or self.n_recent < 0:
-            raise ValueError(f"n_recent must be an integer >= 0, got {self.n_recent!r}")
+        check_int("window", self.window, 1, note="queries")
+        check_int("n_sink", self.n_sink, 0)
+        check_int("n_recent", self.n_recent, 0)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         attn = window_attention(ctx, self.window)  # (B, H_q, T)

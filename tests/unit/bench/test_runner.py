@@ -171,15 +171,15 @@ def test_a_dataset_joins_the_grid(fakes, llama, tmp_path: Path) -> None:
     [
         ({"methods": ("knrm",)}, "Did you mean 'knorm'"),
         ({"tasks": ("fak",)}, "Unknown task"),
-        ({"ratios": (1.0,)}, r"ratio must be in \[0, 1\)"),
+        ({"ratios": (1.0,)}, r"ratio must be a number in \[0, 1\)"),
         ({"lengths": (0,)}, "context length must be an integer >= 1"),
         ({"samples": 0}, "samples must be >= 1"),
         ({"options": {"snapkv": {"window": 8}}}, "not among the methods"),
         ({"options": {"knorm": {"windw": 8}}}, "Unknown option 'windw'"),
         ({"tasks": (), "lengths": ()}, "at least one task"),
         ({"budget_policy": "adakvv"}, "unknown budget policy 'adakvv'"),
-        ({"chunk_size": 0}, "chunk_size must be an integer >= 1, got 0"),
-        ({"decode_target": -3}, "decode_target must be an integer >= 1, got -3"),
+        ({"chunk_size": 0}, "chunk_size must be an integer >= 1 or None, got 0"),
+        ({"decode_target": -3}, "decode_target must be an integer >= 1 or None, got -3"),
     ],
 )
 def test_bad_configs_fail_before_running(fakes, kw: dict, match: str) -> None:

@@ -57,5 +57,5 @@ def test_curdkv_keeps_the_top_products(make_model):
 
 
 def test_curdkv_validates_window():
-    with pytest.raises(ValueError, match="window must be >= 0"):
+    with pytest.raises(ValueError, match=r"window must be an integer >= 0 \(0 = the whole head\), got -1"):
         CurDKV(window=-1)

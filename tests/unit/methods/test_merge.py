@@ -114,7 +114,7 @@ def test_ratio_zero_keeps_values(make_model):
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    ({"min_similarity": 1.5}, r"min_similarity must be in \[-1, 1\].*1\.5"),
+    ({"min_similarity": 1.5}, r"min_similarity must be a number in \[-1, 1\].*1\.5"),
     ({"min_similarity": "high"}, "min_similarity.*'high'"),
     ({"scorer": "nonsense"}, "nonsense"),
 ])  # fmt: skip

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvsqueeze.bench.tasks.base import Sample, Task
+from kvsqueeze.validation import check_float, check_int
 
 
 def words(text: str, sep: str | None = None) -> tuple[str, ...]:
@@ -94,18 +95,7 @@ def spread_depth(index: int) -> float:
 
 
 def check_depth(depth: float | None) -> None:
-    if depth is not None and not (isinstance(depth, (int, float)) and 0.0 <= depth <= 1.0):
-        raise ValueError(f"depth must be a float in [0, 1] or None (spread over samples), got {depth!r}")
-
-
-def check_count(name: str, value: int, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    check_float("depth", depth, 0.0, 1.0, none_ok=True, note="spread over samples")
 
 
 def value_name(kind: str) -> str:
@@ -176,10 +166,9 @@ class GeneratedTask(Task):
     """A task whose samples are made one by one from a per-sample random generator (subclasses define `make`)."""
 
     def samples(self, tokenizer: Any, length: int, n: int, seed: int = 0) -> list[Sample]:
-        check_count("length", length, 16, 10_000_000)
-        check_count("n", n, 0, 10_000_000)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_int("length", length, 16, 10_000_000)
+        check_int("n", n, 0, 10_000_000)
+        check_int("seed", seed)
         return [self.make(tokenizer, length, i, seed) for i in range(n)]
 
     def make(self, tokenizer: Any, length: int, index: int, seed: int) -> Sample:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 from kvsqueeze.registry import Registry, first_paragraph
+from kvsqueeze.validation import check_choice
 
 Metric = Literal["all", "any"]  # RULER string match: every reference contained / at least one (QA)
 
@@ -36,8 +37,7 @@ class Sample:
             raise ValueError(
                 f"sample {self.task}#{self.index}: {len(self.questions)} questions but {len(self.answers)} answer lists"
             )
-        if self.metric not in ("all", "any"):
-            raise ValueError(f"metric must be 'all' or 'any', got {self.metric!r}")
+        check_choice("metric", self.metric, ("all", "any"))
 
 
 @dataclass

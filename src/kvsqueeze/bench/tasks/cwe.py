@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvsqueeze.bench.tasks._common import COMMON_WORDS, GeneratedTask, check_count, fit, sample_rng
+from kvsqueeze.bench.tasks._common import COMMON_WORDS, GeneratedTask, fit, sample_rng
 from kvsqueeze.bench.tasks.base import Sample, register_task
+from kvsqueeze.validation import check_int
 
 INTRO = "Below is a numbered list of words. Some words appear in it much more often than the others."
 
@@ -29,9 +30,9 @@ class CommonWords(GeneratedTask):
     freq_uncommon: int = 3
 
     def __post_init__(self) -> None:
-        check_count("num_common", self.num_common, 1, 50)
-        check_count("freq_uncommon", self.freq_uncommon, 1, 100)
-        check_count("freq_common", self.freq_common, self.freq_uncommon + 1, 1000)
+        check_int("num_common", self.num_common, 1, 50)
+        check_int("freq_uncommon", self.freq_uncommon, 1, 100)
+        check_int("freq_common", self.freq_common, self.freq_uncommon + 1, 1000)
 
     def _entries(self, words: list[str], k: int, index: int, seed: int) -> list[str]:
         """The list with `k` uncommon entries, shuffled by a generator of its own (so each k is reproducible)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from kvsqueeze.bench.tasks._common import GeneratedTask, fit, sample_rng
 from kvsqueeze.bench.tasks.base import Sample, register_task
+from kvsqueeze.validation import check_float
 
 INTRO = "Read the coded text below and keep track of how often each coded word appears in it."
 _CONSONANTS = "bdfgklmnprstvz"
@@ -53,8 +54,7 @@ class FrequentWords(GeneratedTask):
     alpha: float = 2.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.alpha, (int, float)) or not 1.0 <= self.alpha <= 4.0:
-            raise ValueError(f"alpha must be a float in [1, 4], got {self.alpha!r}")
+        check_float("alpha", self.alpha, 1.0, 4.0)
 
     def make(self, tokenizer: Any, length: int, index: int, seed: int) -> Sample:
         vocab = coded_words(sample_rng(self.name, seed, index), 4000)

@@ -14,8 +14,6 @@ from typing import Any
 from kvsqueeze.bench.tasks._common import (
     VALUE_TYPES,
     GeneratedTask,
-    check_choice,
-    check_count,
     check_depth,
     make_values,
     sample_rng,
@@ -25,6 +23,7 @@ from kvsqueeze.bench.tasks._common import (
 from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
 from kvsqueeze.bench.tasks.niah import TOKENS_PER_VALUE, intro, needle_text
+from kvsqueeze.validation import check_choice, check_int
 
 
 @register_task("multiturn")
@@ -37,7 +36,7 @@ class MultiTurn(GeneratedTask):
     depth: float | None = None  # of the first needle, in [0, 1]; None: spread over samples
 
     def __post_init__(self) -> None:
-        check_count("num_questions", self.num_questions, 1, 64)
+        check_int("num_questions", self.num_questions, 1, 64)
         check_choice("values", self.values, VALUE_TYPES)
         check_depth(self.depth)
 

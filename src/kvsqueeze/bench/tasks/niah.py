@@ -20,8 +20,6 @@ from typing import Any
 from kvsqueeze.bench.tasks._common import (
     VALUE_TYPES,
     GeneratedTask,
-    check_choice,
-    check_count,
     check_depth,
     make_values,
     sample_rng,
@@ -30,6 +28,7 @@ from kvsqueeze.bench.tasks._common import (
 )
 from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
+from kvsqueeze.validation import check_choice, check_int
 
 TOKENS_PER_VALUE = {"numbers": 10, "words": 10, "uuids": 40}  # answer tokens to allow per value
 
@@ -116,7 +115,7 @@ class NiahMultiKey(_Niah):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("num_keys", self.num_keys, 1, 64)
+        check_int("num_keys", self.num_keys, 1, 64)
 
     def plan(self, rng: random.Random) -> tuple[list[tuple[str, str]], list[str], list[str]]:
         keys = self._keys(rng, self.num_keys)
@@ -133,7 +132,7 @@ class NiahMultiValue(_Niah):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("num_values", self.num_values, 1, 64)
+        check_int("num_values", self.num_values, 1, 64)
 
     def plan(self, rng: random.Random) -> tuple[list[tuple[str, str]], list[str], list[str]]:
         key = self._keys(rng, 1)[0]
@@ -150,7 +149,7 @@ class NiahMultiQuery(_Niah):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("num_queries", self.num_queries, 1, 64)
+        check_int("num_queries", self.num_queries, 1, 64)
 
     def plan(self, rng: random.Random) -> tuple[list[tuple[str, str]], list[str], list[str]]:
         keys = self._keys(rng, self.num_queries)

@@ -12,8 +12,6 @@ from typing import Any
 
 from kvsqueeze.bench.tasks._common import (
     GeneratedTask,
-    check_choice,
-    check_count,
     check_depth,
     fit,
     sample_rng,
@@ -21,6 +19,7 @@ from kvsqueeze.bench.tasks._common import (
 )
 from kvsqueeze.bench.tasks._haystack import Haystack
 from kvsqueeze.bench.tasks.base import Sample, register_task
+from kvsqueeze.validation import check_choice, check_int
 
 FILLER = (
     "The grass is green.",
@@ -52,7 +51,7 @@ class Passkey(GeneratedTask):
     depth: float | None = None  # of the pass key, in [0, 1]; None: spread over samples
 
     def __post_init__(self) -> None:
-        check_count("digits", self.digits, 1, 30)
+        check_int("digits", self.digits, 1, 30)
         check_choice("filler", self.filler, ("repeat", "prose"))
         check_depth(self.depth)
 

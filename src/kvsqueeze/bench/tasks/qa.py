@@ -14,7 +14,6 @@ from typing import Any
 
 from kvsqueeze.bench.tasks._common import (
     GeneratedTask,
-    check_choice,
     check_depth,
     fit,
     sample_rng,
@@ -23,6 +22,7 @@ from kvsqueeze.bench.tasks._common import (
 )
 from kvsqueeze.bench.tasks._haystack import FIRST_NAMES, MONTHS, RIVERS, SURNAMES, TOWNS, TRADES, sentence
 from kvsqueeze.bench.tasks.base import Sample, register_task
+from kvsqueeze.validation import check_choice
 
 PRODUCTS = words(
     "copper kettle|glass bead|wool blanket|clay pipe|smoked eel|rope ladder|brass bell|goat cheese|honey cake|wicker "

@@ -13,9 +13,10 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from kvsqueeze.bench.tasks._common import GeneratedTask, check_count, check_depth, sample_rng, spread_depth
+from kvsqueeze.bench.tasks._common import GeneratedTask, check_depth, sample_rng, spread_depth
 from kvsqueeze.bench.tasks._haystack import fill
 from kvsqueeze.bench.tasks.base import Sample, register_task
+from kvsqueeze.validation import check_int
 
 INTRO = "Memorize and follow the chains of variable assignments hidden in the text below."
 
@@ -39,8 +40,8 @@ class VariableTracking(GeneratedTask):
     depth: float | None = None  # of the asked chain's first assignment, in [0, 1]; None: spread over samples
 
     def __post_init__(self) -> None:
-        check_count("num_chains", self.num_chains, 1, 16)
-        check_count("num_hops", self.num_hops, 1, 32)
+        check_int("num_chains", self.num_chains, 1, 16)
+        check_int("num_hops", self.num_hops, 1, 32)
         check_depth(self.depth)
 
     def make(self, tokenizer: Any, length: int, index: int, seed: int) -> Sample:
