@@ -25,7 +25,7 @@ import torch
 from kvsqueeze.cache import KVCache
 from kvsqueeze.cachefile import load_cache, save_cache
 from kvsqueeze.methods.base import Method
-from kvsqueeze.pipeline import _eos_ids, decoding_method, prefill, split_prompt
+from kvsqueeze.pipeline import decoding_method, eos_ids, prefill, split_prompt
 from kvsqueeze.press import compress
 
 
@@ -104,7 +104,7 @@ class Conversation:
         self.text = prompt
         generated: list[int] = []
         if answer is None:
-            eos = _eos_ids(self.model, self.tokenizer)
+            eos = eos_ids(self.model, self.tokenizer)
             for _ in range(max_new_tokens):
                 token = int(logits.argmax())
                 generated.append(token)
@@ -131,7 +131,7 @@ class Conversation:
             self.exact = False
             if not tail.startswith(reply):
                 raise RuntimeError("the chat template changed the answer text; cannot close the turn in place")
-            last = generated[-1:] if generated and generated[-1] not in _eos_ids(self.model, self.tokenizer) else []
+            last = generated[-1:] if generated and generated[-1] not in eos_ids(self.model, self.tokenizer) else []
             rest = last + self._encode(tail[len(reply) :])
         if rest:
             self._feed(rest)

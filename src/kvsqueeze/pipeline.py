@@ -88,7 +88,8 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids, mask
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end an answer: the eos ids of the generation config, the model config and the tokenizer."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -169,7 +170,7 @@ def answer(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad([_encode(tokenizer, t, False) for t in question_texts], pad_id, device)
     work = cache.select_rows(torch.tensor(rows, device=device))
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     generated: list[list[int]] = [[] for _ in rows]
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     start = time.perf_counter()
@@ -242,7 +243,7 @@ def generate_encoded(
     decode = decoding_method(method, decode_target, decode_every)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    _check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
+    check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad(context_rows, pad_id, device)
     cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
@@ -322,9 +323,11 @@ def decoding_method(method: Method | None, target: int | None, every: int = 32) 
     return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 
 
-def _check_length(
+def check_length(
     max_positions: int | None, context_rows: list[list[int]], questions: list[str], tokenizer: Any, new: int
 ) -> None:
+    """A ValueError before any forward if a context plus a question plus `new` generated tokens would pass the
+    model's `max_positions`."""
     if max_positions is None:
         return
     longest_q = max(len(_encode(tokenizer, q, False)) for q in questions)

@@ -41,8 +41,8 @@ from kvsqueeze.methods import Method, get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
 from kvsqueeze.pipeline import (
-    _check_length,
     answer,
+    check_length,
     encode_prompt,
     encode_query_aware,
     generate_encoded,
@@ -255,7 +255,7 @@ def plan_units(model: Any, tokenizer: Any, config: BenchConfig) -> list[Unit]:
     max_positions = get_adapter(model).max_positions
     for u in units:
         try:
-            _check_length(max_positions, [u.context_ids], u.question_texts, tokenizer, u.max_new_tokens)
+            check_length(max_positions, [u.context_ids], u.question_texts, tokenizer, u.max_new_tokens)
         except ValueError as err:
             raise ValueError(f"{u.sample.task} sample {u.sample.index} (length {u.length}): {err}") from None
     return units
