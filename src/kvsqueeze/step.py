@@ -10,10 +10,10 @@ A method's own extra forwards over the cache it is compressing (KVzip's replay) 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -32,6 +32,8 @@ __all__ = [
     "take_queries",
     "take_updated",
 ]
+
+T = TypeVar("T")
 
 _UPDATED: ContextVar[tuple[object, Tensor] | None] = ContextVar("kvsqueeze_updated_layer", default=None)
 _CAPTURED: ContextVar[dict[int, Tensor] | None] = ContextVar("kvsqueeze_captured_queries", default=None)
@@ -66,13 +68,18 @@ def clear_updated() -> None:
 
 # -- queries captured by attention for the compression hook
 @contextmanager
-def capturing_queries() -> Iterator[None]:
-    """Inside this block attention leaves each layer's post-RoPE queries for the hook that runs right after it."""
-    token = _CAPTURED.set({})
+def _setting(var: ContextVar[T], value: T) -> Iterator[None]:
+    """`var` holds `value` inside the block and its previous value after it."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _CAPTURED.reset(token)
+        var.reset(token)
+
+
+def capturing_queries() -> AbstractContextManager[None]:
+    """Inside this block attention leaves each layer's post-RoPE queries for the hook that runs right after it."""
+    return _setting(_CAPTURED, {})
 
 
 def capture_queries(layer: object, queries: Tensor) -> None:
@@ -89,14 +96,9 @@ def take_queries(layer: object) -> Tensor | None:
 
 
 # -- a method's own forwards that the hooks must ignore
-@contextmanager
-def paused() -> Iterator[None]:
+def paused() -> AbstractContextManager[None]:
     """Inside this block the compression and recording hooks do nothing (a method's own extra forwards)."""
-    token = _PAUSED.set(True)
-    try:
-        yield
-    finally:
-        _PAUSED.reset(token)
+    return _setting(_PAUSED, True)
 
 
 def is_paused() -> bool:
@@ -104,15 +106,10 @@ def is_paused() -> bool:
 
 
 # -- a chunk of a chunked prefill that more of the context follows
-@contextmanager
-def more_context_follows() -> Iterator[None]:
+def more_context_follows() -> AbstractContextManager[None]:
     """Around the forward of a chunk that is not the context's last: methods cap protected tokens to the budget of
     the tokens seen so far instead of refusing it (the last chunk's budget is checked as a one-shot prefill's)."""
-    token = _MORE.set(True)
-    try:
-        yield
-    finally:
-        _MORE.reset(token)
+    return _setting(_MORE, True)
 
 
 def more_context() -> bool:
