@@ -14,7 +14,7 @@ import logging
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kvsqueeze import __version__
 from kvsqueeze.methods.registry import BUDGET_POLICIES
@@ -535,9 +535,13 @@ class _CliHandler(logging.StreamHandler):
     """The stderr handler `main` puts on the `kvsqueeze` logger (replaced, not stacked, when main runs again). It
     writes to sys.stderr as it is when a message comes, so a later redirection of stderr is followed."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
-        super().emit(record)
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ sets it; the current sys.stderr always wins
+        pass
 
 
 def configure_logging(level: int) -> None:

@@ -50,7 +50,7 @@ def test_calibrate_once_then_cached(name, extra, model_dir: Path, capsys: pytest
 @pytest.mark.parametrize(
     ("name", "option", "message"),
     [
-        ("duo_attention", "streaming_fraction=2", "streaming_fraction must be None or a number in [0, 1], got 2"),
+        ("duo_attention", "streaming_fraction=2", "streaming_fraction must be a number in [0, 1] or None, got 2"),
         ("duo_attention", "window=-3", "window must be an integer in [0, 1000000], got -3"),
         ("lukv", "grid=0", "grid must be an integer in [1, 4096], got 0"),
         ("expected_attention_calibrated", "seed=-1", "seed must be an integer in [0, 2147483647], got -1"),

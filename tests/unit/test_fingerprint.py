@@ -10,14 +10,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import kvsqueeze as kvs
+import kvsqueeze.cachefile
 import kvsqueeze.calibration
 import kvsqueeze.calibration.store
-import kvsqueeze.storage
 from kvsqueeze.fingerprint import SAMPLES_PER_TENSOR, model_fingerprint, weight_samples
 
 
 def test_one_fingerprint_for_the_library():
-    assert kvsqueeze.storage.model_fingerprint is model_fingerprint
+    assert kvsqueeze.cachefile.model_fingerprint is model_fingerprint
     assert kvsqueeze.calibration.store.model_fingerprint is model_fingerprint
     assert kvsqueeze.calibration.model_fingerprint is model_fingerprint
 
