@@ -1,0 +1,131 @@
+"""Every storage layout keeps the `LayerStorage` promises (storage/base.py), checked against the plain rectangular
+view: appends, pruning, row selection, pack/unpack, bytes, saving, and immutability (an old storage never changes,
+so a snapshot is a reference). A new layout joins LAYOUTS and is tested without editing the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kvsqueeze.storage import DenseStorage, LayerStorage, from_tensors, storage_bytes
+
+B, H, T, D = 2, 3, 7, 4
+
+
+def _content(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values, positions (B, H, T) and the kept counts (B, H) of a layer whose heads keep different amounts."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, T + 1, (B, H), generator=g)
+    filled = torch.arange(T)[None, None, :] < counts[..., None]
+    positions = torch.where(filled, torch.arange(T).expand(B, H, T) * 2 + 1, -1).to(torch.int32)
+    keys = torch.randn(B, H, T, D, generator=g) * filled[..., None]
+    values = torch.randn(B, H, T, D, generator=g) * filled[..., None]
+    return keys, values, positions, counts
+
+
+def dense() -> LayerStorage:
+    keys, values, positions, _ = _content()
+    return DenseStorage(keys, values, positions)
+
+
+def ragged() -> LayerStorage:
+    keys, values, positions, counts = _content()
+    every = torch.arange(T).expand(B, H, T)
+    return DenseStorage(keys, values, positions).prune(every, counts, ragged=True)
+
+
+LAYOUTS: dict[str, Callable[[], LayerStorage]] = {"dense": dense, "ragged": ragged}
+
+
+def _real(storage: LayerStorage) -> list[list[list[tuple[int, list[float], list[float]]]]]:
+    """What a storage holds, layout-free: per (row, head), the filled slots' (position, key, value) in slot order."""
+    keys, values, positions = storage.view()
+    return [
+        [
+            [
+                (int(p), keys[b, h, t].tolist(), values[b, h, t].tolist())
+                for t, p in enumerate(positions[b, h])
+                if p >= 0
+            ]
+            for h in range(positions.shape[1])
+        ]
+        for b in range(positions.shape[0])
+    ]
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def make(request) -> Callable[[], LayerStorage]:
+    return LAYOUTS[request.param]
+
+
+def test_view_holds_the_content(make):
+    keys, values, positions, counts = _content()
+    storage = make()
+    assert _real(storage) == _real(DenseStorage(keys, values, positions))
+    assert torch.equal(storage.kept(), counts)
+    assert storage.width() == storage.view()[2].shape[-1]
+
+
+def test_append_adds_real_tokens_to_every_head_of_their_row(make):
+    storage = make()
+    before = _real(storage)
+    new_pos = torch.tensor([[100, 101], [-1, 100]], dtype=torch.int32)[:, None, :].expand(B, H, 2)
+    new_k, new_v = torch.randn(B, H, 2, D), torch.randn(B, H, 2, D)
+    grown, step = storage.append(new_k, new_v, new_pos)
+    assert torch.equal(step[2][..., -2:], new_pos)  # the step view ends with the q new slots, pads included
+    after = _real(grown)
+    for b in range(B):
+        for h in range(H):
+            added = [(int(p), new_k[b, h, i].tolist(), new_v[b, h, i].tolist()) for i, p in enumerate(new_pos[b, h])]
+            assert after[b][h] == before[b][h] + [x for x in added if x[0] >= 0]
+    assert _real(storage) == before  # immutable: the old storage is a snapshot
+
+
+def test_prune_keeps_exactly_the_plan(make):
+    storage = make()
+    positions = storage.view()[2]
+    kept = storage.kept()
+    counts = (kept + 1) // 2  # uneven across heads
+    indices = torch.arange(storage.width()).expand(B, H, -1)[..., : int(counts.max())].contiguous()
+    for ragged in (False, True):
+        pruned = storage.prune(indices, counts, ragged=ragged)
+        want = [[_real(storage)[b][h][: int(counts[b, h])] for h in range(H)] for b in range(B)]
+        assert _real(pruned) == want
+        assert torch.equal(pruned.kept(), counts)
+        assert pruned.nbytes() < storage.nbytes()
+    assert torch.equal(storage.view()[2], positions)  # unchanged
+
+
+def test_select_rows_copies_rows(make):
+    storage = make()
+    picked = storage.select_rows(torch.tensor([1, 1, 0]))
+    rows = _real(storage)
+    assert _real(picked) == [rows[1], rows[1], rows[0]]
+
+
+def test_pack_and_unpack_round_trip(make):
+    storage = make()
+    keys, _, positions = storage.view()
+    assert torch.equal(storage.unpack(storage.pack(positions), -1), positions)
+    assert torch.equal(storage.pack(keys), storage.keys)
+    with pytest.raises(ValueError, match="does not match"):
+        storage.pack(torch.zeros(B + 1, H, storage.width()))
+
+
+def test_nbytes_are_the_storages(make):
+    storage = make()
+    assert storage.nbytes() == storage_bytes([storage.keys, storage.values], set())
+    padding = int((storage.view()[2] < 0).sum()) if not storage.is_ragged else 0
+    assert storage.padding_slots() == padding
+
+
+def test_saved_tensors_rebuild_the_same_storage(make):
+    storage = make()
+    again = from_tensors(storage.to_tensors(), H, D, D)
+    assert type(again) is type(storage) and _real(again) == _real(storage)
+    with pytest.raises(ValueError, match="shape"):
+        from_tensors(storage.to_tensors(), H + 1, D, D)
+    with pytest.raises(ValueError, match="shape"):
+        from_tensors(storage.to_tensors(), H, D - 1, D)
