@@ -150,7 +150,8 @@ _EXAMPLES = {
   kvsqueeze bench --suite full
   kvsqueeze bench --methods none,knorm,tova --ratios 0.25,0.5 --tasks niah_single,vt --lengths 1024,2048
   kvsqueeze bench --dataset mine.jsonl --methods none,snapkv --option snapkv.window=16
-  kvsqueeze bench --budget-policy adakv --methods knorm,expected_attention --chunk-size 512 -q""",
+  kvsqueeze bench --budget-policy adakv --methods knorm,expected_attention --chunk-size 512 -q
+  kvsqueeze bench --dtype bfloat16 --new-run     the default suite again in bfloat16, next to the float32 run""",
     "report": """examples:
   kvsqueeze report results/bench/default""",
 }
@@ -207,7 +208,8 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents,
         help="accuracy, memory and speed of methods x ratios x tasks x lengths, then a report",
         description="Run a benchmark grid (with no arguments: the default suite), then write a report. Finished rows\n"
-        "are skipped on a rerun of the same command, so an interrupted run resumes where it stopped.",
+        "are skipped on a rerun of the same command, so an interrupted run resumes where it stopped. A results\n"
+        "directory holds one run, written by one bench at a time (see --out and --new-run).",
     )
     p.add_argument(
         "--suite",
@@ -243,7 +245,15 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--out",
         type=Path,
         default=None,
-        help="results directory (default: results/bench/default, or results/bench/custom-<hash of the grid>)",
+        help="results directory (default: results/bench/default, or results/bench/custom-<hash of the grid>); it "
+        "holds one run: a rerun with other settings (model, dtype, device, attention, answer length, query-aware, "
+        "budget policy, chunking, versions) is refused, saying what differs",
+    )
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="where --out holds another run, write into OUT-2 (OUT-3, ...) next to it instead: the first that is "
+        "empty or holds this very run, so rerunning the same command resumes there",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -505,24 +515,30 @@ def _report(results_dir: Path) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from kvsqueeze.bench.folder import check_settings, settings_identity
     from kvsqueeze.bench.results import RESULTS
-    from kvsqueeze.bench.runner import run_bench
+    from kvsqueeze.bench.runner import BenchInterrupted, run_bench
     from kvsqueeze.loading import DEFAULT_MODEL
 
-    config = _bench_config(args)  # bad names or values fail here, before the model loads
+    config = _bench_config(args)  # bad names, values and dataset files fail here, before the model loads
     model_name = args.model or DEFAULT_MODEL
     out = args.out or _default_out(config, model_name)
+    if not args.new_run:  # a folder of another run is refused now; the model's own fields are checked once loaded
+        check_settings(out, settings_identity(config, model_name, args.dtype, args.attn))
     model, tokenizer = _load(args)
     logger.info("Running the %s suite into %s ...", config.name, out)
     progress = not args.no_progress and args.log_level <= logging.INFO
     try:
-        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=progress)
+        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=progress, new_run=args.new_run)
+    except BenchInterrupted as err:
+        print(f"kvsqueeze: interrupted; finished rows are in {err.run.out_dir / RESULTS}: rerun the same command to "
+              "resume.", file=sys.stderr)  # fmt: skip
+        return 130
     except KeyboardInterrupt:
-        print(f"kvsqueeze: interrupted; finished rows are in {out / RESULTS}: rerun the same command to resume.",
-              file=sys.stderr)  # fmt: skip
+        print("kvsqueeze: interrupted before any row was computed.", file=sys.stderr)
         return 130
     logger.info("%d rows computed, %d already there.", run.computed_rows, run.skipped_rows)
-    _report(out)
+    _report(run.out_dir)
     return 0
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from kvsqueeze.bench.results import RESULTS
 from kvsqueeze.cli import main
+from tests.cli.run_cli import SRC
+from tests.unit.bench.report_rows import write_results
 from tests.unit.bench.runner_fakes import Interrupt, register_fakes
 
 
@@ -82,3 +88,92 @@ def test_bad_values_exit_2_with_a_clear_message(args: list[str], message: str, c
 def test_report_of_a_directory_without_results_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "kvsqueeze bench --out" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_is_refused_before_the_model_loads(
+    model_dir: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    caplog.set_level("INFO", logger="kvsqueeze")
+    out = tmp_path / "run"
+    assert main(_bench(model_dir, out, "--methods", "none")) == 0
+    config = (out / "config.json").read_bytes()
+    caplog.clear()
+    capsys.readouterr()
+    assert main(_bench(model_dir, out, "--methods", "none", "--max-new-tokens", "3", "--dtype", "bfloat16")) == 2
+    err = capsys.readouterr().err
+    assert f"results folder '{out}' holds rows of another run" in err
+    assert "dtype: 'float32' -> 'bfloat16'" in err and "max_new_tokens: None -> 3" in err and "--new-run" in err
+    assert "Loading model" not in caplog.text and (out / "config.json").read_bytes() == config
+    assert main(_bench(model_dir, out, "--methods", "none", "--dtype", "bfloat16", "--new-run")) == 0
+    assert (tmp_path / "run-2" / "report.md").is_file() and (out / "config.json").read_bytes() == config
+    assert "holds another run: writing into" in caplog.text
+
+
+def test_bench_help_says_how_a_folder_is_shared(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--new-run" in text and "OUT-2" in text and "is refused, saying what differs" in text
+
+
+def test_a_bad_dataset_fails_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"context": "x y", "question": "q", "answers": ["a"], "max_new_tokens": Infinity}\n')
+    args = ["bench", "--model", str(tmp_path / "no-model"), "--dataset", str(data), "--out", str(tmp_path / "out")]
+    assert main(args) == 2  # the dataset's error, not the missing model's: the model was never loaded
+    assert "bad.jsonl: line 1: field 'max_new_tokens': must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+_BENCH = """
+import sys
+from pathlib import Path
+import pytest
+from tests.unit.bench.runner_fakes import Gate, register_fakes
+register_fakes(pytest.MonkeyPatch())
+if sys.argv[1] != "-":
+    Gate.entered, Gate.opened = Path(sys.argv[1]) / "entered", Path(sys.argv[1]) / "opened"
+from kvsqueeze.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_bench_into_the_folder_stops_at_once(model_dir: Path, tmp_path: Path) -> None:
+    """Two real `kvsqueeze bench` processes: the first waits mid-run (holding the folder), the second stops."""
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    gate.mkdir()
+    argv = _bench(model_dir, out, "--methods", "none,fake_gate")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    first = subprocess.Popen([sys.executable, "-c", _BENCH, str(gate), *argv], cwd=SRC.parent, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (gate / "entered").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr and first.stderr.read()
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, "-c", _BENCH, "-", *argv], cwd=SRC.parent, env=env,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert f"results folder '{out}' is in use by another kvsqueeze bench (process {first.pid})" in second.stderr
+    finally:
+        (gate / "opened").touch()
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    assert len(rows) == 4 and len({(r["method"], r["question_index"]) for r in rows}) == 4  # each row once
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{}", "line 2: not a row of this file: field 'method' is missing"),
+        ('{"method": "none", "task": "t", "context_length": 9, "ratio": "x"}', "line 2: not a row of this file"),
+        ("[]", "line 2: expected a JSON object, got list"),
+    ],
+)
+def test_report_names_a_malformed_row(tmp_path: Path, capsys, line: str, message: str) -> None:
+    out = write_results(tmp_path)
+    rows = (out / RESULTS).read_text().splitlines()
+    (out / RESULTS).write_text("\n".join([rows[0], line, *rows[1:]]) + "\n")
+    assert main(["report", str(out)]) == 2
+    assert f"{out / RESULTS}: {message}" in capsys.readouterr().err

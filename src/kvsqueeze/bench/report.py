@@ -19,7 +19,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from kvsqueeze.bench.results import CONFIG, NONE, RESULTS, read_jsonl
+from kvsqueeze.bench.results import NONE, RESULTS, read_config, read_jsonl, report_key
 
 MIB = 2**20
 PLOTS_SKIPPED = "matplotlib is not installed; to draw them: pip install 'kvsqueeze[plot]', then `kvsqueeze report DIR`"
@@ -286,12 +286,7 @@ def write_report(results_dir: str | Path) -> ReportFiles:
     out = Path(results_dir)
     if not (out / RESULTS).is_file():
         raise ValueError(f"{str(out)!r} holds no {RESULTS}: run `kvsqueeze bench --out {out}` first")
-    meta = {}
-    if (out / CONFIG).is_file():
-        import json
-
-        meta = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    summary = summarize(read_jsonl(out / RESULTS), meta)
+    summary = summarize(read_jsonl(out / RESULTS, key=report_key), read_config(out))
     drawn = can_plot()
     plots = plot(summary, out) if drawn else []
     md, page = out / "report.md", out / "report.html"

@@ -11,17 +11,18 @@ Methods whose `shared_prefill` is False (chunked, decoding-time) run for real wi
 Time and memory come from a separate cost pass: for each (method, ratio, length) one real `generate_encoded` on one
 sample (its answers are that sample's rows), with the peak memory it added. Every row is appended to
 `results.jsonl` and flushed as soon as it is computed; a rerun skips the rows already there, so an interrupted run
-loses nothing.
+loses nothing. The folder holds one run (`bench.folder`: its identity in config.json, a lock while a bench writes);
+rows are keyed by that run and the question's content, so a dataset row edited since is computed again (its old row
+moves to superseded.jsonl).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvsqueeze import __version__
-from kvsqueeze.bench.dataset import load_dataset
+from kvsqueeze.bench.dataset import dataset_hash, load_dataset
+from kvsqueeze.bench.folder import identity_id, open_folder, run_identity, versions, write_config
 from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.bench.metrics import score
-from kvsqueeze.bench.results import CONFIG, COSTS, NONE, RESULTS, Appender, cost_key, read_jsonl, row_key
+from kvsqueeze.bench.results import (
+    COSTS,
+    NONE,
+    RESULTS,
+    Appender,
+    content_hash,
+    cost_key,
+    read_run,
+    row_key,
+    supersede,
+)
 from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
 from kvsqueeze.cache import KVCache
 from kvsqueeze.memory import cache_stats
@@ -104,15 +115,14 @@ class BenchConfig:
             raise ValueError("give at least one ratio")
         for length in self.lengths:
             check_int("context length", length, 1)
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        check_int("samples", self.samples, 1)
+        check_int("seed", self.seed)
         if self.budget_policy is not None and self.budget_policy not in BUDGET_POLICIES:
             known = ", ".join(sorted(BUDGET_POLICIES))
             raise ValueError(f"unknown budget policy {self.budget_policy!r}; known: {known}")
         for key in ("chunk_size", "decode_target", "decode_every"):
             check_int(key, getattr(self, key), 1, none_ok=True)
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_int("max_new_tokens", self.max_new_tokens, 1, none_ok=True)
         if not self.tasks and not self.datasets:
             raise ValueError(f"give at least one task (known: {', '.join(list_tasks()) or 'none'}) or a dataset")
         if self.tasks and not self.lengths:
@@ -120,8 +130,7 @@ class BenchConfig:
         for task in self.tasks:
             get_task(task)  # unknown names raise ValueError with close matches
         for path in self.datasets:
-            if not Path(path).is_file():
-                raise ValueError(f"dataset file {path!r} does not exist")
+            load_dataset(path)  # an unreadable file or a bad row fails now, before a model loads
         for method in self.options:
             if method not in self.methods:
                 raise ValueError(f"options given for {method!r}, which is not among the methods {list(self.methods)}")
@@ -208,6 +217,12 @@ class Unit:
     max_new_tokens: int
     query_aware: bool = False  # each question compressed with the context (then one question per unit)
     question_tokens: int | None = None  # query-aware: how many of the compressed prompt's last tokens are the question
+    contents: list[str] = field(init=False)  # results.content_hash of each question (what its rows are keyed by)
+
+    def __post_init__(self) -> None:
+        s = self.sample
+        self.contents = [content_hash(self.context_ids, text, s.answers[qi], s.metric, self.max_new_tokens)
+                         for qi, text in zip(self.question_indices, self.question_texts, strict=True)]  # fmt: skip
 
 
 @dataclass
@@ -220,12 +235,16 @@ class BenchRun:
     prefills: int = 0  # shared (recorded) prefills
     cost_passes: int = 0
     versions: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""  # folder.identity_id of the run identity: the `run` field of every row
+    superseded_rows: int = 0  # rows of edited dataset questions moved to superseded.jsonl
 
 
-def versions() -> dict[str, str]:
-    import transformers
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_bench`, after the folder was chosen: `run` says where the finished rows are."""
 
-    return {"kvsqueeze": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    def __init__(self, run: BenchRun) -> None:
+        super().__init__()
+        self.run = run
 
 
 def needs_question(method: Method | None) -> bool:
@@ -284,19 +303,37 @@ def run_bench(
     out_dir: str | Path,
     model_name: str | None = None,
     progress: bool = True,
+    new_run: bool = False,
 ) -> BenchRun:
-    """Run the grid with an already-loaded model, appending rows to out_dir/results.jsonl (resumable)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the grid with an already-loaded model, appending rows to out_dir/results.jsonl (resumable). A folder that
+    holds another run (other model, dtype, settings ...) is refused with what differs (ResultsError), unless
+    `new_run`, which writes into the first of OUT-2, OUT-3, ... that is empty or holds this run (BenchRun.out_dir).
+    A folder another bench is writing into raises FolderBusyError. Ctrl-C raises BenchInterrupted."""
     name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
-    run = BenchRun(out_dir=out, versions=versions())
-    meta = {"config": dataclasses.asdict(config), "model": name, "versions": run.versions}
-    (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    units = plan_units(model, tokenizer, config)
-    cells = config.cells()
-    done = {row_key(r) for r in read_jsonl(out / RESULTS)}
-    costs = {cost_key(c): c for c in read_jsonl(out / COSTS)}
-    ctx = _RunContext(model, tokenizer, config, name, run, costs)
+    units = plan_units(model, tokenizer, config)  # bad inputs fail here, before the folder is touched
+    identity = run_identity(model, tokenizer, config, name)
+    with open_folder(out_dir, identity, new_run) as out:
+        run = BenchRun(out_dir=out, versions=versions(), run_id=identity_id(identity))
+        try:
+            _run_units(model, tokenizer, config, units, run, progress, identity)
+        except KeyboardInterrupt:
+            raise BenchInterrupted(run) from None
+    return run
+
+
+def _run_units(
+    model: Any, tokenizer: Any, config: BenchConfig, units: list[Unit], run: BenchRun, progress: bool, identity: dict
+) -> None:
+    out, cells = run.out_dir, config.cells()
+    found, cost_rows = read_run(out, run.run_id)
+    rows = supersede(out, found, _edited(units, config))
+    run.superseded_rows = len(found) - len(rows)
+    name = identity["model"]
+    datasets = {path: dataset_hash(path) for path in config.datasets}
+    write_config(out, {"identity": identity, "run": run.run_id, "config": dataclasses.asdict(config), "model": name,
+                       "versions": run.versions, "datasets": datasets})  # fmt: skip
+    done = {row_key(r) for r in rows}
+    ctx = _RunContext(model, tokenizer, config, name, run, {cost_key(c): c for c in cost_rows})
     total = sum(
         len(u.question_indices) for u in units for c in cells if cell_query_aware(config, c[1]) == u.query_aware
     )
@@ -312,8 +349,8 @@ def run_bench(
                 todo = [r for r in rows if row_key(r) not in done]
                 run.skipped_rows += len(rows) - len(todo)
                 bar.update(len(rows) - len(todo))
-                if not todo:
-                    continue
+                if not todo and cost_key(rows[0]) in ctx.costs:
+                    continue  # (rows done but their cost pass missing from costs.jsonl: it runs again, alone)
                 for row in ctx.compute(unit, cell, rows, cost_file):
                     if row_key(row) not in done:
                         results.write(row)
@@ -325,7 +362,13 @@ def run_bench(
         results.close()
         cost_file.close()
         ctx.recording = None
-    return run
+
+
+def _edited(units: list[Unit], config: BenchConfig) -> Callable[[dict[str, Any]], bool]:
+    """Whether a stored row asks a question of this run's datasets that the file no longer holds (it was edited)."""
+    asked = {c for u in units for c in u.contents}
+    groups = {f"dataset:{Path(path).stem}" for path in config.datasets}
+    return lambda row: row.get("group") in groups and row["content"] not in asked
 
 
 class _RunContext:
@@ -342,9 +385,10 @@ class _RunContext:
         self.warmed_methods: set[str] = set()
 
     def base_row(self, unit: Unit, qi: int, cell: tuple[str, Method | None, float]) -> dict[str, Any]:
-        s = unit.sample
+        s, position = unit.sample, unit.question_indices.index(qi)
         return {
-            "task": s.task, "context_length": unit.length, "context_tokens": len(unit.context_ids),
+            "run": self.run.run_id, "content": unit.contents[position], "task": s.task,
+            "context_length": unit.length, "context_tokens": len(unit.context_ids),
             "sample": s.index, "question_index": qi, "method": repr(cell[1]) if cell[1] is not None else NONE,
             "method_name": cell[0], "ratio": cell[2], "query_aware": unit.query_aware, "group": unit.group,
             "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
@@ -412,8 +456,8 @@ class _RunContext:
             out = self._generate(unit, method)
         s = out.stats
         cost = {
-            "method": row["method"], "ratio": row["ratio"], "group": unit.group, "model": self.name,
-            "seed": self.config.seed, "query_aware": unit.query_aware,
+            "run": self.run.run_id, "method": row["method"], "ratio": row["ratio"], "group": unit.group,
+            "model": self.name, "seed": self.config.seed, "query_aware": unit.query_aware,
             **(self.config.run_fields() if method is not None else {}),
             "sample": f"{unit.sample.task}#{unit.sample.index}", "context_tokens": len(unit.context_ids),
             "prefill_seconds": s.prefill_seconds, "compression_seconds": s.compression_seconds,

@@ -4,7 +4,9 @@ globally: tests add them to the registries with monkeypatch, so other tests neve
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -70,9 +72,32 @@ class FakeChunked(ScorerMethod):
         return -ctx.keys.float().norm(dim=-1)
 
 
+class Gate:
+    """Where FakeGate waits: it creates `entered`, then scores only once `opened` exists (None: never waits)."""
+
+    entered: Path | None = None
+    opened: Path | None = None
+
+
+@dataclass
+class FakeGate(ScorerMethod):
+    """KNorm-like scores that wait at `Gate` on their first call: holds a bench mid-run while a test looks at it."""
+
+    name: ClassVar[str] = "fake_gate"
+
+    def score(self, ctx: ScoreContext) -> Tensor:
+        if Gate.entered is not None and Gate.opened is not None:
+            Gate.entered.touch()
+            deadline = time.monotonic() + 600
+            while not Gate.opened.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return -ctx.keys.float().norm(dim=-1)
+
+
 def register_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Add the fake task and methods to the registries for one test (monkeypatch removes them after it)."""
     monkeypatch.setitem(TASKS._entries, "fake", FakeTask)
     monkeypatch.setitem(METHODS._entries, "fake_interrupt", FakeInterrupt)
     monkeypatch.setitem(METHODS._entries, "fake_chunked", FakeChunked)
+    monkeypatch.setitem(METHODS._entries, "fake_gate", FakeGate)
     Interrupt.after, Interrupt.calls = None, 0

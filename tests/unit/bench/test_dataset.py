@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsqueeze.bench.dataset import load_dataset
+from kvsqueeze.bench.dataset import dataset_hash, load_dataset
 
 
 def _jsonl(tmp_path: Path, rows: list, name: str = "data.jsonl") -> Path:
@@ -137,3 +137,65 @@ def test_parquet_is_read_without_pandas(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONPATH": str(src)})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "False"]
+
+
+@pytest.mark.parametrize("text", ["Infinity", "-Infinity", "1e400", "NaN", "true", '"ten"', "1e3000"])
+def test_max_new_tokens_that_is_no_integer(tmp_path: Path, text: str) -> None:
+    line = json.dumps(ROW)[:-1] + f', "max_new_tokens": {text}}}'
+    if text == "NaN":  # a missing value in pandas-made files: the default
+        assert load_dataset(_jsonl(tmp_path, [line]))[0].max_new_tokens == 32
+        return
+    with pytest.raises(ValueError, match=r"data\.jsonl: line 1: field 'max_new_tokens': must be a positive integer"):
+        load_dataset(_jsonl(tmp_path, [line]))
+
+
+def test_a_folder_is_no_dataset(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"dataset '.*d\.jsonl' is a folder; give a .jsonl, .csv or .parquet file"):
+        load_dataset(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv"])
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    header = b"context,question,answers\n" if name.endswith("csv") else b""
+    body = b'{"context": "x", "question": "q", "answers": ["a"]}\n' if name.endswith("jsonl") else b"x,q,a\n"
+    path.write_bytes(header + body + body.replace(b"x", b"caf\xe9"))
+    line = 3 if header else 2
+    with pytest.raises(ValueError, match=rf"{name}: line {line}: not UTF-8 text \(byte 0xe9\); save it as UTF-8"):
+        load_dataset(path)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbfcontext,question,answers\nabc,q,a\n")  # as spreadsheets save it
+    assert load_dataset(tmp_path / "d.csv")[0].context == "abc"
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROW).encode() + b"\n")
+    assert load_dataset(tmp_path / "d.jsonl")[0].questions == (ROW["question"],)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc/self/mem")
+def test_a_read_error_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").symlink_to("/proc/self/mem")  # a regular file whose first bytes cannot be read (EIO)
+    with pytest.raises(ValueError, match=r"dataset '.*d\.jsonl' cannot be read: Input/output error"):
+        load_dataset(tmp_path / "d.jsonl")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_a_file_without_read_permission_names_the_file(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path, [ROW])
+    path.chmod(0)
+    with pytest.raises(ValueError, match=r"dataset '.*data\.jsonl' cannot be read: Permission denied"):
+        load_dataset(path)
+
+
+def test_dataset_hash_follows_the_bytes(tmp_path: Path) -> None:
+    first = dataset_hash(_jsonl(tmp_path, [ROW]))
+    assert first == dataset_hash(tmp_path / "data.jsonl") and len(first) == 16
+    assert dataset_hash(_jsonl(tmp_path, [{**ROW, "answers": ["4418"]}])) != first
+
+
+def test_a_repeated_row_is_asked_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _jsonl(tmp_path, [ROW, {**ROW, "question": "Code?"}, ROW])
+    samples = load_dataset(path)
+    assert samples[0].questions == ("What is the code?", "Code?") and samples[0].meta["lines"] == [1, 2]
+    assert "data.jsonl: line 3 repeats line 1" in caplog.text
