@@ -148,30 +148,30 @@ CACHE_CASES = [
         "saved cache",
         "tensor edited, old checksum kept",
         lambda d: load(edited(d, _set("layers.0.keys", lambda x: x * 2), checksum=False)),
-    ),  # noqa: E501
+    ),
     Case("saved cache", "layers 5-29 dropped (re-signed)", lambda d: load(edited(d, _drop_layers))),
     Case("saved cache", "NaN keys (re-signed)", lambda d: load(edited(d, _set("layers.3.keys", _nan)))),
     Case(
         "saved cache",
         "huge position (re-signed)",
         lambda d: load(edited(d, _set("layers.0.positions", lambda p: p * 0 + 10**9))),
-    ),  # noqa: E501
+    ),
     Case("saved cache", "negative seen (re-signed)", lambda d: load(edited(d, _set("layers.0.seen", lambda s: -s)))),
     Case(
         "saved cache",
         "wrong head dim (re-signed)",
         lambda d: load(edited(d, _set("layers.0.keys", lambda x: x[..., :32]))),
-    ),  # noqa: E501
+    ),
     Case(
         "saved cache",
         "keys/values length mismatch (re-signed)",
         lambda d: load(edited(d, _set("layers.0.values", lambda x: x[:, :, :-3]))),
-    ),  # noqa: E501
+    ),
     Case("saved cache", "metadata key missing (re-signed)", lambda d: load(edited(d, _meta("seen", None)))),
     Case("saved cache", "metadata not JSON (re-signed)", lambda d: load(edited(d, _meta("extra", "{oops")))),
     Case(
         "saved cache", "written by another model (re-signed)", lambda d: load(edited(d, _meta("fingerprint", "0" * 24)))
-    ),  # noqa: E501
+    ),
 ]
 
 
@@ -194,21 +194,21 @@ ARGUMENT_CASES = [
         "valid option (control)",
         example("--method", "snapkv", "--ratio", "0.5", "--option", "window=8"),
         valid=True,
-    ),  # noqa: E501
+    ),
     Case("options", "int option given 8.5", example("--method", "snapkv", "--ratio", "0.5", "--option", "window=8.5")),
     Case(
         "options", "int option given true", example("--method", "snapkv", "--ratio", "0.5", "--option", "window=true")
-    ),  # noqa: E501
+    ),
     Case("options", "int option given nan", example("--method", "snapkv", "--ratio", "0.5", "--option", "window=nan")),
     Case(
         "options", "float option given a word", example("--method", "adakv", "--ratio", "0.5", "--option", "alpha=high")
-    ),  # noqa: E501
+    ),
     Case("options", "leverage seed=2.5", example("--method", "leverage", "--ratio", "0.5", "--option", "seed=2.5")),
     Case(
         "options",
         "lagkv partition_size=2.5",
         example("--method", "lagkv", "--ratio", "0.5", "--option", "partition_size=2.5"),
-    ),  # noqa: E501
+    ),
     Case("options", "unknown option", example("--method", "knorm", "--ratio", "0.5", "--option", "windw=8")),
     Case("options", "unknown method", example("--method", "knrom", "--ratio", "0.5")),
     Case("options", "ratio 1.5", example("--method", "knorm", "--ratio", "1.5")),
@@ -218,7 +218,9 @@ ARGUMENT_CASES = [
     Case("arguments", "--max-new-tokens 0", example("--max-new-tokens", "0")),
     Case("files", "context file is a directory", lambda d: ["generate", "--context-file", str(d), *QUESTION]),
     Case("files", "context file is not UTF-8", context_file(b"\xff\xfe\x00bad\x80" * 50)),
-    Case("files", "context file does not exist", lambda d: ["generate", "--context-file", str(d / "nope.txt"), *QUESTION]),
+    Case(
+        "files", "context file does not exist", lambda d: ["generate", "--context-file", str(d / "no.txt"), *QUESTION]
+    ),
     Case("interrupts", "Ctrl-C during generate", example("--method", "knorm", "--ratio", "0.5"), interrupt_after=4.0),
 ]
 
@@ -256,11 +258,11 @@ BENCH_CASES = [
         "bench",
         "dataset is a directory",
         lambda d: ["bench", "--dataset", str(d), "--methods", "none", "--out", str(d / "o")],
-    ),  # noqa: E501
+    ),
     Case("bench", "rerun into the folder with another --max-new-tokens", rerun(["--max-new-tokens", "8"])),
     Case(
         "bench", "rerun into the folder with another --dtype", rerun(["--max-new-tokens", "4", "--dtype", "bfloat16"])
-    ),  # noqa: E501
+    ),
 ]
 
 CASES = CACHE_CASES + ARGUMENT_CASES + BENCH_CASES
