@@ -161,6 +161,22 @@ def _expected(hint: Any, plural: bool = False) -> str:
     return many if plural else one
 
 
+def check_method(name: str, value: object) -> None:
+    """`value`, given as the argument `name` (e.g. generate's `method`), must be a Method object or None. A method's
+    name alone is refused, with how to build one: it carries no ratio, and get_method(name) compresses nothing."""
+    if value is None or isinstance(value, Method):
+        return
+    if isinstance(value, str):
+        raise ValueError(
+            f"{name} must be a Method object or None, got the name {value!r}: build it with "
+            f"kvsqueeze.get_method({value!r}, ratio=...)"
+        )
+    if isinstance(value, type) and issubclass(value, Method):
+        raise ValueError(f"{name} must be a Method object, got the class {value.__name__}: call it, e.g. "
+                         f"{value.__name__}(ratio=0.5)")  # fmt: skip
+    raise ValueError(f"{name} must be a Method object (see kvsqueeze.get_method) or None, got {value!r}")
+
+
 def list_methods() -> list[str]:
     return METHODS.names()
 
