@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -22,15 +23,33 @@ from kvsqueeze.methods.registry import BUDGET_POLICIES
 logger = logging.getLogger("kvsqueeze")
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def option_value(raw: str) -> Any:
+    """An --option VALUE as Python sees it: JSON first (8, 8.5, true, null, "text", [1, 2]), then True/False/None
+    in any case, then an int or a float (nan and inf included), else the text itself. The method then checks the
+    type: "8.5" for an integer option is refused, not rounded."""
+    text = raw.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return raw
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), option_value(raw)
 
 
 def _ratio(text: str) -> float:
@@ -117,8 +136,10 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from kvsqueeze.loading import load_model
+    from kvsqueeze.loading import check_device, load_model
 
+    if args.device is not None:
+        check_device(args.device)  # before the "Loading" line: a device this machine lacks is the only message
     logger.info("Loading model %s ...", args.model or "SmolLM2-135M-Instruct (embedded)")
     return load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
 
@@ -161,6 +182,10 @@ def _add_parser(sub: Any, name: str, parents: list[argparse.ArgumentParser], **k
     return sub.add_parser(name, parents=parents, formatter_class=_HelpFormatter, epilog=_EXAMPLES[name], **kwargs)
 
 
+GENERATE_DEFAULTS = {"method": "knorm", "ratio": 0.5}
+OPTION_HELP = "method option KEY=VALUE (VALUE read as JSON, or True/False/None; other text stays text)"
+
+
 def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = _add_parser(
         sub,
@@ -175,9 +200,19 @@ def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> No
     src.add_argument("--example", action="store_true", help="use the bundled example document and its question")
     src.add_argument("--load-cache", type=Path, help="answer over a context cache saved with --save-cache")
     p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
-    p.add_argument("--method", default="knorm", help="compression method (see `kvsqueeze list`); 'none' = off")
-    p.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of context tokens removed, in [0, 1)")
-    p.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
+    # --method and --ratio default to None so that parse_args can tell them given from not given (--load-cache)
+    p.add_argument(
+        "--method",
+        default=None,
+        help=f"compression method (see `kvsqueeze list`); 'none' = off (default: {GENERATE_DEFAULTS['method']})",
+    )
+    p.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=None,
+        help=f"fraction of context tokens removed, in [0, 1) (default: {GENERATE_DEFAULTS['ratio']})",
+    )
+    p.add_argument("--option", action="append", default=[], type=_parse_option, help=OPTION_HELP)
     p.add_argument(
         "--budget-policy",
         choices=sorted(BUDGET_POLICIES),
@@ -272,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal = _add_parser(sub, "calibrate", [logs, model],
                         help="calibrate a method on a model ahead of time (cached on disk)")  # fmt: skip
     p_cal.add_argument("method", help="method name (see `kvsqueeze list`; those marked [needs: calibration])")
-    p_cal.add_argument("--option", action="append", default=[], type=_parse_option, help="method option KEY=VALUE")
+    p_cal.add_argument("--option", action="append", default=[], type=_parse_option, help=OPTION_HELP)
     p_cal.add_argument("--force", action="store_true", help="compute again even if a cached artifact exists")
     _add_bench_parser(sub, [logs, model])
     p_report = _add_parser(sub, "report", [logs],
@@ -284,8 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line, with the defaults that depend on other options filled in (generate's --compare)."""
     args = build_parser().parse_args(argv)
-    if args.command == "generate" and args.compare is None:
-        args.compare = args.example
+    if args.command == "generate":
+        if args.compare is None:
+            args.compare = args.example
+        if args.load_cache is None:  # with --load-cache they stay None: given, they are refused (cmd_generate)
+            for name, value in GENERATE_DEFAULTS.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, value)
     return args
 
 
@@ -308,17 +348,51 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_input_file(what: str, path: Path) -> None:
+    """A file the user named to read: FileNotFoundError when it is not there, ValueError when it is a directory."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory, not a file")
+
+
+def check_output_file(what: str, path: Path) -> None:
+    """A file the user named to write, checked before any work: not a directory, its folder creatable and writable."""
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory, not a file")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {str(folder)!r} is a file, not a directory")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r} cannot be written: the directory {str(folder)!r} is not writable")
+
+
+def read_text_file(what: str, path: Path) -> str:
+    """The UTF-8 text of a file the user named; every way it cannot be read is one error naming the file."""
+    check_input_file(what, path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from None
+    if not text.strip():
+        raise ValueError(f"{what} {str(path)!r} is empty")
+    return text
+
+
 def _generate_inputs(args: argparse.Namespace) -> tuple[str, list[str], str]:
     """(context, questions, answer prefix) from --example or --context-file and --question."""
     if args.example:
         example = _load_example()
         prefix = example["answer_prefix"] if args.answer_prefix is None else args.answer_prefix
         return example["context"], args.question or [example["question"]], prefix
-    if not args.context_file.is_file():
-        raise FileNotFoundError(f"context file {str(args.context_file)!r} does not exist")
+    context = read_text_file("context file", args.context_file)
     if not args.question:
         raise ValueError("give at least one --question")
-    return args.context_file.read_text(encoding="utf-8"), args.question, args.answer_prefix or ""
+    return context, args.question, args.answer_prefix or ""
 
 
 def _generate_method(args: argparse.Namespace) -> Any:
@@ -336,15 +410,31 @@ def _generate_method(args: argparse.Namespace) -> Any:
     return method
 
 
+# what only compressing a context sets: meaningless with --load-cache, whose context was compressed when it was saved
+_COMPRESSION_ONLY = ("method", "ratio", "option", "budget_policy", "chunk_size", "save_cache")
+
+
+def _refuse_with_load_cache(args: argparse.Namespace) -> None:
+    if args.compare:
+        raise ValueError("--compare needs the context itself (--example or --context-file), not --load-cache")
+    given = [f"--{name.replace('_', '-')}" for name in _COMPRESSION_ONLY if getattr(args, name) not in (None, [])]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} cannot go with --load-cache: the saved context was compressed when it was saved "
+            "(compress and save it again with --context-file ... --save-cache to change that)"
+        )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.pipeline import generate
 
     if args.load_cache:
-        if args.compare:
-            raise ValueError("--compare needs the context itself (--example or --context-file), not --load-cache")
+        _refuse_with_load_cache(args)
         return _answer_saved(args)
     context, questions, prefix = _generate_inputs(args)
     method = _generate_method(args)
+    if args.save_cache:
+        check_output_file("--save-cache", args.save_cache)
     model, tokenizer = _load(args)
 
     def run(m: Any, decode_target: int | None) -> Any:
@@ -409,8 +499,7 @@ def _answer_saved(args: argparse.Namespace) -> int:
 
     if not args.question:
         raise ValueError("give at least one --question")
-    if not args.load_cache.is_file():
-        raise FileNotFoundError(f"cache file {str(args.load_cache)!r} does not exist")
+    check_input_file("cache file", args.load_cache)
     model, tokenizer = _load(args)
     prefix = args.answer_prefix or ""
     answers, saved = answer_saved(model, tokenizer, args.load_cache, args.question, args.max_new_tokens, prefix,
@@ -543,6 +632,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if not args.results_dir.exists():
+        raise FileNotFoundError(f"results directory {str(args.results_dir)!r} does not exist")
+    if not args.results_dir.is_dir():
+        raise ValueError(f"{str(args.results_dir)!r} is a file; give the results directory `kvsqueeze bench` wrote")
     _report(args.results_dir)
     return 0
 
@@ -581,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.debug("kvsqueeze %s: %s", __version__, vars(args))
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the status a shell gives a command SIGINT ended
+        print("kvsqueeze: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:  # the library's user errors: bad input, a path that is not there
         print(f"kvsqueeze: error: {err}", file=sys.stderr)
         return 2

@@ -25,8 +25,10 @@ import torch
 from kvsqueeze.cache import KVCache
 from kvsqueeze.cachefile import load_cache, save_cache
 from kvsqueeze.methods.base import Method
-from kvsqueeze.pipeline import decoding_method, eos_ids, prefill, split_prompt
+from kvsqueeze.methods.registry import check_method
+from kvsqueeze.pipeline import check_model_and_tokenizer, decoding_method, eos_ids, prefill, split_prompt
 from kvsqueeze.press import compress
+from kvsqueeze.validation import check_int, check_str
 
 
 class Conversation:
@@ -42,12 +44,16 @@ class Conversation:
         every: int = 32,
         chunk_size: int | None = None,
     ) -> None:
+        check_model_and_tokenizer(model, tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("Conversation needs a tokenizer with a chat template")
-        if not isinstance(context, str) or not context.strip():
+        check_str("context", context)
+        if not context.strip():
             raise ValueError("context is empty")
-        if budget is not None and budget < 1:
-            raise ValueError(f"budget must be >= 1 tokens per head or None, got {budget}")
+        check_method("method", method)
+        check_int("budget", budget, 1, none_ok=True, note="tokens per head kept after the document")
+        check_int("every", every, 1, note="decoding steps between compressions")
+        check_int("chunk_size", chunk_size, 1, none_ok=True)
         self.model, self.tokenizer, self.context, self.method = model, tokenizer, context, method
         self.budget, self.every = budget, every
         self.later = decoding_method(method, budget, every)  # what compresses the turns after the document
@@ -94,13 +100,19 @@ class Conversation:
 
     @torch.no_grad()
     def ask(self, question: str, max_new_tokens: int = 64, answer: str | None = None) -> str:
-        """Append a user turn, answer it greedily (or with the given `answer`), keep both in the cache."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        """Append a user turn, answer it greedily (or with the given `answer`), keep both in the cache. Arguments are
+        checked first; a question the model cannot take (too long) leaves the conversation as it was."""
+        check_str("question", question)
+        check_int("max_new_tokens", max_new_tokens, 1)
+        check_str("answer", answer, none_ok=True)
         content = f"{self.context}\n\n{question}" if not self.messages else question
         self.messages.append({"role": "user", "content": content})
-        prompt = self._render(True)
-        logits = self._feed(self._encode(self._extend(prompt)))
+        try:
+            prompt = self._render(True)
+            logits = self._feed(self._encode(self._extend(prompt)))
+        except ValueError:  # nothing was fed (the position limit is checked first): forget the turn
+            self.messages.pop()
+            raise
         self.text = prompt
         generated: list[int] = []
         if answer is None:
@@ -149,14 +161,20 @@ class Conversation:
     @classmethod
     def load(cls, path: str | Path, model: Any, tokenizer: Any, method: Method | None = None) -> Conversation:
         """Reload a saved conversation for `model` (the same model that computed it, else ValueError)."""
+        check_model_and_tokenizer(model, tokenizer)
+        check_method("method", method)
         saved = load_cache(path, model)
         if "conversation" not in saved.extra:
             raise ValueError(f"{str(path)!r} holds a cache but no conversation; use kvsqueeze.load_cache")
-        state = json.loads(saved.extra["conversation"])
-        conv = cls.__new__(cls)
-        conv.model, conv.tokenizer, conv.context, conv.method = model, tokenizer, state["context"], method
-        conv.budget, conv.every = state["budget"], state["every"]
+        try:
+            state = json.loads(saved.extra["conversation"])
+            conv = cls.__new__(cls)
+            conv.model, conv.tokenizer, conv.context, conv.method = model, tokenizer, state["context"], method
+            conv.budget, conv.every = state["budget"], state["every"]
+            conv.messages, conv.ids, conv.text = state["messages"], state["ids"], state["text"]
+            conv.exact = state["exact"]
+        except (TypeError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(path)!r} holds a damaged conversation ({type(err).__name__}: {err})") from None
         conv.later = decoding_method(method, conv.budget, conv.every)
-        conv.messages, conv.ids, conv.text, conv.exact = state["messages"], state["ids"], state["text"], state["exact"]
         conv.cache = saved.cache
         return conv

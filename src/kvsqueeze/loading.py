@@ -160,11 +160,43 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def available_devices() -> list[str]:
+    """The torch devices a model can run on here: "cpu", then each GPU ("cuda:0", ..., "xpu:0", ...) and "mps"."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device when this machine has it, else a ValueError that lists the devices it has (checked
+    before any model loads: "cuda" on a build without CUDA, "cuda:3" on a machine with one GPU, "foo")."""
+    found = available_devices()
+    here = f"devices here: {', '.join(found)}"
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}; {here}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; {here}") from None
+    index = 0 if parsed.index is None else parsed.index
+    name = "mps" if parsed.type == "mps" and index == 0 else f"{parsed.type}:{index}"
+    if parsed.type == "cpu" or name in found:
+        return parsed
+    why = " (this torch was built without CUDA)" if parsed.type == "cuda" and not torch.backends.cuda.is_built() else ""
+    raise ValueError(f"device {str(device)!r} is not available{why}; {here}")
+
+
 def load_model(
     name: str | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
-    device: str | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer). `name=None` loads the embedded SmolLM2-135M-Instruct; otherwise a local path or a
     hub id (hub ids only work where the hub is reachable or already cached)."""
@@ -172,6 +204,7 @@ def load_model(
 
     check_choice("dtype", dtype, sorted(DTYPES))
     check_choice("attn_implementation", attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+    target = None if device is None else check_device(device)
     source = str(default_model_dir()) if name in (None, "", DEFAULT_MODEL) else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -183,8 +216,8 @@ def load_model(
             message = f"model {source!r} not found: no such local directory, nor a hub model ({err})"
             raise FileNotFoundError(message) from err
         raise OSError(f"Could not load model {source!r}: {err}. Pass a local directory (no hub access here).") from err
-    if device is not None:
-        model.to(device)
+    if target is not None:
+        model.to(target)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -23,9 +23,11 @@ from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods.base import Method, ScorerMethod
 from kvsqueeze.methods.decoding import DecodingCompression
 from kvsqueeze.methods.knorm import KNorm
+from kvsqueeze.methods.registry import check_method
 from kvsqueeze.models import get_adapter
 from kvsqueeze.press import compress
 from kvsqueeze.step import more_context_follows
+from kvsqueeze.validation import check_bool, check_int, check_str
 
 logger = logging.getLogger("kvsqueeze")
 _SENTINEL = "\x00KVSQUEEZE_QUESTION\x00"
@@ -89,7 +91,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The token ids that end an answer: the eos ids of the generation config, the model config and the tokenizer."""
+    """The token ids that end an answer: the model's generation config's, its config's and the tokenizer's."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -100,25 +102,66 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _normalize(context: str | list[str], questions: str | list[str] | list[list[str]]) -> list[tuple[str, list[str]]]:
-    contexts = [context] if isinstance(context, str) else list(context)
-    if not contexts:
-        raise ValueError("no context given")
+def _brief(value: object) -> str:
+    """repr(value), cut to 80 characters (an error message must not print a whole document)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _context_text(i: int, context: object) -> str:
+    if not isinstance(context, str):
+        raise ValueError(f"context {i} must be a string, got {_brief(context)}")
+    if not context.strip():
+        raise ValueError(f"context {i} is empty")
+    return context
+
+
+def _question_list(i: int, name: str, questions: object) -> list[str]:
+    """Context i's questions: a string or a list of strings, named `name` in errors."""
     if isinstance(questions, str):
-        questions = [questions]
-    per_context: list[list[str]]
+        return [questions]
+    if not isinstance(questions, (list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of strings, got {_brief(questions)}")
+    if not questions:
+        raise ValueError(f"context {i} has no question")
+    for j, question in enumerate(questions):
+        if isinstance(question, (list, tuple)) and name == "questions":
+            raise ValueError(
+                "with one context (a string), questions must be a string or a list of strings, got a list of lists: "
+                "to give contexts their own questions, pass the contexts as a list too, e.g. generate(model, "
+                "tokenizer, [context], [[q1, q2]])"
+            )
+        if not isinstance(question, str):
+            raise ValueError(f"{name}[{j}] must be a string, got {_brief(question)}")
+    return list(questions)
+
+
+def _normalize(context: object, questions: object) -> list[tuple[str, list[str]]]:
+    """[(context, its questions)] from `generate`'s arguments, or a ValueError naming the argument at fault."""
     if isinstance(context, str):
-        per_context = [[str(q) for q in questions]]
-    else:
-        if len(questions) != len(contexts) or not all(isinstance(q, list) for q in questions):
-            raise ValueError("with several contexts, questions must be a list of question lists, one per context")
-        per_context = [[str(x) for x in q] for q in questions]
-    for i, (c, qs) in enumerate(zip(contexts, per_context, strict=True)):
-        if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"context {i} is empty")
-        if not qs:
-            raise ValueError(f"context {i} has no question")
-    return list(zip(contexts, per_context, strict=True))
+        return [(_context_text(0, context), _question_list(0, "questions", questions))]
+    if not isinstance(context, (list, tuple)):
+        raise ValueError(f"context must be a string or a list of strings (one per context), got {_brief(context)}")
+    if not context:
+        raise ValueError("no context given (context is an empty list)")
+    n = len(context)
+    if not isinstance(questions, (list, tuple)) or len(questions) != n:
+        raise ValueError(
+            f"with several contexts, questions must be a list of question lists, one per context ({n}), got "
+            f"{_brief(questions)}"
+        )
+    if not all(isinstance(q, (list, tuple)) for q in questions):
+        raise ValueError(f"with several contexts, questions must be a list of question lists, one per context ({n})")
+    pairs = zip(context, questions, strict=True)
+    return [(_context_text(i, c), _question_list(i, f"questions[{i}]", q)) for i, (c, q) in enumerate(pairs)]
+
+
+def check_model_and_tokenizer(model: Any, tokenizer: Any) -> None:
+    """A ValueError when `model` is not a torch module or `tokenizer` cannot be called (None, a path, a string)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a transformers model (a torch.nn.Module), got {_brief(model)}")
+    if not callable(tokenizer) or isinstance(tokenizer, type):
+        raise ValueError(f"tokenizer must be a transformers tokenizer, got {_brief(tokenizer)}")
 
 
 @torch.no_grad()
@@ -130,8 +173,8 @@ def prefill(
     chunk_size: int | None = None,
 ) -> tuple[KVCache, float, float, int]:
     """Prefill (and compress) left-padded context ids. Returns (cache, seconds, compression seconds, bytes before)."""
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_method("method", method)
+    check_int("chunk_size", chunk_size, 1, none_ok=True, note="context tokens per prefill forward")
     cache = KVCache(model.config)
     width = chunk_size or context_ids.shape[1]
     start = time.perf_counter()
@@ -238,12 +281,16 @@ def generate_encoded(
 ) -> GenerateOutput:
     """`generate` on encoded prompts: prefill and compress `context_rows`, then answer question i from row rows[i].
     The answers come back flat, one per question text. decode_target/decode_every: as in `generate`."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_model_and_tokenizer(model, tokenizer)
+    check_method("method", method)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("chunk_size", chunk_size, 1, none_ok=True)
+    check_int("decode_target", decode_target, 1, none_ok=True, note="tokens per head kept while answering")
+    check_int("decode_every", decode_every, 1)
     decode = decoding_method(method, decode_target, decode_every)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
+    _check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad(context_rows, pad_id, device)
     cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
@@ -284,8 +331,16 @@ def generate(
     decode_target: also compress while answering, back to this many tokens per head every `decode_every` steps
     (`DecodingCompression`, scoring with `method` when it is a scorer, else KNorm). A `DecodingCompression` given
     as `method` compresses the context and the answers alike.
+
+    Every argument is checked before any work: a wrong type or value is a ValueError that names it. `method` is a
+    Method object or None; a method's name is refused (build it with `get_method(name, ratio=...)`).
     """
+    check_model_and_tokenizer(model, tokenizer)
     items = _normalize(context, questions)
+    check_method("method", method)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_str("answer_prefix", answer_prefix)
+    check_bool("chat_template", chat_template)
     encoded = [encode_prompt(tokenizer, c, qs, answer_prefix, chat_template) for c, qs in items]
     question_texts = [t for _, texts in encoded for t in texts]
     rows = [i for i, (_, texts) in enumerate(encoded) for _ in texts]
@@ -323,11 +378,9 @@ def decoding_method(method: Method | None, target: int | None, every: int = 32) 
     return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 
 
-def check_length(
+def _check_length(
     max_positions: int | None, context_rows: list[list[int]], questions: list[str], tokenizer: Any, new: int
 ) -> None:
-    """A ValueError before any forward if a context plus a question plus `new` generated tokens would pass the
-    model's `max_positions`."""
     if max_positions is None:
         return
     longest_q = max(len(_encode(tokenizer, q, False)) for q in questions)
@@ -344,15 +397,22 @@ def answer_saved(
     model: Any,
     tokenizer: Any,
     path: str | Path,
-    questions: list[str],
+    questions: str | list[str],
     max_new_tokens: int = 32,
     answer_prefix: str = "",
     decode_target: int | None = None,
     decode_every: int = 32,
 ) -> tuple[list[str], SavedCache]:
-    """Answer questions over a context cache saved by `save_cache` (e.g. by `kvsqueeze generate --save-cache`)."""
-    if not questions:
-        raise ValueError("give at least one question")
+    """Answer questions over a context cache saved by `save_cache` (e.g. by `kvsqueeze generate --save-cache`).
+    `questions`: a string or a list of strings."""
+    check_model_and_tokenizer(model, tokenizer)
+    if not isinstance(path, (str, Path)):
+        raise ValueError(f"path must be a str or a Path, got {_brief(path)}")
+    questions = _question_list(0, "questions", questions)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_str("answer_prefix", answer_prefix)
+    check_int("decode_target", decode_target, 1, none_ok=True)
+    check_int("decode_every", decode_every, 1)
     saved = load_cache(path, model)
     if len(saved.seen) != 1:
         raise ValueError(f"{str(path)!r} holds {len(saved.seen)} contexts; answer_saved reads files of one context")

@@ -33,17 +33,32 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        """Look a name up; an unknown name raises ValueError listing the closest known names."""
-        key = name.strip().lower().replace("-", "_")
+        """Look a name up; an unknown name (or one that is not a string) raises ValueError listing the closest known
+        names."""
+        if not isinstance(name, str):
+            raise ValueError(f"a {self.kind} name must be a string, got {name!r}. Known: {', '.join(self.names())}.")
+        key = self._key(name)
         if key in self._entries:
             return self._entries[key]
-        close = difflib.get_close_matches(key, list(self._entries), n=3, cutoff=0.5)
+        close = self.close_matches(name)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"Unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}.")
 
-    def build(self, name: str, **options: Any) -> Any:
-        """`get(name)(**options)`, where an unknown option (a dataclass field that does not exist, or starts with an
-        underscore) raises ValueError with close matches and the known options."""
+    def known(self, name: str) -> bool:
+        """True when `get(name)` finds an entry (names are matched as `get` does: case and '-'/'_' ignored)."""
+        return self._key(name) in self._entries
+
+    def close_matches(self, name: str) -> list[str]:
+        """Up to three registered names close to `name` (for "did you mean")."""
+        return difflib.get_close_matches(self._key(name), list(self._entries), n=3, cutoff=0.5)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.strip().lower().replace("-", "_")
+
+    def check_options(self, name: str, options: dict[str, Any]) -> None:
+        """A ValueError, with close matches and the known options, for an option the class registered as `name` does
+        not have (a dataclass field that does not exist, or starts with an underscore)."""
         cls = self.get(name)
         known = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]  # type: ignore[arg-type]
         for option in options:
@@ -53,7 +68,11 @@ class Registry(Generic[T]):
                 raise ValueError(
                     f"Unknown option {option!r} for {self.kind} {name!r}.{hint} Options: {', '.join(known) or 'none'}."
                 )
-        return cls(**options)  # type: ignore[operator]
+
+    def build(self, name: str, **options: Any) -> Any:
+        """`get(name)(**options)`, after `check_options`."""
+        self.check_options(name, options)
+        return self.get(name)(**options)  # type: ignore[operator]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -118,6 +118,14 @@ def check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def check_str(name: str, value: object, *, empty_ok: bool = True, none_ok: bool = False) -> None:
+    """`value` must be a string (with text other than whitespace unless `empty_ok`); None passes when `none_ok`."""
+    if value is None and none_ok:
+        return
+    if not isinstance(value, str) or (not empty_ok and not value.strip()):
+        _fail(name, value, "a string" if empty_ok else "a non-empty string", none_ok, "")
+
+
 def check_ratio(ratio: object) -> None:
     """A compression ratio: the fraction of tokens removed, a number in [0, 1)."""
     check_float("ratio", ratio, 0.0, 1.0, high_open=True, note="the fraction of tokens removed")

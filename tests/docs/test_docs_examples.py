@@ -203,7 +203,7 @@ def test_command_lines_pass_the_cli_checks(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "doc.txt").write_text("The code is 4127.", encoding="utf-8")
-    (tmp_path / "doc.safetensors").write_bytes(b"")  # exists: --load-cache lines then fail only at the model
+    (tmp_path / "doc.safetensors").write_bytes(b"")  # --load-cache: the file must exist; its content is read later
     (tmp_path / "mine.jsonl").write_text(
         json.dumps({"context": "The code is 4127.", "question": "What is the code?", "answers": ["4127"]}) + "\n"
     )

@@ -93,8 +93,8 @@ def test_bad_arguments_raise(make_model, tokenizer, tokenizer_no_template):
         kvs.Conversation(model, tokenizer_no_template, CONTEXT)
     with pytest.raises(ValueError, match="context is empty"):
         kvs.Conversation(model, tokenizer, "  ")
-    with pytest.raises(ValueError, match="budget must be >= 1"):
+    with pytest.raises(ValueError, match="budget must be an integer >= 1"):
         kvs.Conversation(model, tokenizer, CONTEXT, budget=0)
     conv = kvs.Conversation(model, tokenizer, CONTEXT)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         conv.ask("q", max_new_tokens=0)

@@ -135,7 +135,7 @@ def test_a_list_of_contexts_gives_one_output_each(pipe):
         ({"question": "q", "method": kvs.get_method("knorm"), "ratio": 0.5}, "the Method object"),
         ({"question": "q", "method": 3}, "registered method name"),
         ({"question": "q", "press": object()}, "kvsqueeze takes method="),
-        ({"question": "q", "max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"question": "q", "max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
     ],
 )
 def test_bad_call_raises_a_clear_error(pipe, kwargs, message):

@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from kvsqueeze.methods.base import check_ratio as base_check_ratio
-from kvsqueeze.validation import check_bool, check_choice, check_float, check_int, check_ratio
+from kvsqueeze.validation import check_bool, check_choice, check_float, check_int, check_ratio, check_str
 
 NOT_NUMBERS = st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.lists(st.integers(), max_size=2))
 FLOATS = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -159,3 +159,19 @@ def test_check_bool(value: object):
         check_bool("sample", value)
     else:
         assert "True or False" in raises_naming(check_bool, "sample", value)
+
+
+@given(st.one_of(st.text(max_size=4), st.integers(), st.none(), st.binary(max_size=2), st.lists(st.text(), max_size=1)))
+def test_check_str(value: object):
+    if isinstance(value, str):
+        check_str("answer_prefix", value)
+    else:
+        assert "a string" in raises_naming(check_str, "answer_prefix", value)
+    if isinstance(value, str) and value.strip():
+        check_str("question", value, empty_ok=False)
+    else:
+        assert "a non-empty string" in raises_naming(check_str, "question", value, empty_ok=False)
+    if value is None:
+        check_str("answer", value, none_ok=True)
+    elif not isinstance(value, str):
+        assert "a string or None" in raises_naming(check_str, "answer", value, none_ok=True)
