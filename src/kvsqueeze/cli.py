@@ -9,16 +9,20 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
 from kvsqueeze import __version__
-from kvsqueeze.methods.registry import BUDGET_POLICIES
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -186,6 +190,13 @@ GENERATE_DEFAULTS = {"method": "knorm", "ratio": 0.5}
 OPTION_HELP = "method option KEY=VALUE (VALUE read as JSON, or True/False/None; other text stays text)"
 
 
+def _budget_policies() -> list[str]:
+    """The budget policies' names, for --budget-policy's choices."""
+    from kvsqueeze.methods.registry import BUDGET_POLICIES
+
+    return sorted(BUDGET_POLICIES)
+
+
 def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = _add_parser(
         sub,
@@ -215,7 +226,7 @@ def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> No
     p.add_argument("--option", action="append", default=[], type=_parse_option, help=OPTION_HELP)
     p.add_argument(
         "--budget-policy",
-        choices=sorted(BUDGET_POLICIES),
+        choices=_budget_policies(),
         default=None,
         help="wrap --method (the scorer, with its --option) in a budget policy: adakv (heads of a layer pool their "
         "budget), criticalkv (two-stage, value-aware), global (one budget for all layers and heads), pyramid",
@@ -269,7 +280,7 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--budget-policy",
-        choices=sorted(BUDGET_POLICIES),
+        choices=_budget_policies(),
         default=None,
         help="wrap every method in a budget policy (as in `generate`); rows are labelled e.g. adakv(knorm)",
     )
@@ -668,10 +679,47 @@ COMMANDS = {"list": cmd_list, "generate": cmd_generate, "calibrate": cmd_calibra
             "report": cmd_report}  # fmt: skip
 
 
+# What each command imports, loaded up front while Ctrl-C ends the process at once (see `_startup`): torch and
+# transformers do not survive a KeyboardInterrupt in the middle of their import (it surfaces as a RecursionError
+# or a ModuleNotFoundError, with a traceback). A module left out is still imported by the command, only without
+# that protection.
+COMMAND_MODULES = {
+    "list": ["kvsqueeze.methods"],
+    "generate": ["torch", "transformers", "kvsqueeze.pipeline", "kvsqueeze.loading", "kvsqueeze.cachefile"],
+    "calibrate": ["torch", "transformers", "kvsqueeze.calibration", "kvsqueeze.loading"],
+    "bench": ["torch", "transformers", "kvsqueeze.bench.runner", "kvsqueeze.bench.report", "kvsqueeze.loading"],
+    "report": ["kvsqueeze.bench.report"],
+}
+
+
+def _exit_interrupted(signum: int, frame: object) -> None:
+    sys.stdout.flush()
+    print("kvsqueeze: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # nothing has been done yet: no file to finish, no lock to release
+
+
+@contextmanager
+def _startup() -> Iterator[None]:
+    """While the command line is read and the heavy modules load, Ctrl-C ends the process at once with one line and
+    status 130 (a KeyboardInterrupt raised inside an import leaves torch half-initialised). Outside the main thread
+    (signal handlers cannot be set there) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _exit_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    logger.debug("kvsqueeze %s: %s", __version__, vars(args))
+    with _startup():
+        args = parse_args(argv)
+        configure_logging(args.log_level)
+        logger.debug("kvsqueeze %s: %s", __version__, vars(args))
+        for module in COMMAND_MODULES[args.command]:
+            importlib.import_module(module)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: one line, and the status a shell gives a command SIGINT ended

@@ -290,7 +290,7 @@ def generate_encoded(
     decode = decoding_method(method, decode_target, decode_every)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    _check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
+    check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad(context_rows, pad_id, device)
     cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
@@ -378,7 +378,7 @@ def decoding_method(method: Method | None, target: int | None, every: int = 32) 
     return DecodingCompression(scorer=scorer, target_tokens=target, every=every)
 
 
-def _check_length(
+def check_length(
     max_positions: int | None, context_rows: list[list[int]], questions: list[str], tokenizer: Any, new: int
 ) -> None:
     if max_positions is None:

@@ -178,11 +178,11 @@ def test_report_on_a_file_or_a_missing_directory(tmp_path: Path, capsys: pytest.
     assert _one_error_line(capsys) == f"results directory {str(tmp_path / 'none')!r} does not exist"
 
 
-def _interrupt(argv: list[str], cwd: Path, when: str) -> tuple[int, str]:
-    """Run `kvsqueeze ARGV` in a real process, send it SIGINT (Ctrl-C) once stderr shows `when`, return its exit
-    status and the rest of its stderr."""
+def _interrupt(argv: list[str], cwd: Path, when: str, python: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Run `kvsqueeze ARGV` (with the interpreter options `python`) in a real process, send it SIGINT (Ctrl-C) once
+    stderr shows `when`, return its exit status and the rest of its stderr."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen([sys.executable, "-m", "kvsqueeze", *argv], cwd=cwd, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, *python, "-m", "kvsqueeze", *argv], cwd=cwd, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -193,6 +193,18 @@ def _interrupt(argv: list[str], cwd: Path, when: str) -> tuple[int, str]:
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     return proc.wait(timeout=120), rest
+
+
+@pytest.mark.parametrize("inside", ["torch.nn.modules", "transformers.utils"])
+def test_ctrl_c_while_torch_or_transformers_import_is_one_line_and_status_130(tmp_path: Path, inside: str):
+    """A KeyboardInterrupt inside torch's or transformers' import used to reach the user as a traceback (a
+    RecursionError, a ModuleNotFoundError or the KeyboardInterrupt itself). `-X importtime` prints each import as it
+    completes, so the signal lands while the outer import is still running."""
+    doc = _doc(tmp_path)
+    argv = ["generate", "--context-file", str(doc), "--question", "q"]
+    status, rest = _interrupt(argv, tmp_path, when=f" {inside}\n", python=("-X", "importtime"))
+    lines = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert (status, lines) == (130, ["kvsqueeze: interrupted"])
 
 
 def test_ctrl_c_during_generate_is_one_line_and_status_130(model_dir: Path, tmp_path: Path):
