@@ -20,7 +20,8 @@ import torch
 import transformers
 
 import kvsqueeze as kvs
-from kvsqueeze.pipeline import answer, split_prompt
+from kvsqueeze.generation import answer
+from kvsqueeze.pipeline import split_prompt
 from kvsqueeze.recording import compress_recording, record
 
 OUT = Path(__file__).parent / "results"
@@ -52,7 +53,7 @@ def main() -> None:
         compressed, log = compress_recording(rec, method)
         s = kvs.cache_stats(compressed)
         kept = [layer.kept for layer in compressed.full_layers()]  # (1, H) per layer
-        texts, _, _ = answer(model, tokenizer, compressed, [0], [question], max_new_tokens=8)
+        texts = answer(model, tokenizer, compressed, [0], [question], 8).texts
         row = {
             "method": repr(method),
             "kv_bytes": s.kv_bytes,

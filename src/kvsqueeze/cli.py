@@ -240,6 +240,10 @@ def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> No
     )
     p.add_argument("--answer-prefix", default=None, help="text the answer starts with")
     p.add_argument("--max-new-tokens", type=_positive, default=32, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default); higher samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens this likely")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: the same seed gives the same answers")
+    p.add_argument("--stop", action="append", default=[], help="a string that ends an answer (repeatable)")
     p.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
     p.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
     p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens")
@@ -436,6 +440,15 @@ def _refuse_with_load_cache(args: argparse.Namespace) -> None:
         )
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """generate's sampling arguments from the command line, checked before any model loads."""
+    from kvsqueeze.generation import Sampling
+
+    kwargs = {"temperature": args.temperature, "top_p": args.top_p, "stop": args.stop, "seed": args.seed}
+    Sampling(max_new_tokens=args.max_new_tokens, **kwargs)
+    return kwargs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.pipeline import generate
 
@@ -444,6 +457,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _answer_saved(args)
     context, questions, prefix = _generate_inputs(args)
     method = _generate_method(args)
+    sampling = _sampling(args)
     if args.save_cache:
         check_output_file("--save-cache", args.save_cache)
     model, tokenizer = _load(args)
@@ -451,7 +465,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def run(m: Any, decode_target: int | None) -> Any:
         return generate(model, tokenizer, context, questions, method=m, max_new_tokens=args.max_new_tokens,
                         answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=decode_target,
-                        decode_every=args.decode_every)  # fmt: skip
+                        decode_every=args.decode_every, **sampling)  # fmt: skip
 
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))
     out = run(method, args.decode_target)
@@ -511,10 +525,11 @@ def _answer_saved(args: argparse.Namespace) -> int:
     if not args.question:
         raise ValueError("give at least one --question")
     check_input_file("cache file", args.load_cache)
+    sampling = _sampling(args)
     model, tokenizer = _load(args)
     prefix = args.answer_prefix or ""
     answers, saved = answer_saved(model, tokenizer, args.load_cache, args.question, args.max_new_tokens, prefix,
-                                  args.decode_target, args.decode_every)  # fmt: skip
+                                  args.decode_target, args.decode_every, **sampling)  # fmt: skip
     if args.json:
         doc = {"method": saved.method, "questions": args.question, "answers": answers, "seen": saved.seen,
                "loaded_from": str(args.load_cache)}  # fmt: skip
@@ -685,7 +700,14 @@ COMMANDS = {"list": cmd_list, "generate": cmd_generate, "calibrate": cmd_calibra
 # that protection.
 COMMAND_MODULES = {
     "list": ["kvsqueeze.methods"],
-    "generate": ["torch", "transformers", "kvsqueeze.pipeline", "kvsqueeze.loading", "kvsqueeze.cachefile"],
+    "generate": [
+        "torch",
+        "transformers",
+        "kvsqueeze.pipeline",
+        "kvsqueeze.generation",
+        "kvsqueeze.loading",
+        "kvsqueeze.cachefile",
+    ],
     "calibrate": ["torch", "transformers", "kvsqueeze.calibration", "kvsqueeze.loading"],
     "bench": ["torch", "transformers", "kvsqueeze.bench.runner", "kvsqueeze.bench.report", "kvsqueeze.loading"],
     "report": ["kvsqueeze.bench.report"],

@@ -24,9 +24,10 @@ import torch
 
 from kvsqueeze.cache import KVCache
 from kvsqueeze.cachefile import load_cache, save_cache
+from kvsqueeze.generation import eos_ids
 from kvsqueeze.methods.base import Method
 from kvsqueeze.methods.registry import check_method
-from kvsqueeze.pipeline import check_model_and_tokenizer, decoding_method, eos_ids, prefill, split_prompt
+from kvsqueeze.pipeline import check_model_and_tokenizer, decoding_method, prefill, split_prompt
 from kvsqueeze.press import compress
 from kvsqueeze.validation import check_int, check_str
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kvsqueeze.cache import KVCache
 from kvsqueeze.cachefile import SavedCache, load_cache
+from kvsqueeze.generation import FinishReason, Sampling, answer, encode, left_pad
 from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods.base import Method, ScorerMethod
 from kvsqueeze.methods.decoding import DecodingCompression
@@ -58,6 +59,8 @@ class GenerateOutput:
     answers: list[str] | list[list[str]]  # one per question (a list per context when several contexts are given)
     stats: GenerationStats
     cache: KVCache = field(repr=False)  # the compressed context cache, reusable
+    finish_reasons: list[FinishReason] = field(default_factory=list)  # per question, flat: "stop" (end token or a stop
+    # string) or "length" (max_new_tokens reached)
 
 
 def split_prompt(
@@ -73,33 +76,6 @@ def split_prompt(
         logger.warning("The tokenizer has no chat template; using a plain 'Question: / Answer:' prompt.")
     prefix = f" {answer_prefix}" if answer_prefix else ""
     return f"{context}\n\n", f"Question: {question}\nAnswer:{prefix}"
-
-
-def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, device=device)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The token ids that end an answer: the model's generation config's, its config's and the tokenizer's."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def _brief(value: object) -> str:
@@ -195,53 +171,13 @@ def prefill(
     return cache, seconds, log.seconds, before
 
 
-@torch.no_grad()
-def answer(
-    model: Any,
-    tokenizer: Any,
-    cache: KVCache,
-    rows: list[int],
-    question_texts: list[str],
-    max_new_tokens: int,
-    decode: Method | None = None,
-) -> tuple[list[str], int, float]:
-    """Greedy answers for question texts; row i continues context row `rows[i]` of `cache` (left untouched).
-
-    decode: a method applied after every question/decoding forward (e.g. `DecodingCompression`); None = no pruning.
-    """
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = _left_pad([_encode(tokenizer, t, False) for t in question_texts], pad_id, device)
-    work = cache.select_rows(torch.tensor(rows, device=device))
-    eos = eos_ids(model, tokenizer)
-    generated: list[list[int]] = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    start = time.perf_counter()
-    with compress(model, decode):
-        for _ in range(max_new_tokens):
-            logits = model(
-                input_ids=ids, attention_mask=mask, past_key_values=work, use_cache=True, logits_to_keep=1
-            ).logits[:, -1]
-            nxt = logits.argmax(dim=-1)
-            for i, tok in enumerate(nxt.tolist()):
-                if not done[i]:
-                    generated[i].append(tok)
-            done |= torch.tensor([t in eos for t in nxt.tolist()], device=device)
-            if bool(done.all()):
-                break
-            ids, mask = nxt[:, None], torch.ones(len(rows), 1, dtype=torch.long, device=device)
-    seconds = time.perf_counter() - start
-    texts = [tokenizer.decode([t for t in g if t not in eos], skip_special_tokens=True).strip() for g in generated]
-    return texts, sum(len(g) for g in generated), seconds
-
-
 def encode_prompt(
     tokenizer: Any, context: str, questions: list[str], answer_prefix: str = "", chat_template: bool = True
 ) -> tuple[list[int], list[str]]:
     """(context token ids, question texts): the part compressed once, and the text each question continues with."""
     splits = [split_prompt(tokenizer, context, q, answer_prefix, chat_template) for q in questions]
     has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    return _encode(tokenizer, splits[0][0], not has_template), [q for _, q in splits]
+    return encode(tokenizer, splits[0][0], not has_template), [q for _, q in splits]
 
 
 def encode_query_aware(
@@ -253,7 +189,7 @@ def encode_query_aware(
     if cut >= len(rest):
         raise ValueError("query-aware prompts need text after the question (a chat template or 'Answer:')")
     has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    return _encode(tokenizer, head + rest[:cut], not has_template), rest[cut:]
+    return encode(tokenizer, head + rest[:cut], not has_template), rest[cut:]
 
 
 def question_token_count(
@@ -264,7 +200,7 @@ def question_token_count(
     ids, _ = encode_query_aware(tokenizer, context, question, answer_prefix, chat_template)
     head, _ = split_prompt(tokenizer, context, question, answer_prefix, chat_template)
     has_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    return max(1, len(ids) - len(_encode(tokenizer, head, not has_template)))
+    return max(1, len(ids) - len(encode(tokenizer, head, not has_template)))
 
 
 def generate_encoded(
@@ -278,24 +214,37 @@ def generate_encoded(
     chunk_size: int | None = None,
     decode_target: int | None = None,
     decode_every: int = 32,
+    *,
+    sampling: Sampling | None = None,
 ) -> GenerateOutput:
     """`generate` on encoded prompts: prefill and compress `context_rows`, then answer question i from row rows[i].
-    The answers come back flat, one per question text. decode_target/decode_every: as in `generate`."""
+    The answers come back flat, one per question text. decode_target/decode_every: as in `generate`.
+
+    sampling: how tokens are chosen (temperature, top_p, stop, seed); None is greedy with `max_new_tokens`. Given,
+    its own max_new_tokens counts, and `max_new_tokens` must be left out or agree with it."""
     check_model_and_tokenizer(model, tokenizer)
     check_method("method", method)
     check_int("max_new_tokens", max_new_tokens, 1)
+    if sampling is None:
+        sampling = Sampling(max_new_tokens=max_new_tokens)
+    elif not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a kvsqueeze.generation.Sampling or None, got {_brief(sampling)}")
+    elif max_new_tokens not in (32, sampling.max_new_tokens):
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} disagrees with sampling.max_new_tokens={sampling.max_new_tokens}"
+        )
     check_int("chunk_size", chunk_size, 1, none_ok=True)
     check_int("decode_target", decode_target, 1, none_ok=True, note="tokens per head kept while answering")
     check_int("decode_every", decode_every, 1)
     decode = decoding_method(method, decode_target, decode_every)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    check_length(adapter.max_positions, context_rows, question_texts, tokenizer, max_new_tokens)
+    check_length(adapter.max_positions, context_rows, question_texts, tokenizer, sampling.max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = _left_pad(context_rows, pad_id, device)
+    ids, mask = left_pad(context_rows, pad_id, device)
     cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
     stats = cache_stats(cache)
-    texts, n_tokens, decode_s = answer(model, tokenizer, cache, rows, question_texts, max_new_tokens, decode)
+    answers = answer(model, tokenizer, cache, rows, question_texts, sampling, decode)
     kept = [float(layer.kept.float().mean(dim=1).sum()) for layer in cache.full_layers()]
     out_stats = GenerationStats(
         tokens_before=sum(len(r) for r in context_rows),
@@ -307,10 +256,10 @@ def generate_encoded(
         peak_kv_bytes=stats.peak_kv_bytes,
         prefill_seconds=prefill_s,
         compression_seconds=compress_s,
-        decode_tokens_per_second=n_tokens / decode_s if decode_s > 0 else 0.0,
+        decode_tokens_per_second=answers.steps / answers.seconds if answers.seconds > 0 else 0.0,
         kept_tokens_per_layer=stats.tokens_kept,
     )
-    return GenerateOutput(answers=texts, stats=out_stats, cache=cache)
+    return GenerateOutput(answers=answers.texts, stats=out_stats, cache=cache, finish_reasons=answers.finish_reasons)
 
 
 def generate(
@@ -325,8 +274,15 @@ def generate(
     chat_template: bool = True,
     decode_target: int | None = None,
     decode_every: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: str | list[str] | None = None,
+    seed: int | None = None,
 ) -> GenerateOutput:
-    """Compress each context once (before any question is seen), then answer every question greedily.
+    """Compress each context once (before any question is seen), then answer every question.
+
+    Answers are greedy by default; temperature > 0 samples (with top_p nucleus sampling, and `seed` for the same
+    answers every time). stop: a string or strings that end an answer (the answer stops before it).
 
     decode_target: also compress while answering, back to this many tokens per head every `decode_every` steps
     (`DecodingCompression`, scoring with `method` when it is a scorer, else KNorm). A `DecodingCompression` given
@@ -341,6 +297,7 @@ def generate(
     check_int("max_new_tokens", max_new_tokens, 1)
     check_str("answer_prefix", answer_prefix)
     check_bool("chat_template", chat_template)
+    sampling = Sampling(max_new_tokens, temperature, top_p, _stop_strings(stop), seed)
     encoded = [encode_prompt(tokenizer, c, qs, answer_prefix, chat_template) for c, qs in items]
     question_texts = [t for _, texts in encoded for t in texts]
     rows = [i for i, (_, texts) in enumerate(encoded) for _ in texts]
@@ -355,11 +312,22 @@ def generate(
         chunk_size,
         decode_target,
         decode_every,
+        sampling=sampling,
     )
     if not isinstance(context, str):
         it = iter([str(a) for a in out.answers])  # flat, one per question
         out.answers = [[next(it) for _ in qs] for _, qs in items]
     return out
+
+
+def _stop_strings(stop: object) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (list, tuple)):
+        return tuple(stop)
+    raise ValueError(f"stop must be a string, a list of strings or None, got {_brief(stop)}")
 
 
 def decoding_method(method: Method | None, target: int | None, every: int = 32) -> Method | None:
@@ -383,7 +351,7 @@ def check_length(
 ) -> None:
     if max_positions is None:
         return
-    longest_q = max(len(_encode(tokenizer, q, False)) for q in questions)
+    longest_q = max(len(encode(tokenizer, q, False)) for q in questions)
     for i, row in enumerate(context_rows):
         total = len(row) + longest_q + new
         if total > max_positions:
@@ -402,9 +370,13 @@ def answer_saved(
     answer_prefix: str = "",
     decode_target: int | None = None,
     decode_every: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: str | list[str] | None = None,
+    seed: int | None = None,
 ) -> tuple[list[str], SavedCache]:
     """Answer questions over a context cache saved by `save_cache` (e.g. by `kvsqueeze generate --save-cache`).
-    `questions`: a string or a list of strings."""
+    `questions`: a string or a list of strings; the sampling arguments as in `generate`."""
     check_model_and_tokenizer(model, tokenizer)
     if not isinstance(path, (str, Path)):
         raise ValueError(f"path must be a str or a Path, got {_brief(path)}")
@@ -413,11 +385,12 @@ def answer_saved(
     check_str("answer_prefix", answer_prefix)
     check_int("decode_target", decode_target, 1, none_ok=True)
     check_int("decode_every", decode_every, 1)
+    sampling = Sampling(max_new_tokens, temperature, top_p, _stop_strings(stop), seed)
     saved = load_cache(path, model)
     if len(saved.seen) != 1:
         raise ValueError(f"{str(path)!r} holds {len(saved.seen)} contexts; answer_saved reads files of one context")
     template = bool(saved.extra.get("chat_template", True))
     tails = [split_prompt(tokenizer, "-", q, answer_prefix, template)[1] for q in questions]
     decode = decoding_method(None, decode_target, decode_every)
-    texts, _, _ = answer(model, tokenizer, saved.cache, [0] * len(questions), tails, max_new_tokens, decode)
-    return texts, saved
+    answers = answer(model, tokenizer, saved.cache, [0] * len(questions), tails, sampling, decode)
+    return answers.texts, saved

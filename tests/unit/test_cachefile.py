@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 import kvsqueeze as kvs
 from kvsqueeze.cachefile import CacheFileError, model_fingerprint
-from kvsqueeze.pipeline import answer, split_prompt
+from kvsqueeze.generation import answer
+from kvsqueeze.pipeline import split_prompt
 
 CONTEXT = (
     "The harbour master walked to the market in the morning because it was raining. The old baker sold a box of "
@@ -46,9 +47,9 @@ def test_round_trip_gives_identical_answers(family, name, make_model, tokenizer,
     assert saved.seen == out.cache.real_tokens_seen().tolist()
     assert saved.version == kvs.__version__ and saved.fingerprint == model_fingerprint(model)
     tails = [split_prompt(tokenizer, CONTEXT, q)[1] for q in QUESTIONS]
-    again = answer(model, tokenizer, saved.cache, [0, 0], tails, 8)[0]
+    again = answer(model, tokenizer, saved.cache, [0, 0], tails, 8).texts
     assert again == out.answers
-    assert again == answer(model, tokenizer, out.cache, [0, 0], tails, 8)[0]
+    assert again == answer(model, tokenizer, out.cache, [0, 0], tails, 8).texts
 
 
 def test_another_model_raises(make_model, tokenizer, tmp_path):

@@ -47,12 +47,12 @@ from kvsqueeze.bench.results import (
 )
 from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
 from kvsqueeze.cache import KVCache
+from kvsqueeze.generation import answer
 from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
 from kvsqueeze.pipeline import (
-    answer,
     check_length,
     encode_prompt,
     encode_query_aware,
@@ -477,7 +477,7 @@ class _RunContext:
         after = cache_stats(cache).kv_bytes
         before = log.kv_bytes_before if log.bytes_before else after
         rows = [0] * len(unit.question_texts)
-        texts, _, _ = answer(self.model, self.tokenizer, cache, rows, unit.question_texts, unit.max_new_tokens)
+        texts = answer(self.model, self.tokenizer, cache, rows, unit.question_texts, unit.max_new_tokens).texts
         return texts, before, after
 
 
