@@ -21,7 +21,7 @@ import transformers
 
 import kvsqueeze as kvs
 from kvsqueeze.generation import answer
-from kvsqueeze.pipeline import split_prompt
+from kvsqueeze.prompts import split_prompt
 from kvsqueeze.recording import compress_recording, record
 
 OUT = Path(__file__).parent / "results"

@@ -25,7 +25,7 @@ import torch
 import kvsqueeze as kvs
 from kvsqueeze.bench.tasks import get_task
 from kvsqueeze.cache import KVCache
-from kvsqueeze.pipeline import encode_prompt
+from kvsqueeze.prompts import encode_prompt
 from kvsqueeze.recording import compress_recording, record
 
 OUT = Path(__file__).parent / "results"

@@ -4,7 +4,7 @@ import os
 from transformers import AutoTokenizer
 
 from kvsqueeze.bench.tasks import get_task
-from kvsqueeze.pipeline import encode_prompt
+from kvsqueeze.prompts import encode_prompt
 
 d = os.path.expanduser("~/.cache/kvsqueeze/models/smollm2-135m-instruct-98362432")
 tok = AutoTokenizer.from_pretrained(d)

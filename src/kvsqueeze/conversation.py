@@ -27,8 +27,9 @@ from kvsqueeze.cachefile import load_cache, save_cache
 from kvsqueeze.generation import eos_ids
 from kvsqueeze.methods.base import Method
 from kvsqueeze.methods.registry import check_method
-from kvsqueeze.pipeline import check_model_and_tokenizer, decoding_method, prefill, split_prompt
+from kvsqueeze.pipeline import check_model_and_tokenizer, decoding_method, prefill
 from kvsqueeze.press import compress
+from kvsqueeze.prompts import split_prompt
 from kvsqueeze.validation import check_int, check_str
 
 

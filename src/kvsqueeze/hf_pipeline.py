@@ -33,7 +33,8 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvsqueeze.methods import METHODS, Method, get_method
 from kvsqueeze.models import get_adapter
-from kvsqueeze.pipeline import encode_prompt, generate_encoded
+from kvsqueeze.pipeline import generate_encoded
+from kvsqueeze.prompts import encode_prompt
 
 TASK = "kvsqueeze-text-generation"
 

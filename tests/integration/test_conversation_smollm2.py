@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import kvsqueeze as kvs
-from kvsqueeze.pipeline import split_prompt
+from kvsqueeze.prompts import split_prompt
 
 pytestmark = pytest.mark.slow
 

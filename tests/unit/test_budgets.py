@@ -163,6 +163,6 @@ def test_wrappers_validate_their_options():
         kvs.get_method("criticalkv", first_share=2.0)
     with pytest.raises(ValueError, match="weights"):
         kvs.get_method("layer_budgets", weights=[1.0, -2.0])
-    with pytest.raises(ValueError, match="global_budget: scorer must be a scoring method .*Did you mean 'knorm'"):
+    with pytest.raises(ValueError, match=r"global_budget: scorer must be a scoring method .*Did you mean 'knorm'"):
         kvs.get_method("global_budget", scorer="knrom")
     assert kvs.get_method("adakv", scorer="knorm", ratio=0.25).scorer == kvs.get_method("knorm", ratio=0.25)

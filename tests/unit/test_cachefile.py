@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import kvsqueeze as kvs
 from kvsqueeze.cachefile import CacheFileError, model_fingerprint
 from kvsqueeze.generation import answer
-from kvsqueeze.pipeline import split_prompt
+from kvsqueeze.prompts import split_prompt
 
 CONTEXT = (
     "The harbour master walked to the market in the morning because it was raining. The old baker sold a box of "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvsqueeze.pipeline import encode_prompt, encode_query_aware, generate, generate_encoded, split_prompt
+from kvsqueeze.pipeline import generate, generate_encoded
+from kvsqueeze.prompts import encode_prompt, encode_query_aware, split_prompt
 
 CONTEXT = "The harbour was quiet in the morning. The code is 4417. " * 3
 QUESTION = "What is the code?"

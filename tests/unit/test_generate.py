@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvsqueeze as kvs
-from kvsqueeze.pipeline import split_prompt
+from kvsqueeze.prompts import split_prompt
 from tests.helpers import ids_of
 
 CONTEXT = (

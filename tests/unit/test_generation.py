@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from kvsqueeze.cache import KVCache
 from kvsqueeze.generation import Sampling, TextStream, answer, encode, sample_token, stream
 from kvsqueeze.methods import get_method
-from kvsqueeze.pipeline import encode_prompt, generate, prefill
+from kvsqueeze.pipeline import generate, prefill
+from kvsqueeze.prompts import encode_prompt
 from tests.tiny import tiny_model, tiny_tokenizer
 
 CONTEXT = "The harbour was quiet in the morning and the old baker sold bread. The code is 4417. " * 3

@@ -52,14 +52,8 @@ from kvsqueeze.memory import cache_stats
 from kvsqueeze.methods import Method, get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
-from kvsqueeze.pipeline import (
-    check_length,
-    encode_prompt,
-    encode_query_aware,
-    generate_encoded,
-    prefill,
-    question_token_count,
-)
+from kvsqueeze.pipeline import check_length, generate_encoded, prefill
+from kvsqueeze.prompts import encode_prompt, encode_query_aware, question_token_count
 from kvsqueeze.recording import Recording, compress_recording, record
 from kvsqueeze.validation import check_int, check_ratio
 

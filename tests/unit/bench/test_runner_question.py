@@ -9,7 +9,8 @@ import pytest
 from kvsqueeze.bench.results import RESULTS, read_jsonl
 from kvsqueeze.bench.runner import BenchConfig, run_bench
 from kvsqueeze.methods.finch import Finch
-from kvsqueeze.pipeline import encode_query_aware, generate_encoded, question_token_count
+from kvsqueeze.pipeline import generate_encoded
+from kvsqueeze.prompts import encode_query_aware, question_token_count
 from tests.tiny import tiny_model, tiny_tokenizer
 from tests.unit.bench.runner_fakes import FakeTask, register_fakes
 
