@@ -84,14 +84,14 @@ def edited(folder: Path, edit: Callable[[dict, dict], None], checksum: bool = Tr
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kvsqueeze.cachefile import file_digest
+    from kvsqueeze.checksum import tensors_digest
 
     with safe_open(str(good_cache(folder)), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     edit(tensors, meta)
     if checksum:
-        meta["checksum"] = file_digest(tensors, meta)
+        meta["checksum"] = tensors_digest(tensors, meta)
     path = folder / "bad.safetensors"
     save_file(tensors, str(path), metadata=meta)
     return path

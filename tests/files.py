@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import kvsqueeze
 from tests.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_tokenizer
@@ -129,3 +130,18 @@ def start_python(code: str, env: dict[str, str] | None = None) -> subprocess.Pop
     return subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT
     )
+
+
+CALIBRATION_SETTINGS = {"n_tokens": 64, "seed": 0}
+
+
+class CountingCompute:
+    """A calibration compute function that counts its calls; its tensors are filled from `value`."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        self.calls = 0
+        self.value = value
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        return {"layer_0": torch.full((2, 3), self.value), "layer_1": torch.arange(4.0) + self.value}

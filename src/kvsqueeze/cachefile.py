@@ -13,20 +13,18 @@ head dim, float keys/values without NaN, positions in slot order and below the t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from kvsqueeze import __version__
 from kvsqueeze.atomic import write_atomic
 from kvsqueeze.cache import KVCache
+from kvsqueeze.checksum import tensors_digest
 from kvsqueeze.fingerprint import model_fingerprint
 from kvsqueeze.methods.base import Method
 from kvsqueeze.models import get_adapter
@@ -57,17 +55,6 @@ class CacheFileError(ValueError):
     """A saved cache that cannot be used: unreadable, damaged, incomplete, or made by another model."""
 
 
-def file_digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
-    """SHA-256 over the metadata (all but the checksum itself) and every tensor's name, dtype, shape and bytes."""
-    fields = {key: value for key, value in metadata.items() if key != "checksum"}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def save_cache(
     path: str | Path, cache: KVCache, model: Any, method: Method | None = None, extra: dict[str, Any] | None = None
 ) -> Path:
@@ -86,7 +73,7 @@ def save_cache(
         "seen": json.dumps([int(s) for s in seen.tolist()]),
         "extra": json.dumps(extra or {}),
     }
-    metadata["checksum"] = file_digest(tensors, metadata)
+    metadata["checksum"] = tensors_digest(tensors, metadata)
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -134,7 +121,7 @@ def load_cache(path: str | Path, model: Any) -> SavedCache:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise CacheFileError(f"{str(path)!r}: the tensor data cannot be read ({err})") from None
-    if file_digest(tensors, meta) != meta["checksum"]:
+    if tensors_digest(tensors, meta) != meta["checksum"]:
         raise CacheFileError(f"{str(path)!r}: the data does not match its checksum (the file is damaged or was edited)")
     mine = model_fingerprint(model)
     if meta["fingerprint"] != mine:

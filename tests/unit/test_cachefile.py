@@ -103,13 +103,13 @@ def _resave(path, out, edit):
     """Re-save the file after `edit(tensors, metadata)`, with a fresh valid checksum (a writer that got it wrong)."""
     from safetensors import safe_open
 
-    from kvsqueeze.cachefile import file_digest
+    from kvsqueeze.checksum import tensors_digest
 
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     edit(tensors, meta)
-    meta["checksum"] = file_digest(tensors, meta)
+    meta["checksum"] = tensors_digest(tensors, meta)
     save_file(tensors, str(out), metadata=meta)
     return out
 

@@ -20,47 +20,30 @@ from kvsqueeze.calibration import (
     read_info,
     remembered,
 )
-
-SETTINGS = {"n_tokens": 64, "seed": 0}
-
-
-@pytest.fixture
-def calib_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("KVSQUEEZE_CALIBRATION_DIR", str(tmp_path / "calib"))
-    return tmp_path / "calib"
-
-
-class Counter:
-    """A compute function that counts its calls."""
-
-    def __init__(self, value: float = 1.0) -> None:
-        self.calls = 0
-        self.value = value
-
-    def __call__(self) -> dict[str, torch.Tensor]:
-        self.calls += 1
-        return {"layer_0": torch.full((2, 3), self.value), "layer_1": torch.arange(4.0)}
+from tests.files import CALIBRATION_SETTINGS, CountingCompute
 
 
 def test_second_call_loads_instead_of_computing(calib_dir, make_model):
-    compute = Counter()
-    first = calibrated("demo", make_model("llama"), SETTINGS, compute)
-    again = calibrated("demo", make_model("llama"), SETTINGS, compute)  # a fresh object with the same weights
+    compute = CountingCompute()
+    first = calibrated("demo", make_model("llama"), CALIBRATION_SETTINGS, compute)
+    again = calibrated(
+        "demo", make_model("llama"), CALIBRATION_SETTINGS, compute
+    )  # a fresh object with the same weights
     assert compute.calls == 1
     assert first.keys() == again.keys()
     for name in first:
         torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
-    calibrated("demo", make_model("llama"), SETTINGS, compute, force=True)
+    calibrated("demo", make_model("llama"), CALIBRATION_SETTINGS, compute, force=True)
     assert compute.calls == 2
 
 
 def test_files_and_sidecar(calib_dir, make_model):
     model = make_model("llama")
-    calibrated("demo", model, SETTINGS, Counter())
-    path = artifact_path("demo", model, SETTINGS)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute())
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     assert path.parent == calib_dir / "demo" and path.suffix == ".safetensors" and path.exists()
     info = read_info(path)
-    assert info["kind"] == "demo" and info["settings"] == SETTINGS
+    assert info["kind"] == "demo" and info["settings"] == CALIBRATION_SETTINGS
     assert info["kvsqueeze_version"] == kvs.__version__
     assert info["fingerprint"] == model_fingerprint(model)
     assert info["seconds"] >= 0 and info["created"].startswith("20")
@@ -71,30 +54,32 @@ def test_files_and_sidecar(calib_dir, make_model):
 
 def test_key_changes_with_settings_weights_config_and_kind(calib_dir, make_model):
     model = make_model("llama")
-    base = artifact_path("demo", model, SETTINGS)
-    assert artifact_path("demo", model, dict(SETTINGS)) == base
-    assert artifact_path("demo", model, {**SETTINGS, "seed": 1}) != base
-    assert artifact_path("other", model, SETTINGS) != base
-    assert artifact_path("demo", make_model("llama", seed=1), SETTINGS) != base
-    assert artifact_path("demo", make_model("llama", rope_theta=5000.0), SETTINGS) != base  # same weights, other RoPE
+    base = artifact_path("demo", model, CALIBRATION_SETTINGS)
+    assert artifact_path("demo", model, dict(CALIBRATION_SETTINGS)) == base
+    assert artifact_path("demo", model, {**CALIBRATION_SETTINGS, "seed": 1}) != base
+    assert artifact_path("other", model, CALIBRATION_SETTINGS) != base
+    assert artifact_path("demo", make_model("llama", seed=1), CALIBRATION_SETTINGS) != base
+    assert (
+        artifact_path("demo", make_model("llama", rope_theta=5000.0), CALIBRATION_SETTINGS) != base
+    )  # same weights, other RoPE
     edited = make_model("llama")
     with torch.no_grad():
         edited.model.layers[2].self_attn.q_proj.weight.mul_(1.01)
-    assert artifact_path("demo", edited, SETTINGS) != base
+    assert artifact_path("demo", edited, CALIBRATION_SETTINGS) != base
 
 
 def test_key_ignores_attention_implementation(calib_dir, make_model):
     model = make_model("llama")
-    base = artifact_path("demo", model, SETTINGS)
+    base = artifact_path("demo", model, CALIBRATION_SETTINGS)
     with kvs.attach(model, backend="eager"):
-        assert artifact_path("demo", model, SETTINGS) == base
+        assert artifact_path("demo", model, CALIBRATION_SETTINGS) == base
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "no_sidecar", "no_tensors", "bad_sidecar"])
 def test_damaged_artifact_is_computed_again(calib_dir, make_model, damage):
     model = make_model("llama")
-    calibrated("demo", model, SETTINGS, Counter(1.0))
-    path = artifact_path("demo", model, SETTINGS)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     sidecar = path.with_suffix(".json")
     if damage == "corrupt":
         path.write_bytes(b"not a safetensors file")
@@ -106,11 +91,13 @@ def test_damaged_artifact_is_computed_again(calib_dir, make_model, damage):
         path.unlink()
     else:
         sidecar.write_text("{not json")
-    compute = Counter(2.0)
-    out = calibrated("demo", model, SETTINGS, compute)
+    compute = CountingCompute(2.0)
+    out = calibrated("demo", model, CALIBRATION_SETTINGS, compute)
     assert compute.calls == 1
     assert float(out["layer_0"][0, 0]) == 2.0
-    assert calibrated("demo", model, SETTINGS, Counter(3.0))["layer_0"][0, 0] == 2.0  # the rewritten file is good
+    assert (
+        calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(3.0))["layer_0"][0, 0] == 2.0
+    )  # the rewritten file is good
 
 
 def test_directory_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -126,9 +113,9 @@ def test_bad_input(calib_dir, make_model):
     with pytest.raises(ValueError, match="JSON-serializable"):
         artifact_path("demo", model, {"x": object()})
     with pytest.raises(ValueError, match="kind must be"):
-        artifact_path("../evil", model, SETTINGS)
+        artifact_path("../evil", model, CALIBRATION_SETTINGS)
     with pytest.raises(TypeError, match="dict of name -> Tensor"):
-        calibrated("demo", model, SETTINGS, lambda: [torch.ones(1)])  # type: ignore[arg-type, return-value]
+        calibrated("demo", model, CALIBRATION_SETTINGS, lambda: [torch.ones(1)])  # type: ignore[arg-type, return-value]
 
 
 def test_remembered_once_per_model_object(make_model):

@@ -20,32 +20,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from kvsqueeze.calibration import artifact_path, calibrated, read_info, store
-from tests.files import read_only, start_python
+from tests.files import CALIBRATION_SETTINGS, CountingCompute, read_only, start_python
 from tests.tiny import tiny_model
-
-SETTINGS = {"n_tokens": 64, "seed": 0}
-
-
-@pytest.fixture
-def calib_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("KVSQUEEZE_CALIBRATION_DIR", str(tmp_path / "calib"))
-    return tmp_path / "calib"
-
-
-class Counter:
-    """A compute function that counts its calls; its tensors are filled with `value`."""
-
-    def __init__(self, value: float = 1.0) -> None:
-        self.calls = 0
-        self.value = value
-
-    def __call__(self) -> dict[str, torch.Tensor]:
-        self.calls += 1
-        return {"layer_0": torch.full((2, 3), self.value), "layer_1": torch.arange(4.0) + self.value}
 
 
 def assert_made_by(tensors: dict[str, torch.Tensor], value: float) -> None:
-    expected = Counter(value)()
+    expected = CountingCompute(value)()
     assert sorted(tensors) == sorted(expected)
     for name in expected:
         torch.testing.assert_close(tensors[name], expected[name], rtol=0, atol=0)
@@ -80,9 +60,9 @@ def edit_sidecar(path: Path, edit) -> None:
 
 def other_sidecar(path: Path) -> None:
     """The sidecar of another artifact (other settings, same tensors) put in its place."""
-    other = calibrated("demo", tiny_model("llama"), {**SETTINGS, "seed": 1}, Counter(1.0))
+    other = calibrated("demo", tiny_model("llama"), {**CALIBRATION_SETTINGS, "seed": 1}, CountingCompute(1.0))
     assert other  # computed and saved
-    source = artifact_path("demo", tiny_model("llama"), {**SETTINGS, "seed": 1}).with_suffix(".json")
+    source = artifact_path("demo", tiny_model("llama"), {**CALIBRATION_SETTINGS, "seed": 1}).with_suffix(".json")
     path.with_suffix(".json").write_text(source.read_text())
 
 
@@ -111,25 +91,25 @@ TAMPER = {
 def test_tampered_artifact_is_computed_again_with_a_warning(calib_dir, damage, caplog) -> None:
     """Issue 13: a tampered artifact was used silently (zeros, NaN, flipped bytes) or failed deep inside scoring."""
     model = tiny_model("llama")
-    calibrated("demo", model, SETTINGS, Counter(1.0))
-    path = artifact_path("demo", model, SETTINGS)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     TAMPER[damage](path)
-    compute = Counter(2.0)
+    compute = CountingCompute(2.0)
     with caplog.at_level(logging.WARNING, logger="kvsqueeze"):
-        out = calibrated("demo", model, SETTINGS, compute)
+        out = calibrated("demo", model, CALIBRATION_SETTINGS, compute)
     assert compute.calls == 1
     assert_made_by(out, 2.0)
     warned = warnings_of(caplog)
     assert len(warned) == 1 and "computing it again" in warned[0]
     assert str(path) in warned[0] or str(path.with_suffix(".json")) in warned[0]  # names the file
-    again = Counter(3.0)
-    assert_made_by(calibrated("demo", model, SETTINGS, again), 2.0)  # the rewritten artifact is trusted
+    again = CountingCompute(3.0)
+    assert_made_by(calibrated("demo", model, CALIBRATION_SETTINGS, again), 2.0)  # the rewritten artifact is trusted
     assert again.calls == 0
 
 
 def test_what_the_warning_says(calib_dir, caplog) -> None:
     model = tiny_model("llama")
-    path = artifact_path("demo", model, SETTINGS)
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     reasons = {
         "wrong shape re-saved": "tensor 'layer_0' is {'dtype': 'float32', 'shape': [3, 2]",
         "NaN re-saved": "'finite': False",
@@ -140,11 +120,11 @@ def test_what_the_warning_says(calib_dir, caplog) -> None:
         "sidecar a JSON list": "is not a JSON object",
     }
     for damage, reason in reasons.items():
-        calibrated("demo", model, SETTINGS, Counter(1.0), force=True)
+        calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0), force=True)
         TAMPER[damage](path)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kvsqueeze"):
-            calibrated("demo", model, SETTINGS, Counter(2.0))
+            calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(2.0))
         assert reason in warnings_of(caplog)[0], damage
 
 
@@ -156,18 +136,18 @@ _MODEL = tiny_model("llama")
 def test_byte_flips_anywhere_never_give_wrong_values(calib_dir, data) -> None:
     """Fuzz: flip 1-8 bytes anywhere in the tensors file or the sidecar: the store answers with the true values
     (a flip that changes nothing read, e.g. the case of a JSON exponent) or computes again, never anything else."""
-    path = artifact_path("demo", _MODEL, SETTINGS)
+    path = artifact_path("demo", _MODEL, CALIBRATION_SETTINGS)
     if not path.exists():
-        calibrated("demo", _MODEL, SETTINGS, Counter(1.0))
+        calibrated("demo", _MODEL, CALIBRATION_SETTINGS, CountingCompute(1.0))
     good = {p: p.read_bytes() for p in (path, path.with_suffix(".json"))}
     target = data.draw(st.sampled_from(sorted(good)))
     raw = bytearray(good[target])
     for i in data.draw(st.lists(st.integers(0, len(raw) - 1), min_size=1, max_size=8, unique=True)):
         raw[i] ^= data.draw(st.integers(1, 255))
     target.write_bytes(bytes(raw))
-    compute = Counter(2.0)
+    compute = CountingCompute(2.0)
     try:
-        out = calibrated("demo", _MODEL, SETTINGS, compute)
+        out = calibrated("demo", _MODEL, CALIBRATION_SETTINGS, compute)
         assert_made_by(out, 2.0 if compute.calls else 1.0)
     finally:
         for p, content in good.items():
@@ -176,8 +156,8 @@ def test_byte_flips_anywhere_never_give_wrong_values(calib_dir, data) -> None:
 
 def test_read_info_names_a_damaged_or_missing_sidecar(calib_dir) -> None:
     model = tiny_model("llama")
-    calibrated("demo", model, SETTINGS, Counter(1.0))
-    path = artifact_path("demo", model, SETTINGS)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     sidecar = path.with_suffix(".json")
     sidecar.write_bytes(b"\xff{not json")
     with pytest.raises(store.CalibrationFileError, match=re.escape(f"calibration sidecar '{sidecar}' is unreadable")):
@@ -189,8 +169,8 @@ def test_read_info_names_a_damaged_or_missing_sidecar(calib_dir) -> None:
 
 def test_read_artifact_raises_where_load_artifact_recomputes(calib_dir) -> None:
     model = tiny_model("llama")
-    calibrated("demo", model, SETTINGS, Counter(1.0))
-    path = artifact_path("demo", model, SETTINGS)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     assert_made_by(store.read_artifact(path), 1.0)
     flip_data_bytes(path)
     with pytest.raises(
@@ -205,14 +185,16 @@ def test_read_artifact_raises_where_load_artifact_recomputes(calib_dir) -> None:
 
 def test_sidecar_lists_tensors_and_checksum(calib_dir) -> None:
     model = tiny_model("llama")
-    calibrated("demo", model, SETTINGS, lambda: {"a": torch.tensor([1.0, float("inf")]), "b": torch.ones(2, 1)})
-    info = read_info(artifact_path("demo", model, SETTINGS))
+    calibrated(
+        "demo", model, CALIBRATION_SETTINGS, lambda: {"a": torch.tensor([1.0, float("inf")]), "b": torch.ones(2, 1)}
+    )
+    info = read_info(artifact_path("demo", model, CALIBRATION_SETTINGS))
     assert info["format"] == "kvsqueeze-calibration/2" and len(info["checksum"]) == 64
     assert info["tensors"] == {
         "a": {"dtype": "float32", "shape": [2], "finite": False},  # computed that way: recorded, so loads fine
         "b": {"dtype": "float32", "shape": [2, 1], "finite": True},
     }
-    reloaded = calibrated("demo", model, SETTINGS, Counter())
+    reloaded = calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute())
     assert float(reloaded["a"][1]) == float("inf")
 
 
@@ -223,36 +205,38 @@ def test_read_only_folder_computes_in_memory_with_one_warning(calib_dir, caplog)
     """Issue 13: a read-only cache made calibrated methods unusable: they calibrated, then failed saving, every run."""
     calib_dir.mkdir()
     model = tiny_model("llama")
-    path = artifact_path("demo", model, SETTINGS)
-    compute = Counter(1.0)
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
+    compute = CountingCompute(1.0)
     with read_only(calib_dir), caplog.at_level(logging.WARNING, logger="kvsqueeze"):
-        assert_made_by(calibrated("demo", model, SETTINGS, compute), 1.0)
-        assert_made_by(calibrated("demo", tiny_model("llama"), SETTINGS, compute), 1.0)  # the same process: kept
+        assert_made_by(calibrated("demo", model, CALIBRATION_SETTINGS, compute), 1.0)
+        assert_made_by(
+            calibrated("demo", tiny_model("llama"), CALIBRATION_SETTINGS, compute), 1.0
+        )  # the same process: kept
         info = read_info(path)  # what `kvsqueeze calibrate` prints after calibrating
     assert compute.calls == 1 and not path.exists()
     warned = warnings_of(caplog)
     assert len(warned) == 1
     assert warned[0].startswith(f"Could not save the demo calibration to {path} (")
     assert "not permitted" in warned[0] or "denied" in warned[0]  # why: the OS's own words
-    assert info["settings"] == SETTINGS and info["kind"] == "demo"
+    assert info["settings"] == CALIBRATION_SETTINGS and info["kind"] == "demo"
 
 
 def test_read_only_folder_loads_a_saved_artifact(calib_dir, caplog) -> None:
     model = tiny_model("llama")
-    calibrated("demo", model, SETTINGS, Counter(1.0))
-    compute = Counter(2.0)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
+    compute = CountingCompute(2.0)
     with read_only(calib_dir), caplog.at_level(logging.WARNING, logger="kvsqueeze"):
-        assert_made_by(calibrated("demo", model, SETTINGS, compute), 1.0)
+        assert_made_by(calibrated("demo", model, CALIBRATION_SETTINGS, compute), 1.0)
     assert compute.calls == 0 and warnings_of(caplog) == []
 
 
 def test_read_only_folder_with_a_damaged_artifact(calib_dir, caplog) -> None:
     model = tiny_model("llama")
-    path = artifact_path("demo", model, SETTINGS)
-    calibrated("demo", model, SETTINGS, Counter(1.0))
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
+    calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
     flip_data_bytes(path)
     with read_only(calib_dir), caplog.at_level(logging.WARNING, logger="kvsqueeze"):
-        assert_made_by(calibrated("demo", model, SETTINGS, Counter(2.0)), 2.0)
+        assert_made_by(calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(2.0)), 2.0)
     damaged, unsaved = warnings_of(caplog)
     assert "checksum does not match" in damaged and unsaved.startswith("Could not save")
 
@@ -262,7 +246,7 @@ def test_cache_folder_under_a_file(tmp_path, monkeypatch, caplog) -> None:
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("KVSQUEEZE_CALIBRATION_DIR", str(tmp_path / "file" / "calib"))
     with caplog.at_level(logging.WARNING, logger="kvsqueeze"):
-        assert_made_by(calibrated("demo", tiny_model("llama"), SETTINGS, Counter(1.0)), 1.0)
+        assert_made_by(calibrated("demo", tiny_model("llama"), CALIBRATION_SETTINGS, CountingCompute(1.0)), 1.0)
     (warned,) = warnings_of(caplog)
     assert "Not a directory" in warned
 
@@ -317,13 +301,13 @@ write_atomic(sys.argv[1], lambda tmp: os.kill(os.getpid(), signal.SIGKILL))  # k
 
 def test_killed_writer_debris_is_removed(calib_dir, caplog) -> None:
     model = tiny_model("llama")
-    path = artifact_path("demo", model, SETTINGS)
+    path = artifact_path("demo", model, CALIBRATION_SETTINGS)
     path.parent.mkdir(parents=True)
     killed = start_python(f"import sys; sys.argv[1:] = [{str(path)!r}]\n{KILLED_WRITER}")
     assert killed.wait(timeout=300) == -signal.SIGKILL
     (left,) = path.parent.glob(f".{path.name}.*.tmp")
     with caplog.at_level(logging.DEBUG, logger="kvsqueeze"):
-        calibrated("demo", model, SETTINGS, Counter(1.0))
+        calibrated("demo", model, CALIBRATION_SETTINGS, CountingCompute(1.0))
     assert not left.exists() and f"Removed {left}, left by an interrupted calibration save" in caplog.text
     assert sorted(p.name for p in path.parent.iterdir()) == sorted(
         [path.name, path.with_suffix(".json").name, path.with_suffix(".lock").name]

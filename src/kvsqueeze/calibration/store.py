@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from kvsqueeze import __version__
 from kvsqueeze.atomic import write_atomic, write_text_atomic
+from kvsqueeze.checksum import tensors_digest
 from kvsqueeze.fingerprint import model_fingerprint
 from kvsqueeze.locking import file_lock
 from kvsqueeze.paths import cache_subdir
@@ -110,17 +111,6 @@ def tensor_listing(tensors: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
     }
 
 
-def artifact_digest(tensors: dict[str, Tensor], info: dict[str, Any]) -> str:
-    """SHA-256 over the sidecar (all but its checksum) and every tensor's name, dtype, shape and bytes."""
-    fields = {key: value for key, value in info.items() if key != "checksum"}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # Artifacts computed in this process that could not be saved (a read-only folder): (tensors, sidecar) by path.
 # `calibrated` and `read_info` answer from here, so a read-only folder costs one computation per process, not one per
 # call, and a caller that reads the sidecar after `calibrated` works there too.
@@ -164,7 +154,7 @@ def _check(info: dict[str, Any], tensors: dict[str, Tensor], identity: dict[str,
             raise CalibrationFileError(f"the file holds tensors {sorted(listing)}, the sidecar lists others")
         name = next(n for n in sorted(listing) if listing[n] != recorded[n])
         raise CalibrationFileError(f"tensor {name!r} is {listing[name]}, the sidecar says {recorded[name]}")
-    if artifact_digest(tensors, info) != info["checksum"]:
+    if tensors_digest(tensors, info) != info["checksum"]:
         raise CalibrationFileError("the checksum does not match: the file or its sidecar was changed")
 
 
@@ -215,7 +205,7 @@ def _sealed(tensors: dict[str, Tensor], info: dict[str, Any]) -> dict[str, Any]:
     """The sidecar of `tensors`: `info` with the format, the tensors' listing and the checksum over both."""
     sidecar = _normalized({**info, "format": FORMAT, "tensors": tensor_listing(tensors)})
     sidecar.pop("checksum", None)
-    sidecar["checksum"] = artifact_digest(tensors, sidecar)
+    sidecar["checksum"] = tensors_digest(tensors, sidecar)
     return sidecar
 
 

@@ -12,22 +12,11 @@ from kvsqueeze.bench.results import COSTS, RESULTS, read_jsonl, row_key
 from kvsqueeze.bench.runner import BenchConfig, default_config, run_bench
 from kvsqueeze.methods import list_methods
 from kvsqueeze.pipeline import generate
-from tests.tiny import tiny_model, tiny_tokenizer
-from tests.unit.bench.runner_fakes import FakeTask, Interrupt, register_fakes
+from tests.unit.bench.runner_fakes import FakeTask, Interrupt
 
 FIELDS = ["task", "context_length", "method", "ratio", "question", "answers", "prediction", "score", "prefill_seconds",
           "compression_seconds", "decode_tokens_per_second", "kv_bytes_before", "kv_bytes_after",
           "peak_memory_bytes", "model", "seed", "versions"]  # fmt: skip
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    register_fakes(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama"), tiny_tokenizer()
 
 
 def _config(**kw) -> BenchConfig:

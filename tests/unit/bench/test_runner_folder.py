@@ -12,18 +12,6 @@ import torch
 
 from kvsqueeze.bench.results import COSTS, RESULTS, SUPERSEDED, read_jsonl
 from kvsqueeze.bench.runner import BenchConfig, run_bench
-from tests.tiny import tiny_model, tiny_tokenizer
-from tests.unit.bench.runner_fakes import register_fakes
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    register_fakes(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama"), tiny_tokenizer()
 
 
 def _config(**kw) -> BenchConfig:
