@@ -87,9 +87,9 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     per = 8 // bits
     if per == 1:
         return packed[..., :n]
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    fields = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)  # (..., bytes, per)
-    return fields.flatten(-2)[..., :n].to(torch.uint8)
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+    fields = (packed[..., None] >> shifts) & (2**bits - 1)  # (..., bytes, per) uint8
+    return fields.flatten(-2)[..., :n]
 
 
 def quantize(x: Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,7 +107,8 @@ def quantize(x: Tensor, bits: int, dim: int, dtype: torch.dtype) -> tuple[Tensor
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """codes * scale + zero point (broadcast), computed in float32, returned in the scale's dtype."""
-    return (codes.float() * scale.float() + zero.float()).to(scale.dtype)
+    out = codes.to(torch.float32).mul_(scale).add_(zero)
+    return out.to(scale.dtype)
 
 
 def _channel_groups(x: Tensor, size: int) -> Tensor:
@@ -182,22 +183,26 @@ class TokenGroups:
         return replace(self, value_codes=codes, value_scale=scale, value_zero=zero, value_dim=values.shape[-1])
 
     def dequantize(self, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(keys (n, D), values (n, Dv)) of the tokens numbered `tokens` (n,) long; every token when None."""
-        g = self.group_size
-        key_codes, value_codes = self.key_codes.flatten(0, 1), self.value_codes.flatten(0, 1)  # (M G, bytes)
-        value_scale, value_zero = self.value_scale.flatten(0, 1), self.value_zero.flatten(0, 1)  # (M G, ceil(Dv/G))
-        group = None
+        """(keys (n, D), values (n, Dv)) of the tokens numbered `tokens` (n,) long; every token (n = M G) when None."""
+        return self.dequantize_keys(tokens), self.dequantize_values(tokens)
+
+    def dequantize_keys(self, tokens: Tensor | None = None) -> Tensor:
+        """Keys (n, D) of the tokens numbered `tokens`, all when None (codes against their group's scales, float32
+        work)."""
+        if tokens is None:  # (M, G, D) codes against (M, 1, D) scales
+            codes, scale, zero = self.key_codes, self.key_scale[:, None, :], self.key_zero[:, None, :]
+        else:
+            group = tokens // self.group_size
+            codes, scale, zero = self.key_codes.flatten(0, 1)[tokens], self.key_scale[group], self.key_zero[group]
+        return dequantize(unpack_codes(codes, self.bits, self.key_dim), scale, zero).reshape(-1, self.key_dim)
+
+    def dequantize_values(self, tokens: Tensor | None = None) -> Tensor:
+        """Values (n, Dv) of the tokens numbered `tokens`, all when None."""
+        codes, scale, zero = (t.flatten(0, 1) for t in (self.value_codes, self.value_scale, self.value_zero))
         if tokens is not None:
-            key_codes, value_codes = key_codes[tokens], value_codes[tokens]
-            value_scale, value_zero = value_scale[tokens], value_zero[tokens]
-            group = tokens // g
-        key_scale = self.key_scale.repeat_interleave(g, dim=0) if group is None else self.key_scale[group]
-        key_zero = self.key_zero.repeat_interleave(g, dim=0) if group is None else self.key_zero[group]
-        keys = dequantize(unpack_codes(key_codes, self.bits, self.key_dim), key_scale, key_zero)
-        per_channel = (value_scale.repeat_interleave(g, dim=-1), value_zero.repeat_interleave(g, dim=-1))
-        codes = unpack_codes(value_codes, self.bits, self.value_dim)
-        values = dequantize(codes, *(t[..., : self.value_dim] for t in per_channel))
-        return keys, values
+            codes, scale, zero = codes[tokens], scale[tokens], zero[tokens]
+        grouped = _channel_groups(unpack_codes(codes, self.bits, self.value_dim), self.group_size)  # (n, Dv/G, G)
+        return dequantize(grouped, scale[..., None], zero[..., None]).flatten(-2)[..., : self.value_dim]
 
     def take(self, groups: Tensor) -> TokenGroups:
         """The groups numbered `groups` (long indices, may repeat), in that order."""

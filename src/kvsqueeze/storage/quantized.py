@@ -139,8 +139,26 @@ class QuantizedStorage:
         return self._flat()[1]
 
     def view(self) -> StepView:
-        keys, values = self._flat()
-        return self.unpack(keys, 0.0), self.unpack(values, 0.0), self.unpack(self.positions, -1)
+        return self._rect(0)
+
+    def _rect(self, extra: int) -> StepView:
+        """The rectangular form with `extra` empty slots after the longest segment: every token dequantized straight
+        into its slot (transient)."""
+        slots = torch.arange(self.width() + extra, device=self.lengths.device)[None, None, :]
+        filled = slots < self.lengths[..., None]  # (B, H, T)
+        grouped = slots < (self.groups * self.spec.group_size)[..., None]  # each segment's grouped tokens come first
+        parts = []
+        for dequantize, residual in (
+            (self.codes.dequantize_keys, self.residual_keys),
+            (self.codes.dequantize_values, self.residual_values),
+        ):
+            rect = residual.new_zeros(*filled.shape, residual.shape[-1])
+            rect[grouped] = dequantize()  # one of keys / values at a time
+            rect[filled & ~grouped] = residual
+            parts.append(rect)
+        positions = self.positions.new_full(filled.shape, -1)
+        positions[filled] = self.positions
+        return parts[0], parts[1], positions
 
     def kept(self) -> Tensor:
         return self.lengths.clone()
@@ -152,12 +170,10 @@ class QuantizedStorage:
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[QuantizedStorage, StepView]:
         """Add the real new tokens to their segments' residual in full precision (`settle` quantizes later)."""
         b, h, q, _ = keys.shape
-        past_keys, past_values, past_positions = self.view()
-        step = (
-            torch.cat([past_keys, keys.to(past_keys.dtype)], dim=2),
-            torch.cat([past_values, values.to(past_values.dtype)], dim=2),
-            torch.cat([past_positions, positions.to(torch.int32)], dim=2),
-        )
+        width = self.width()
+        step = self._rect(q)  # the past left-aligned, then the q new slots
+        for rect, new in zip(step, (keys, values, positions), strict=True):
+            rect[:, :, width:] = new
         real = positions >= 0  # (B, H, q)
         new = torch.arange(b * h, device=keys.device).view(b, h, 1).expand(b, h, q)[real]  # segment of each new token
         order = merge_order(segment_ids(self.lengths.flatten()), new)
