@@ -21,18 +21,21 @@ a forward ends, after the compression hooks have run, so a method scores this fo
 precision, eviction runs, then what is kept is quantized. Chunked prefill and decoding: the tokens of earlier forwards
 are already quantized when a later forward scores them.
 
-Pruning. A group kept whole, with every earlier group of its segment kept whole too, keeps its codes; the kept tokens
-of any other group are dequantized into the residual (the grouped part of a segment must come first) and `prune`
-settles right away, so they are quantized again in new groups: a token can then err by up to s1 / 2 + s2 / 2, its old
-scale's and its new group's. Replaced values (value merging) are quantized anew; so are keys rewritten by `replace`
-(re-rotation, thin keys), from their dequantized values.
+Pruning. At prefill nothing is quantized yet: the plan picks among full-precision tokens and what it keeps is
+quantized once (`prune` settles). A later plan (chunked prefill, decoding-time compression) may cut into groups: a
+group kept whole, with every earlier group of its segment kept whole too, keeps its codes; the kept tokens of the
+other groups are dequantized into the residual (a segment's grouped tokens come first) and quantized again in new
+groups at once, so that no pruned layer waits in full precision for the end of the forward. Such a token errs by up
+to s1 / 2 + s2 / 2 (its old group's scale and its new one's). Replaced values (value merging) are quantized anew, and
+so are keys that `replace` rewrites (key re-rotation, ThinK's thin keys), from their dequantized values.
 
 Memory. `nbytes()` counts what is held: packed codes, scales and zero points (in the cache's dtype) and the
 residual, so per group of G tokens G ceil(D bits / 8) + 2 D e bytes of keys and G ceil(Dv bits / 8) +
 2 G ceil(Dv / G) e of values (e bytes per element of the cache's dtype), plus (D + Dv) e per residual token.
-`keys`, `values` and `view()` dequantize into transient full-precision copies: `view()` builds the flat (N, D) and
-(N, Dv) tensors and their rectangular (B, H, T, ...) form, about twice the layer's full-precision size while it
-runs, one layer at a time (attention reads each layer's `append` view and lets it go when the layer is done).
+`view()` (and the step view `append` returns to attention) dequantizes into a transient rectangular copy, the layer's
+full-precision size, plus while it runs the dequantized groups of either keys or values (float32 work): about 1.5
+times the layer's full-precision size at the peak (measured: `benchmarks/quantized_layer.py`), one layer at a time
+(attention lets the step view go when the layer is done). `keys` / `values` are transient flat (N, ...) copies.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from kvsqueeze.quantization import GROUP_TENSORS, QuantSpec, TokenGroups, packed_width
-from kvsqueeze.storage.base import LayerStorage, StepView, check_names, check_positions, check_tensor
+from kvsqueeze.quantization import GROUP_TENSORS, QuantSpec, TokenGroups
+from kvsqueeze.storage.base import LayerStorage, StepView
+from kvsqueeze.storage.quantized_file import checked_tensors
 from kvsqueeze.storage.ragged import segment_starts, unpack
 from kvsqueeze.storage.segments import merge_order, offsets, segment_ids, take_segments
 
@@ -96,7 +100,7 @@ class QuantizedStorage:
         cls, tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int
     ) -> QuantizedStorage:
         """Rebuild from `to_tensors` output read back from a file, checking every tensor (ValueError if wrong)."""
-        spec, parts = _checked(tensors, heads, key_width, value_dim)
+        spec, parts = checked_tensors(tensors, heads, key_width, value_dim)
         codes = TokenGroups(**{n: parts[n] for n in GROUP_TENSORS}, bits=spec.bits, value_dim=value_dim)
         return cls(
             spec,
@@ -334,39 +338,3 @@ class QuantizedStorage:
             "residual_keys": self.residual_keys,
             "residual_values": self.residual_values,
         }
-
-
-def _checked(
-    tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int
-) -> tuple[QuantSpec, Mapping[str, Tensor]]:
-    """The spec and the tensors of a saved quantized layer, every shape, dtype and count checked (ValueError)."""
-    counts = ("lengths", "groups", "positions")
-    check_names(tensors, {"quant", *counts, *GROUP_TENSORS, "residual_keys", "residual_values"})
-    check_tensor("quant", tensors["quant"], (3,), floating=False)
-    spec = QuantSpec(*(int(x) for x in tensors["quant"].tolist()))
-    g, lengths, groups = spec.group_size, tensors["lengths"], tensors["groups"]
-    check_tensor("lengths", lengths, (None, heads), floating=False)
-    check_tensor("groups", groups, tuple(lengths.shape), floating=False)
-    if bool((groups < 0).any()) or bool((groups * g > lengths).any()):
-        raise ValueError(f"groups must be >= 0 and hold at most lengths tokens ({g} per group)")
-    n, n_groups = int(lengths.sum()), int(groups.sum())
-    check_tensor("positions", tensors["positions"], (n,), floating=False)
-    shapes = {
-        "key_codes": (n_groups, g, packed_width(key_width, spec.bits)),
-        "key_scale": (n_groups, key_width),
-        "key_zero": (n_groups, key_width),
-        "value_codes": (n_groups, g, packed_width(value_dim, spec.bits)),
-        "value_scale": (n_groups, g, -(-value_dim // g)),
-        "value_zero": (n_groups, g, -(-value_dim // g)),
-        "residual_keys": (n - n_groups * g, key_width),
-        "residual_values": (n - n_groups * g, value_dim),
-    }
-    for name, shape in shapes.items():
-        check_tensor(name, tensors[name], shape, floating=not name.endswith("codes"))
-        if name.endswith("codes") and tensors[name].dtype != torch.uint8:
-            raise ValueError(f"{name} has dtype {tensors[name].dtype}, expected torch.uint8")
-        if name.endswith("scale") and bool((tensors[name] < 0).any()):
-            raise ValueError(f"{name} must be >= 0")
-    positions, lengths = tensors["positions"].long(), lengths.long()
-    check_positions(unpack(positions, lengths, -1), unpack(torch.ones_like(positions, dtype=torch.bool), lengths, 0))
-    return spec, tensors
