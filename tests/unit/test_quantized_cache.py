@@ -31,6 +31,18 @@ def _run(model, cache, ids, mask=None, method=None, follow=None):
     return torch.stack([*logits, out], dim=1)
 
 
+def _greedy(model, cache, ids, mask, steps):
+    """(B, steps) greedy tokens after a prefill of `ids`."""
+    tokens = []
+    with torch.no_grad(), kvs.attach(model):
+        out = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        for _ in range(steps):
+            tokens.append(out.argmax(-1))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(tokens[-1][:, None], attention_mask=mask, past_key_values=cache).logits[:, -1]
+    return torch.stack(tokens, dim=1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -66,10 +78,16 @@ def test_full_layers_are_quantized_sliding_ones_are_not(make_model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eight_bits_answer_like_full_precision(make_model, family):
+    """The tiny random models' next-token distributions are flat (top probability about 5%), so a small change can
+    flip a greedy choice: most answers must match, and logits stay within 5% of full precision (relative norm)."""
     model = make_model(family)
-    ids, follow = ids_of(96, batch=4, seed=2), ids_of(8, batch=4, seed=3)
+    ids, follow = ids_of(96, batch=8, seed=2), ids_of(8, batch=8, seed=3)
     mask = torch.ones_like(ids)
     mask[2, :30] = 0  # a padded row
+    quantized = kvs.KVCache(model.config, kv_bits=8, kv_group_size=32, kv_residual=32)
+    answers = _greedy(model, quantized, ids, mask, 6), _greedy(model, kvs.KVCache(model.config), ids, mask, 6)
+    same = int((answers[0] == answers[1]).all(dim=1).sum())
+    assert same >= 5, f"only {same} of 8 six-token greedy answers match full precision"
     reference = _run(model, kvs.KVCache(model.config), ids, mask, follow=follow)
     errors = {}
     for bits in (8, 4, 2):
@@ -77,7 +95,7 @@ def test_eight_bits_answer_like_full_precision(make_model, family):
         logits = _run(model, cache, ids, mask, follow=follow)
         assert torch.equal(logits[:, 0], reference[:, 0])  # the prefill attends to its own tokens in full precision
         errors[bits] = float((logits - reference).norm() / reference.norm())
-        if bits == 8:
+        if bits == 8:  # after the same tokens, the greedy choice rarely differs
             agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
             assert agree >= 0.9, f"8-bit greedy token differs in {1 - float(agree):.0%} of the steps"
     assert errors[8] < 0.05 and errors[8] < errors[4] < errors[2], errors
