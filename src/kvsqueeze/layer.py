@@ -15,7 +15,7 @@ sliding-window layers stay rectangular and are never pruned, only trimmed to the
 so `snapshot()` / `restore()` put a layer back exactly as it was (KVzip's context replay). A full-attention layer
 with a `quant` spec stores its tokens quantized (`storage/quantized.py`) from its first one on; `settle()`, called by
 the cache when a forward ends, quantizes what left the full-precision window. Sliding-window layers stay in full
-precision: they hold only their window, which a quantized layer would keep in full precision anyway.
+precision: they hold a bounded window, not the context, are never compressed, and their bytes are reported apart.
 """
 
 from __future__ import annotations
