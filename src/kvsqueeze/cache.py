@@ -5,6 +5,10 @@ Each layer has its own storage and length, so layers, rows and heads may keep di
 per-head budgets). Every forward must tell the cache the positions and padding of its new tokens (`begin_step`);
 `kvsqueeze.attach` and `kvsqueeze.compress` install a hook that does it. The attention function in `attention.py`
 learns which layer was just updated through `kvsqueeze.step` and builds the mask from that layer's own positions.
+
+With `kv_bits`, every full-attention layer stores its keys and values quantized (`storage/quantized.py`); each
+forward's tokens stay in full precision until the forward ends (`end_step`), after the compression hooks scored and
+pruned them, and are then quantized in whole groups beyond each layer's full-precision window.
 """
 
 from __future__ import annotations
@@ -17,16 +21,40 @@ from transformers.cache_utils import Cache
 from kvsqueeze import step
 from kvsqueeze.layer import BytesTracker, KVLayer, LayerSnapshot
 from kvsqueeze.models import layer_windows
+from kvsqueeze.quantization import QuantSpec, quant_spec
 
 __all__ = ["KVCache", "KVLayer", "LayerSnapshot"]
 
 
 class KVCache(Cache):
-    """A transformers `Cache` whose layers can be pruned for real. Build it from the model's config."""
+    """A transformers `Cache` whose layers can be pruned for real. Build it from the model's config.
 
-    def __init__(self, config: PretrainedConfig) -> None:
-        self._adopt([KVLayer(window) for window in layer_windows(config)])
+    kv_bits: 2, 4 or 8 to store the full-attention layers' keys and values quantized (KIVI: keys per channel, values
+    per token, a scale and zero point per group), None for full precision; kv_group_size: tokens per key group and
+    channels per value group; kv_residual: newest tokens per (row, head) kept in full precision.
+    """
+
+    def __init__(
+        self, config: PretrainedConfig, kv_bits: int | None = None, kv_group_size: int = 32, kv_residual: int = 64
+    ) -> None:
+        quant = quant_spec(kv_bits, kv_group_size, kv_residual)
+        self._adopt([KVLayer(window, quant) for window in layer_windows(config)])
+        self.quant: QuantSpec | None = quant
         self.position_offset: Tensor | None = None  # (B,) positions removed by key re-rotation (None: none)
+
+    @property
+    def kv_bits(self) -> int | None:
+        """Bits per cached key/value code of the full-attention layers; None when they are in full precision."""
+        return None if self.quant is None else self.quant.bits
+
+    def quantize(self, kv_bits: int, kv_group_size: int = 32, kv_residual: int = 64) -> None:
+        """Store the full-attention layers quantized from now on, the tokens they hold included: e.g. a copy of a
+        recorded prefill compressed in full precision (`recording.compress_recording`). Arguments as for the
+        constructor."""
+        quant = QuantSpec(kv_bits, kv_group_size, kv_residual)
+        for layer in self.full_layers():
+            layer.quantize(quant)
+        self.quant = quant
 
     def _adopt(self, layers: list[KVLayer]) -> None:
         super().__init__(layers=layers)  # type: ignore[arg-type]
@@ -50,10 +78,15 @@ class KVCache(Cache):
             layer.query_positions = pos
 
     def end_step(self) -> None:
-        """Forget the announced positions once the forward is over, so a stray forward cannot reuse them."""
+        """Forget the announced positions once the forward is over, so a stray forward cannot reuse them, and let
+        quantized layers quantize what left their full-precision window (not in a paused forward: a method's own
+        replay of the context, which puts the cache back afterwards)."""
         self.step_positions = None
+        paused = step.is_paused()
         for layer in self.kv_layers():
             layer.query_positions = None
+            if not paused:
+                layer.settle()
 
     @property
     def batch_size(self) -> int:
@@ -95,6 +128,7 @@ class KVCache(Cache):
         """A new cache whose row i is a copy of row `rows[i]` of this one (e.g. one row per question)."""
         new = KVCache.__new__(KVCache)
         new._adopt([layer.select_rows(rows) for layer in self.kv_layers()])
+        new.quant = self.quant
         new.position_offset = None if self.position_offset is None else self.position_offset[rows.to(self.device)]
         return new
 
@@ -140,4 +174,8 @@ class KVCache(Cache):
         rows = {tuple(layer.seen.tolist()) for layer in cache.kv_layers() if layer.seen is not None}
         if len(rows) > 1:
             raise ValueError(f"the layers disagree on the tokens seen per row: {sorted(rows)}")
+        specs = {layer.quant for layer in cache.full_layers()}
+        if len(specs) > 1:
+            raise ValueError(f"the full-attention layers disagree on quantization: {sorted(map(str, specs))}")
+        cache.quant = next(iter(specs), None)
         return cache

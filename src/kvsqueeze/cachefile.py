@@ -7,8 +7,10 @@ the model's identity fingerprint, the method's repr and ratio, the tokens seen p
 A damaged file never answers: loading checks, in order, that the file is readable safetensors, that its metadata is
 complete and well formed, that the metadata and tensor data match the checksum, that it was computed by this very
 model (architecture and weights fingerprint), and that every layer's tensors fit the model (layer count, heads,
-head dim, float keys/values without NaN, positions in slot order and below the tokens seen). Any failure is one
-`CacheFileError` (a ValueError) naming the file and what is wrong.
+head dim, float keys/values without NaN, positions in slot order and below the tokens seen; for a quantized layer
+its spec, uint8 codes, scales and zero points of the layout's shapes). Any failure is one `CacheFileError` (a
+ValueError) naming the file and what is wrong. A quantized cache is saved quantized (codes, scales, zero points and
+the full-precision residual) and comes back quantized.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def load_cache(path: str | Path, model: Any) -> SavedCache:
             "it."
         )
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    tensors = {n: t.to(device, dtype) if n.endswith((".keys", ".values")) else t.to(device) for n, t in tensors.items()}
+    # keys and values (and a quantized layer's scales, zero points and residual) in the model's dtype
+    tensors = {n: t.to(device, dtype) if t.is_floating_point() else t.to(device) for n, t in tensors.items()}
     adapter = get_adapter(model)
     try:
         cache = KVCache.from_tensors(model.config, tensors, adapter.n_kv_heads, adapter.head_dim)

@@ -1,17 +1,21 @@
-"""One attention layer of kvsqueeze's KV cache: `KVLayer` adapts a storage (`kvsqueeze.storage`: rectangular or
-ragged, optionally with thin keys) to transformers' cache-layer API. With `cache.py`, the only code that touches
-transformers' Cache internals.
+"""One attention layer of kvsqueeze's KV cache: `KVLayer` adapts a storage (`kvsqueeze.storage`: rectangular,
+ragged or quantized, optionally with thin keys) to transformers' cache-layer API. With `cache.py`, the only code that
+touches transformers' Cache internals.
 
 A layer holds:
 
     storage   the kept keys, values and slot positions (see `storage/base.py` for the rectangular view)
     seen      (B,) real (non-pad) tokens this layer has seen per row, kept or not (the uncompressed length)
     thin      the key channels kept by ThinK (`storage/thin.py`), or None
+    quant     how a quantized layer stores its tokens (`QuantSpec`), or None for full precision
 
 Pruning hands the storage a plan and gets a new, smaller storage back, so the old tensors are freed and the bytes
 held drop for real. A plan whose counts differ per row or head moves a full-attention layer to the ragged layout;
 sliding-window layers stay rectangular and are never pruned, only trimmed to their window. Storages are immutable,
-so `snapshot()` / `restore()` put a layer back exactly as it was (KVzip's context replay).
+so `snapshot()` / `restore()` put a layer back exactly as it was (KVzip's context replay). A full-attention layer
+with a `quant` spec stores its tokens quantized (`storage/quantized.py`) from its first one on; `settle()`, called by
+the cache when a forward ends, quantizes what left the full-precision window. Sliding-window layers stay in full
+precision: they hold a bounded window, not the context, are never compressed, and their bytes are reported apart.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
 from kvsqueeze import step
-from kvsqueeze.storage import DenseStorage, KeyChannels, LayerStorage, StepView, check_tensor, from_tensors
+from kvsqueeze.quantization import QuantSpec
+from kvsqueeze.storage import (
+    DenseStorage,
+    KeyChannels,
+    LayerStorage,
+    QuantizedStorage,
+    StepView,
+    check_tensor,
+    from_tensors,
+)
 
 __all__ = ["BytesTracker", "KVLayer", "LayerSnapshot"]
 
@@ -54,9 +67,11 @@ class LayerSnapshot:
 class KVLayer(DynamicLayer):
     """One attention layer's cache: a storage of keys/values plus the absolute position of every slot."""
 
-    def __init__(self, sliding_window: int | None = None) -> None:  # no super().__init__: keys/values are properties
+    def __init__(self, sliding_window: int | None = None, quant: QuantSpec | None = None) -> None:
+        # no super().__init__: keys/values are properties
         self.is_initialized = False
         self.sliding_window = sliding_window  # sliding-window layers are trimmed to the window and never pruned
+        self.quant = quant if sliding_window is None else None  # sliding-window layers stay in full precision
         self.storage: LayerStorage | None = None
         self.thin: KeyChannels | None = None
         self.seen: Tensor | None = None  # (B,) int64
@@ -116,7 +131,10 @@ class KVLayer(DynamicLayer):
     # -- transformers' layer API
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.storage = DenseStorage.empty(key_states, value_states)
+        if self.quant is None:
+            self.storage = DenseStorage.empty(key_states, value_states)
+        else:
+            self.storage = QuantizedStorage.empty(key_states, value_states, self.quant)
         self.seen = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
@@ -176,6 +194,20 @@ class KVLayer(DynamicLayer):
     def gather_query_channels(self, query: Tensor) -> Tensor:
         """Queries (B, H_q, q, D) -> (B, H_q, q, D'): the channels this layer keeps of their KV head's keys."""
         return query if self.thin is None else self.thin.queries(query)
+
+    def settle(self) -> None:
+        """Called when a forward ends, after the compression hooks: a quantized layer quantizes, in whole groups,
+        what left its full-precision window (see `storage/quantized.py`); other layers do nothing."""
+        if self.storage is not None:
+            self._set(self.storage.settle())
+
+    def quantize(self, quant: QuantSpec) -> None:
+        """Store this full-attention layer quantized from now on, its tokens included (sliding ones: no change)."""
+        if self.is_sliding:
+            return
+        self.quant = quant
+        if self.storage is not None:
+            self._set(QuantizedStorage.from_storage(self.storage, quant))
 
     def finish_step(self) -> None:
         """Called once attention has read the layer: sliding layers drop what no future query can see."""
@@ -266,11 +298,11 @@ class KVLayer(DynamicLayer):
     # -- copies, snapshots and files
     def select_rows(self, rows: Tensor) -> KVLayer:
         """A copy of this layer holding the given batch rows (indices may repeat)."""
-        new = KVLayer(self.sliding_window)
+        new = KVLayer(self.sliding_window, self.quant)
         new.total_seen = self.total_seen
         if self.storage is not None and self.seen is not None:
             new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
-            rows = rows.to(self.storage.keys.device)
+            rows = rows.to(self.storage.positions.device)
             new.storage, new.seen = self.storage.select_rows(rows), self.seen[rows]
             new.thin = None if self.thin is None else self.thin.select_rows(rows)
         return new
@@ -330,7 +362,8 @@ class KVLayer(DynamicLayer):
         if bool((positions >= seen.to(positions.device)[:, None, None]).any()):
             raise ValueError("a kept position is not below its row's seen tokens")
         if self.is_sliding and storage.is_ragged:
-            raise ValueError("a sliding-window layer is never stored ragged")
+            raise ValueError("a sliding-window layer is never stored ragged or quantized")
         self.storage, self.seen, self.total_seen, self.thin = storage, seen.long(), int(total[0]), thin
+        self.quant = storage.spec if isinstance(storage, QuantizedStorage) else None
         self.dtype, self.device, self.is_initialized = storage.keys.dtype, storage.keys.device, True
         self.tracker.add(self.nbytes())

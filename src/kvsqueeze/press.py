@@ -77,10 +77,15 @@ def _install(model: Any, method: Method, adapter: ModelAdapter, log: Compression
         if residuals is not None:
             keep = _keep_layer_input(residuals, idx)
             handles.append(adapter.decoder_layers[idx].register_forward_pre_hook(keep, with_kwargs=True))
+    model_hooks = []
     if isinstance(method, ModelScopeMethod):
-        handles.append(model.register_forward_hook(_model_hook(method, pending, log), with_kwargs=True))
+        model_hooks.append(_model_hook(method, pending, log))
     if method.rerotates_keys:
-        handles.append(model.register_forward_hook(rerotate_after_forward(adapter), with_kwargs=True))
+        model_hooks.append(rerotate_after_forward(adapter))
+    # prepended (so still in this order): they run before `attach`'s end of step, which quantizes a quantized cache's
+    # new tokens; a model-wide plan must prune them first, in full precision
+    for hook in reversed(model_hooks):
+        handles.append(model.register_forward_hook(hook, with_kwargs=True, prepend=True))
     return handles
 
 

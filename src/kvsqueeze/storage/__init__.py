@@ -8,6 +8,7 @@ from torch import Tensor
 
 from kvsqueeze.storage.base import LayerStorage, StepView, check_tensor, storage_bytes
 from kvsqueeze.storage.dense import DenseStorage
+from kvsqueeze.storage.quantized import QuantizedStorage
 from kvsqueeze.storage.ragged import RaggedStorage, segment_starts, unpack
 from kvsqueeze.storage.thin import KeyChannels
 
@@ -15,6 +16,7 @@ __all__ = [
     "DenseStorage",
     "KeyChannels",
     "LayerStorage",
+    "QuantizedStorage",
     "RaggedStorage",
     "StepView",
     "check_tensor",
@@ -26,7 +28,12 @@ __all__ = [
 
 
 def from_tensors(tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int) -> LayerStorage:
-    """Rebuild a storage saved by its `to_tensors` (a `lengths` entry marks the ragged layout), checking that it holds
-    `heads` KV heads, keys of `key_width` channels and values of `value_dim`: a ValueError says what is wrong."""
-    layout: type[DenseStorage] | type[RaggedStorage] = RaggedStorage if "lengths" in tensors else DenseStorage
+    """Rebuild a storage saved by its `to_tensors` (a `quant` entry marks the quantized layout, else `lengths` the
+    ragged one), checking that it holds `heads` KV heads, keys of `key_width` channels and values of `value_dim`: a
+    ValueError says what is wrong."""
+    layout: type[DenseStorage] | type[RaggedStorage] | type[QuantizedStorage] = DenseStorage
+    if "quant" in tensors:
+        layout = QuantizedStorage
+    elif "lengths" in tensors:
+        layout = RaggedStorage
     return layout.from_tensors(tensors, heads, key_width, value_dim)

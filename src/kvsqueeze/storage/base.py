@@ -10,7 +10,7 @@ in memory; everything above it (the cache, attention, methods) reads the rectang
 
 Storages are immutable values: every verb that changes the cache returns a new storage and never writes into the
 tensors of the old one. Holding on to a storage is therefore a snapshot of the layer, and putting it back restores it
-(`KVLayer.snapshot` / `restore`, used by KVzip's context replay). Adding a layout (quantized, paged) means adding one
+(`KVLayer.snapshot` / `restore`, used by KVzip's context replay). Adding a layout (like `quantized.py`) means adding one
 file that implements this protocol and passes the storage contract tests.
 """
 
@@ -96,6 +96,16 @@ class LayerStorage(Protocol):
 
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> LayerStorage:
         """A copy with some of keys / values / positions / slot_state replaced (same layout and shapes)."""
+        ...
+
+    def settle(self) -> LayerStorage:
+        """The storage after the end of a forward (every compression hook done): a quantized layout quantizes what
+        left its full-precision window; others return themselves."""
+        ...
+
+    def kv_tensors(self) -> list[Tensor]:
+        """The tensors that hold keys and values (codes, scales and zero points for a quantized layout): what
+        `nbytes` counts and memory reports measure."""
         ...
 
     def nbytes(self) -> int:

@@ -116,6 +116,12 @@ class DenseStorage:
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> DenseStorage:
         return replace(self, **fields)  # type: ignore[arg-type]
 
+    def settle(self) -> DenseStorage:
+        return self
+
+    def kv_tensors(self) -> list[Tensor]:
+        return [self.keys, self.values]
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 

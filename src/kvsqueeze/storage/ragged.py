@@ -167,6 +167,12 @@ class RaggedStorage:
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> RaggedStorage:
         return replace(self, **fields)  # type: ignore[arg-type]
 
+    def settle(self) -> RaggedStorage:
+        return self
+
+    def kv_tensors(self) -> list[Tensor]:
+        return [self.keys, self.values]
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
