@@ -245,6 +245,9 @@ def _add_generate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> No
     p.add_argument("--seed", type=int, default=None, help="sampling seed: the same seed gives the same answers")
     p.add_argument("--stop", action="append", default=[], help="a string that ends an answer (repeatable)")
     p.add_argument("--chunk-size", type=_positive, default=None, help="prefill the context in chunks of N tokens")
+    p.add_argument("--kv-bits", type=int, default=None, help="also quantize the kept keys/values to 8, 4 or 2 bits")
+    p.add_argument("--kv-group-size", type=int, default=32, help="with --kv-bits: values sharing a scale and zero")
+    p.add_argument("--kv-residual", type=int, default=64, help="with --kv-bits: newest tokens kept in full precision")
     p.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
     p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens")
     p.add_argument("--save-cache", type=Path, default=None, help="save the compressed context (safetensors)")
@@ -426,7 +429,7 @@ def _generate_method(args: argparse.Namespace) -> Any:
 
 
 # what only compressing a context sets: meaningless with --load-cache, whose context was compressed when it was saved
-_COMPRESSION_ONLY = ("method", "ratio", "option", "budget_policy", "chunk_size", "save_cache")
+_COMPRESSION_ONLY = ("method", "ratio", "option", "budget_policy", "chunk_size", "save_cache", "kv_bits")
 
 
 def _refuse_with_load_cache(args: argparse.Namespace) -> None:
@@ -449,6 +452,15 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _quantization(args: argparse.Namespace) -> dict[str, Any]:
+    """generate's quantization arguments from the command line, checked before any model loads."""
+    from kvsqueeze.quantization import quant_spec
+
+    kwargs = {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size, "kv_residual": args.kv_residual}
+    quant_spec(**kwargs)
+    return kwargs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.pipeline import generate
 
@@ -458,23 +470,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     context, questions, prefix = _generate_inputs(args)
     method = _generate_method(args)
     sampling = _sampling(args)
+    quantization = _quantization(args)
     if args.save_cache:
         check_output_file("--save-cache", args.save_cache)
     model, tokenizer = _load(args)
 
-    def run(m: Any, decode_target: int | None) -> Any:
+    def run(m: Any, decode_target: int | None, quant: dict[str, Any]) -> Any:
         return generate(model, tokenizer, context, questions, method=m, max_new_tokens=args.max_new_tokens,
                         answer_prefix=prefix, chunk_size=args.chunk_size, decode_target=decode_target,
-                        decode_every=args.decode_every, **sampling)  # fmt: skip
+                        decode_every=args.decode_every, **sampling, **quant)  # fmt: skip
 
     logger.info("Compressing with %r and answering %d question(s) ...", method, len(questions))
-    out = run(method, args.decode_target)
+    out = run(method, args.decode_target, quantization)
     # the uncompressed answers: a second prefill (the library's shared-prefill path, press.record, only suits some
     # methods, and generate's statistics would have to be rebuilt here)
     baseline = None
-    if args.compare and method is not None:
+    if args.compare and (method is not None or args.kv_bits is not None):
         logger.info("Answering again without compression, to compare ...")
-        baseline = run(None, None)
+        baseline = run(None, None, {})
     if args.json:
         doc = {"method": repr(method), "questions": questions, "answers": out.answers, "stats": out.stats.to_dict()}
         if baseline is not None:
@@ -547,8 +560,9 @@ def _mib(n: int) -> str:
 
 def _print_costs(s: Any) -> None:
     saved = 1 - s.kv_bytes_after / s.kv_bytes_before if s.kv_bytes_before else 0.0
+    bits = f", {s.kv_bits}-bit" if s.kv_bits is not None else ""
     print(
-        f"KV cache: {_mib(s.kv_bytes_before)} -> {_mib(s.kv_bytes_after)} ({saved:.1%} saved); "
+        f"KV cache: {_mib(s.kv_bytes_before)} -> {_mib(s.kv_bytes_after)} ({saved:.1%} saved{bits}); "
         f"tokens {s.tokens_before} -> {s.tokens_after:.0f} per head"
     )
     print(

@@ -28,6 +28,7 @@ from kvsqueeze.methods.registry import check_method
 from kvsqueeze.models import get_adapter
 from kvsqueeze.press import compress
 from kvsqueeze.prompts import encode_prompt, split_prompt
+from kvsqueeze.quantization import QuantSpec, quant_spec
 from kvsqueeze.step import more_context_follows
 from kvsqueeze.validation import check_bool, check_int, check_str
 
@@ -49,6 +50,7 @@ class GenerationStats:
     compression_seconds: float  # time spent scoring and pruning
     decode_tokens_per_second: float  # generated tokens / time from the question forward to the last token
     kept_tokens_per_layer: list[int] = field(default_factory=list)
+    kv_bits: int | None = None  # bits per cached key/value code (None: the model's dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,11 +134,18 @@ def prefill(
     attention_mask: Tensor,
     method: Method | None = None,
     chunk_size: int | None = None,
+    quant: QuantSpec | None = None,
 ) -> tuple[KVCache, float, float, int]:
-    """Prefill (and compress) left-padded context ids. Returns (cache, seconds, compression seconds, bytes before)."""
+    """Prefill (and compress) left-padded context ids. Returns (cache, seconds, compression seconds, bytes before).
+
+    quant: keep the full-attention layers' keys and values quantized (`quantization.quant_spec`); the method scores
+    each forward's tokens in full precision and what it keeps is quantized after."""
     check_method("method", method)
     check_int("chunk_size", chunk_size, 1, none_ok=True, note="context tokens per prefill forward")
-    cache = KVCache(model.config)
+    if quant is None:
+        cache = KVCache(model.config)
+    else:
+        cache = KVCache(model.config, quant.bits, quant.group_size, quant.residual)
     width = chunk_size or context_ids.shape[1]
     start = time.perf_counter()
     n = context_ids.shape[1]
@@ -169,6 +178,7 @@ def generate_encoded(
     decode_every: int = 32,
     *,
     sampling: Sampling | None = None,
+    quant: QuantSpec | None = None,
 ) -> GenerateOutput:
     """`generate` on encoded prompts: prefill and compress `context_rows`, then answer question i from row rows[i].
     The answers come back flat, one per question text. decode_target/decode_every: as in `generate`.
@@ -195,7 +205,7 @@ def generate_encoded(
     check_length(adapter.max_positions, context_rows, question_texts, tokenizer, sampling.max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, mask = left_pad(context_rows, pad_id, device)
-    cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size)
+    cache, prefill_s, compress_s, before = prefill(model, ids, mask, method, chunk_size, quant)
     stats = cache_stats(cache)
     answers = answer(model, tokenizer, cache, rows, question_texts, sampling, decode)
     kept = [float(layer.kept.float().mean(dim=1).sum()) for layer in cache.full_layers()]
@@ -211,6 +221,7 @@ def generate_encoded(
         compression_seconds=compress_s,
         decode_tokens_per_second=answers.steps / answers.seconds if answers.seconds > 0 else 0.0,
         kept_tokens_per_layer=stats.tokens_kept,
+        kv_bits=stats.kv_bits,
     )
     return GenerateOutput(answers=answers.texts, stats=out_stats, cache=cache, finish_reasons=answers.finish_reasons)
 
@@ -231,6 +242,9 @@ def generate(
     top_p: float = 1.0,
     stop: str | list[str] | None = None,
     seed: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 32,
+    kv_residual: int = 64,
 ) -> GenerateOutput:
     """Compress each context once (before any question is seen), then answer every question.
 
@@ -251,6 +265,7 @@ def generate(
     check_str("answer_prefix", answer_prefix)
     check_bool("chat_template", chat_template)
     sampling = Sampling(max_new_tokens, temperature, top_p, _stop_strings(stop), seed)
+    quant = quant_spec(kv_bits, kv_group_size, kv_residual)
     encoded = [encode_prompt(tokenizer, c, qs, answer_prefix, chat_template) for c, qs in items]
     question_texts = [t for _, texts in encoded for t in texts]
     rows = [i for i, (_, texts) in enumerate(encoded) for _ in texts]
@@ -266,6 +281,7 @@ def generate(
         decode_target,
         decode_every,
         sampling=sampling,
+        quant=quant,
     )
     if not isinstance(context, str):
         it = iter([str(a) for a in out.answers])  # flat, one per question

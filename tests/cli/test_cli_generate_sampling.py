@@ -54,3 +54,32 @@ def test_bad_sampling_values_are_refused_before_loading(
     argv = ["generate", "--model", str(tmp_path / "no-model"), "--context-file", str(doc), "--question", "q", *extra]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"kvsqueeze: error: {message}"
+
+
+def test_kv_bits_quantizes_and_the_summary_says_so(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = _run(model_dir, tmp_path, capsys, "--kv-bits", "4", "--kv-residual", "8")
+    assert out["stats"]["kv_bits"] == 4 and out["stats"]["kv_bytes_after"] < out["stats"]["kv_bytes_before"] / 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--kv-bits", "3"], "kv_bits must be one of 2, 4, 8, got 3"),
+        (["--kv-bits", "4", "--kv-group-size", "0"], "kv_group_size must be an integer >= 1"),
+    ],
+)
+def test_bad_kv_bits_are_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    argv = ["generate", "--model", str(tmp_path / "no-model"), "--context-file", str(doc), "--question", "q", *extra]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().startswith(f"kvsqueeze: error: {message}")
+
+
+def test_kv_bits_cannot_go_with_load_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    saved = tmp_path / "doc.safetensors"
+    saved.write_bytes(b"x")
+    assert main(["generate", "--load-cache", str(saved), "--question", "q", "--kv-bits", "4"]) == 2
+    assert "--kv-bits cannot go with --load-cache" in capsys.readouterr().err
