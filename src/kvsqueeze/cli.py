@@ -528,7 +528,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"{method!r}: ready in {seconds:.1f} s (calibration took {info.get('seconds')} s when computed)")
     for key, value in info.get("results", {}).items():  # e.g. held-out accuracy of a learned predictor
         print(f"{key}: {value}")
-    print(f"artifact: {path}")
+    if path.is_file():
+        print(f"artifact: {path}")
+    else:  # a read-only calibration folder: computed and used in memory, the store warned why it could not save
+        print(f"artifact: not saved (could not write {path}; set KVSQUEEZE_CALIBRATION_DIR to a writable folder)")
     return 0
 
 
