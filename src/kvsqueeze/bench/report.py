@@ -32,7 +32,8 @@ PLOTS = {
 BREAKDOWN_TITLES = {"source": "haystack source", "phrasing": "needle phrasing", "format": "value format"}
 INTERVALS_NOTE = (
     f"Scores are in % with their {LEVEL:.0%} interval in brackets (Wilson for 0/1 scores, a percentile bootstrap "
-    f"over the questions of each task otherwise); * marks a compressed score that differs from 'none' on the same "
+    f"over the questions of a task with partial credit, and for an average over unlike tasks the tasks' intervals "
+    f"combined); * marks a compressed score that differs from 'none' on the same "
     f"questions with p < {ALPHA:g} (exact McNemar test for 0/1 scores, sign-flip permutation test otherwise; one "
     "test per cell, not corrected for the number of cells)."
 )

@@ -4,7 +4,8 @@
   normal approximation it stays inside [0, 1] and is not empty at 0/n or n/n.
 - `bootstrap`: a percentile bootstrap interval of the mean of group means (each group, e.g. a task, resampled on its
   own), for partial-credit scores; seeded, so the same scores give the same interval.
-- `score_interval`: Wilson where it applies, else the bootstrap.
+- `score_interval`: Wilson where it applies, the bootstrap for one task with partial credit, and for an average over
+  tasks the tasks' own intervals `combined`.
 - `mcnemar`: the exact McNemar test, a two-sided binomial test on the discordant pairs of two 0/1 scorings of the
   same questions; `sign_flip`: a paired permutation test of the mean difference (exact up to 16 non-zero
   differences, else Monte Carlo with a fixed seed); `paired_test` picks the one that applies.
@@ -115,14 +116,32 @@ def bootstrap(
     return Interval(float(low), float(high), "bootstrap")
 
 
+def combined(means: Sequence[float], intervals: Sequence[Interval]) -> Interval:
+    """The interval of the mean of T independent estimates, from their own intervals (all at one level): each gives
+    a standard error se = width / 2z, and the mean's interval is mean ± z·√(Σ se²) / T, cut to [0, 1]."""
+    if not means or len(means) != len(intervals):
+        raise ValueError(f"need one interval per mean, got {len(means)} means and {len(intervals)} intervals")
+    centre = sum(means) / len(means)
+    half = math.sqrt(sum(((i.high - i.low) / 2) ** 2 for i in intervals)) / len(means)  # each half-width is z·se
+    return Interval(max(0.0, centre - half), min(1.0, centre + half), "combined")
+
+
 def score_interval(groups: Sequence[Sequence[float]], level: float = LEVEL, seed: int = 0) -> Interval:
-    """The interval of the mean of group means: Wilson when every score is 0 or 1 and the groups are the same size
-    (the mean of means is then one proportion), else the stratified bootstrap."""
+    """The interval of the mean of group (task) means:
+
+    - every score 0 or 1 and the groups of one size (the mean of means is then one proportion): Wilson;
+    - one group with partial credit: the percentile bootstrap;
+    - several groups otherwise: each group's own interval (Wilson or bootstrap), `combined`. A stratified bootstrap
+      would be narrower but wrong at the edges: a task whose questions all scored 1 would count as certain.
+    """
     arrays = _checked_groups(groups)
     if len({a.size for a in arrays}) == 1 and all(is_binary(a.tolist()) for a in arrays):
         n = sum(a.size for a in arrays)
         return wilson(int(sum(a.sum() for a in arrays)), n, level)
-    return bootstrap(groups, level, seed=seed)
+    if len(arrays) == 1:
+        return bootstrap(groups, level, seed=seed)
+    each = [score_interval([a.tolist()], level, seed) for a in arrays]
+    return combined([float(a.mean()) for a in arrays], each)
 
 
 def mcnemar(better: int, worse: int) -> float:

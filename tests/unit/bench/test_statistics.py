@@ -9,7 +9,9 @@ import random
 import pytest
 
 from kvsqueeze.bench.statistics import (
+    Interval,
     bootstrap,
+    combined,
     mcnemar,
     paired_test,
     score_interval,
@@ -142,9 +144,27 @@ def test_bootstrap_covers_the_true_mean_about_95_percent_of_the_time() -> None:
     assert 0.88 <= hits / 200 <= 0.99
 
 
+def test_combined_interval_adds_the_variances_of_its_parts() -> None:
+    # halves 0.3 and 0.4 (z·se each): the mean's half is √(0.3² + 0.4²) / 2 = 0.25
+    interval = combined([0.5, 0.7], [Interval(0.2, 0.8, "wilson"), Interval(0.2, 1.0, "bootstrap")])
+    assert (interval.low, interval.high, interval.method) == pytest.approx((0.35, 0.85, "combined"))
+    assert combined([1.0, 1.0], [Interval(0.5, 1.0, "wilson")] * 2).high == 1.0  # cut to [0, 1]
+    with pytest.raises(ValueError, match="one interval per mean"):
+        combined([0.5], [])
+
+
 def test_score_interval_uses_wilson_only_for_one_proportion() -> None:
     assert score_interval([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]) == wilson(3, 6)
-    assert score_interval([[1.0, 0.0, 1.0], [0.0, 1.0]]).method == "bootstrap"  # unequal groups: a mean of means
-    assert score_interval([[1.0, 0.5]]).method == "bootstrap"
+    assert score_interval([[1.0, 0.5]]).method == "bootstrap"  # one task with partial credit
+
+
+def test_an_average_over_unlike_tasks_combines_their_own_intervals() -> None:
+    # 4 of 4 and 0 of 6 (unequal sizes: the average 0.5 is not one proportion): each task's Wilson interval
+    interval = score_interval([[1.0] * 4, [0.0] * 6])
+    half = math.sqrt(((1 - 4 / (4 + Z2)) / 2) ** 2 + (Z2 / (6 + Z2) / 2) ** 2) / 2
+    assert (interval.low, interval.high, interval.method) == pytest.approx((0.5 - half, 0.5 + half, "combined"))
+    assert interval.high - interval.low > 0.3  # a stratified bootstrap would say [0.5, 0.5]: no uncertainty at all
+    mixed = score_interval([[1.0] * 4, [0.5, 1.0, 0.75, 0.25]])
+    assert mixed.method == "combined" and mixed.low < 0.8125 < mixed.high
     with pytest.raises(ValueError, match="group"):
         score_interval([[1.0], []])
