@@ -34,4 +34,4 @@ def test_bench_on_a_dataset_with_the_embedded_model(tmp_path: Path) -> None:
     assert all(r["score"] == 1.0 for r in results if r["method"] == "none")  # the uncompressed model finds them
     assert all(r["kv_bytes_after"] < r["kv_bytes_before"] for r in results if r["method"] != "none")
     files = write_report(tmp_path / "out")
-    assert "| none | 100.0 |" in files.markdown.read_text()
+    assert "| none | 100.0 [34.2, 100.0] |" in files.markdown.read_text()  # 2 of 2 right: Wilson [2 / (2 + z²), 1]

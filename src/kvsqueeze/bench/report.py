@@ -1,10 +1,10 @@
 """The benchmark report: from a results directory, Markdown and HTML pages with the methods x ratios table and
-PNG plots (score vs compression ratio, KV bytes vs ratio, prefill time per method). The plots are written next to
-the pages; report.html also embeds them (data URIs), so it is one self-contained file. Plots need matplotlib (the
-`plot` extra): without it the pages are still written and say the plots were skipped.
+PNG plots (score vs compression ratio with 95% error bars, KV bytes vs ratio, prefill time per method). The plots
+are written next to the pages; report.html also embeds them (data URIs), so it is one self-contained file. Plots
+need matplotlib (the `plot` extra): without it the pages are still written and say the plots were skipped.
 
-Scores are RULER string-match scores in %, averaged per task, then over tasks (each task weighs the same). Time and
-memory figures come from the runner's cost pass (one real run per method, ratio and length), averaged over lengths.
+The numbers come from `summary.py`: every score is printed in % with its 95% interval, and a compressed score that
+differs from the uncompressed one on the same questions (p < 0.05, paired test) is marked with `*`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from __future__ import annotations
 import base64
 import html
 import importlib.util
-import re
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
 from kvsqueeze.bench.results import NONE, RESULTS, read_config, read_jsonl, report_key
+from kvsqueeze.bench.statistics import ALPHA, LEVEL, Interval, PairedTest
+from kvsqueeze.bench.summary import Summary, summarize
 
 MIB = 2**20
 PLOTS_SKIPPED = "matplotlib is not installed; to draw them: pip install 'kvsqueeze[plot]', then `kvsqueeze report DIR`"
@@ -30,117 +29,75 @@ PLOTS = {
 }
 
 
-@dataclass
-class Cell:
-    """The aggregate of one (method, ratio): scores per task and length, mean bytes and cost figures."""
-
-    scores: dict[str, float]  # task -> mean score in [0, 1]
-    by_length: dict[int, float]  # context length -> mean score over tasks
-    kv_before: float
-    kv_after: float
-    prefill_s: float
-    compression_s: float
-    decode_tps: float
-    peak_bytes: float
-    rows: int
-
-    @property
-    def average(self) -> float:
-        return mean(self.scores.values())
+BREAKDOWN_TITLES = {"source": "haystack source", "phrasing": "needle phrasing", "format": "value format"}
+INTERVALS_NOTE = (
+    f"Scores are in % with their {LEVEL:.0%} interval in brackets (Wilson for 0/1 scores, a percentile bootstrap "
+    f"over the questions of a task with partial credit, and for an average over unlike tasks the tasks' intervals "
+    f"combined); * marks a compressed score that differs from 'none' on the same "
+    f"questions with p < {ALPHA:g} (exact McNemar test for 0/1 scores, sign-flip permutation test otherwise; one "
+    "test per cell, not corrected for the number of cells)."
+)
 
 
-@dataclass
-class Summary:
-    cells: dict[tuple[str, float], Cell]  # (method label, ratio) -> aggregate
-    methods: list[str]  # labels in first-seen order, 'none' first
-    ratios: list[float]
-    tasks: list[str]
-    lengths: list[int]
-    meta: dict[str, Any] = field(default_factory=dict)
+def scored(value: float | None, interval: Interval | None = None, test: PairedTest | None = None) -> str:
+    """'62.5 [30.6, 86.3]' (in %), with ' *' when `test` is significant; '' for no value."""
+    if value is None:
+        return ""
+    text = f"{100 * value:.1f}"
+    if interval is not None:
+        text += f" [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+    return text + (" *" if test is not None and test.significant else "")
 
 
-def method_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """method repr -> a short label: the registry name, or the repr without its ratio where options differ."""
-    strip = {r["method"]: re.sub(r"ratio=[^,()]*(, )?", "", r["method"]).replace(", )", ")") for r in rows}
-    variants: dict[str, set[str]] = defaultdict(set)
-    for r in rows:
-        variants[r.get("method_name", r["method"])].add(strip[r["method"]])
-    return {
-        r["method"]: (r.get("method_name", r["method"]) if len(variants[r.get("method_name", r["method"])]) == 1
-                      else strip[r["method"]])
-        for r in rows
-    }  # fmt: skip
-
-
-def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Summary:
-    if not rows:
-        raise ValueError("no result rows to report")
-    labels = method_labels(rows)
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[(labels[r["method"]], float(r["ratio"]))].append(r)
-    cells = {key: _cell(rs) for key, rs in groups.items()}
-    order = list(dict.fromkeys(labels[r["method"]] for r in rows))
-    methods = sorted(order, key=lambda m: (m != NONE, order.index(m)))
-    return Summary(
-        cells=cells,
-        methods=methods,
-        ratios=sorted({k[1] for k in cells}),
-        tasks=sorted({r["task"] for r in rows}),
-        lengths=sorted({int(r["context_length"]) for r in rows}),
-        meta=meta or {},
-    )
-
-
-def _cell(rows: list[dict[str, Any]]) -> Cell:
-    per_task: dict[str, list[float]] = defaultdict(list)
-    per_length: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        per_task[r["task"]].append(float(r["score"]))
-        per_length[int(r["context_length"])][r["task"]].append(float(r["score"]))
-    costs = list({r.get("group", r["context_length"]): r for r in rows}.values())  # one cost pass per length
-    return Cell(
-        scores={t: mean(v) for t, v in per_task.items()},
-        by_length={n: mean(mean(v) for v in tasks.values()) for n, tasks in per_length.items()},
-        kv_before=mean(float(r["kv_bytes_before"]) for r in rows),
-        kv_after=mean(float(r["kv_bytes_after"]) for r in rows),
-        prefill_s=mean(float(r["prefill_seconds"]) for r in costs),
-        compression_s=mean(float(r["compression_seconds"]) for r in costs),
-        decode_tps=mean(float(r["decode_tokens_per_second"]) for r in costs),
-        peak_bytes=mean(float(r["peak_memory_bytes"]) for r in costs),
-        rows=len(rows),
-    )
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}"
+def _p(p: float) -> str:
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
 def tables(s: Summary) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of every table of the report, as text cells."""
-    ratio_cols = [f"{r:g}" for r in s.ratios]
-    pivot = [[m] + [_pct(s.cells[(m, r)].average) if (m, r) in s.cells else "" for r in s.ratios] for m in s.methods]
+    keys = [(m, r) for m in s.methods for r in s.ratios if (m, r) in s.cells]
+    pivot = [[m] + [_average(s, m, r) for r in s.ratios] for m in s.methods]
     head = ["method", "ratio", *s.tasks, "average", "KV MiB before", "KV MiB after", "prefill s", "compression s",
             "decode tok/s", "peak MiB", "rows"]  # fmt: skip
     details = []
-    for m in s.methods:
-        for r in s.ratios:
-            c = s.cells.get((m, r))
-            if c is None:
-                continue
-            scores = [_pct(c.scores.get(t)) for t in s.tasks] + [_pct(c.average)]
-            kv = [f"{c.kv_before / MIB:.2f}", f"{c.kv_after / MIB:.2f}"]
-            times = [f"{c.prefill_s:.2f}", f"{c.compression_s:.3f}", f"{c.decode_tps:.1f}"]
-            details.append([m, f"{r:g}", *scores, *kv, *times, f"{c.peak_bytes / MIB:.1f}", str(c.rows)])
+    for m, r in keys:
+        c = s.cells[(m, r)]
+        scores = [scored(c.scores.get(t), c.task_intervals.get(t), s.task_tests.get((m, r, t))) for t in s.tasks]
+        scores.append(_average(s, m, r))
+        kv = [f"{c.kv_before / MIB:.2f}", f"{c.kv_after / MIB:.2f}"]
+        times = [f"{c.prefill_s:.2f}", f"{c.compression_s:.3f}", f"{c.decode_tps:.1f}"]
+        details.append([m, f"{r:g}", *scores, *kv, *times, f"{c.peak_bytes / MIB:.1f}", str(c.rows)])
     out = [
-        ("Average score (%), methods × compression ratios", ["method", *ratio_cols], pivot),
+        ("Average score (%), methods × compression ratios", ["method", *[f"{r:g}" for r in s.ratios]], pivot),
         ("Per task (score %), KV cache and timings", head, details),
     ]
     if len(s.lengths) > 1:
-        rows = [[m, f"{r:g}", *(_pct(s.cells[(m, r)].by_length.get(n)) for n in s.lengths)]
-                for m in s.methods for r in s.ratios if (m, r) in s.cells]  # fmt: skip
+        rows = [[m, f"{r:g}", *(scored(s.cells[(m, r)].by_length.get(n), s.cells[(m, r)].length_intervals.get(n))
+                                for n in s.lengths)] for m, r in keys]  # fmt: skip
         out.append(("Average score (%) by context length", ["method", "ratio", *map(str, s.lengths)], rows))
+    if s.tests:
+        out.append(_paired_table(s, keys))
+    for dim, by_cell in s.breakdowns.items():
+        values = sorted({v for scores in by_cell.values() for v in scores})
+        rows = [[m, f"{r:g}", *(scored(sc.mean, sc.interval) if (sc := by_cell[(m, r)].get(v)) else "" for v in values)]
+                for m, r in keys if (m, r) in by_cell]  # fmt: skip
+        out.append((f"Average score (%) by {BREAKDOWN_TITLES.get(dim, dim)}", ["method", "ratio", *values], rows))
     return out
+
+
+def _average(s: Summary, method: str, ratio: float) -> str:
+    c = s.cells.get((method, ratio))
+    return "" if c is None else scored(c.average, c.interval, s.tests.get((method, ratio)))
+
+
+def _paired_table(s: Summary, keys: list[tuple[str, float]]) -> tuple[str, list[str], list[list[str]]]:
+    head = ["method", "ratio", "questions", "difference (points)", "better", "worse", "test", "p", "significant"]
+    rows = [
+        [m, f"{r:g}", str(t.pairs), f"{100 * t.difference:+.1f}", str(t.better), str(t.worse), t.test, _p(t.p_value),
+         "yes" if t.significant else "no"]
+        for m, r in keys if (t := s.tests.get((m, r))) is not None
+    ]  # fmt: skip
+    return ("Paired test against 'none' on the same questions", head, rows)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -160,6 +117,7 @@ def _intro(s: Summary) -> list[str]:
         "Ratio = fraction of the context's KV entries removed; 'none' is the uncompressed model (ratio 0). "
         "KV MiB: full-attention keys and values measured from the cache's storages; time and peak memory: one real "
         "run per (method, ratio, length)." + (f" Versions: {versions}." if versions else ""),
+        INTERVALS_NOTE,
     ]
 
 
@@ -212,32 +170,58 @@ def can_plot() -> bool:
 def plot(s: Summary, out_dir: Path) -> list[Path]:
     """Write the PNG plots into out_dir, drawn on matplotlib Figures with the Agg canvas (no pyplot, no global
     backend switch: safe inside any application)."""
+    return [
+        _score_plot(s, out_dir / "score_vs_ratio.png"),
+        _kv_plot(s, out_dir / "kv_bytes_vs_ratio.png"),
+        _prefill_plot(s, out_dir / "prefill_time.png"),
+    ]
 
-    def series(method: str, value: Any) -> tuple[list[float], list[float]]:
-        xs = [r for r in s.ratios if (method, r) in s.cells]
-        return xs, [value(s.cells[(method, r)]) for r in xs]
 
-    paths = []
-    for name, ylabel, value in (
-        ("score_vs_ratio.png", "average score (%)", lambda c: 100 * c.average),
-        ("kv_bytes_vs_ratio.png", "KV cache after compression (MiB)", lambda c: c.kv_after / MIB),
-    ):
-        fig, ax = _figure()
-        for m in s.methods:
-            xs, ys = series(m, value)
-            if m == NONE:
-                ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="none (uncompressed)")
-            else:
-                ax.plot(xs, ys, marker="o", label=m)
-        ax.set_xlabel("compression ratio (fraction of KV entries removed)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(PLOTS[name])
-        ax.set_ylim(bottom=0, top=105 if name.startswith("score") else None)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        paths.append(_save(fig, out_dir / name))
-    paths.append(_prefill_plot(s, out_dir / "prefill_time.png"))
-    return paths
+def _ratio_axes(ax: Any, name: str, ylabel: str) -> None:
+    ax.set_xlabel("compression ratio (fraction of KV entries removed)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(PLOTS[name])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _score_plot(s: Summary, path: Path) -> Path:
+    """Average score per method vs ratio, with 95% error bars (methods shifted a little apart so bars do not hide
+    each other); 'none' is a dashed line with its interval shaded."""
+    fig, ax = _figure()
+    compressed = [m for m in s.methods if m != NONE]
+    gap = min((b - a for a, b in zip(s.ratios, s.ratios[1:], strict=False)), default=1.0)
+    step = 0.2 * gap / max(1, len(compressed))
+    for m in s.methods:
+        cells = [(r, s.cells[(m, r)]) for r in s.ratios if (m, r) in s.cells]
+        if m == NONE:
+            c = cells[0][1]
+            ax.axhline(100 * c.average, color="black", linestyle="--", linewidth=1, label="none (uncompressed)")
+            ax.axhspan(100 * c.interval.low, 100 * c.interval.high, color="black", alpha=0.07, linewidth=0)
+            continue
+        shift = (compressed.index(m) - (len(compressed) - 1) / 2) * step
+        ys = [100 * c.average for _, c in cells]
+        errors = [[y - 100 * c.interval.low for y, (_, c) in zip(ys, cells, strict=True)],
+                  [100 * c.interval.high - y for y, (_, c) in zip(ys, cells, strict=True)]]  # fmt: skip
+        ax.errorbar([r + shift for r, _ in cells], ys, yerr=errors, marker="o", capsize=3, label=m)
+    ax.set_ylim(bottom=0, top=105)
+    ax.set_xticks(sorted({r for m, r in s.cells if m != NONE}) or s.ratios)
+    _ratio_axes(ax, path.name, f"average score (%), {LEVEL:.0%} interval")
+    return _save(fig, path)
+
+
+def _kv_plot(s: Summary, path: Path) -> Path:
+    fig, ax = _figure()
+    for m in s.methods:
+        xs = [r for r in s.ratios if (m, r) in s.cells]
+        ys = [s.cells[(m, r)].kv_after / MIB for r in xs]
+        if m == NONE:
+            ax.axhline(ys[0], color="black", linestyle="--", linewidth=1, label="none (uncompressed)")
+        else:
+            ax.plot(xs, ys, marker="o", label=m)
+    ax.set_ylim(bottom=0)
+    _ratio_axes(ax, path.name, "KV cache after compression (MiB)")
+    return _save(fig, path)
 
 
 def _figure() -> tuple[Any, Any]:

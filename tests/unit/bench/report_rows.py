@@ -38,3 +38,20 @@ def write_results(out: Path) -> Path:
     meta = {"config": {"seed": 0, "query_aware": False}, "model": "tiny", "versions": {"torch": "2"}}
     (out / CONFIG).write_text(json.dumps(meta))
     return out
+
+
+def answer_row(name: str, ratio: float, score: float, sample: int, task: str = "niah", **extra: Any) -> dict[str, Any]:
+    """One result row of method `name` (a key of REPRS) for question 0 of `sample` at 64 tokens."""
+    return {
+        "task": task, "context_length": 64, "context_tokens": 71, "sample": sample, "question_index": 0,
+        "method": REPRS[name].format(r=ratio), "method_name": name, "ratio": ratio, "query_aware": False,
+        "group": "64", "question": "?", "answers": ["x"], "prediction": "x", "score": score,
+        "kv_bytes_before": 2**20, "kv_bytes_after": int(2**20 * (1 - ratio)), "prefill_seconds": 0.5,
+        "compression_seconds": 0.1, "decode_tokens_per_second": 20.0, "peak_memory_bytes": 2**20, "model": "tiny",
+        "seed": 0, **extra,
+    }  # fmt: skip
+
+
+def scored_rows(scores: dict[tuple[str, float], list[float]], task: str = "niah") -> list[dict[str, Any]]:
+    """Rows of one task: per (method, ratio), question i of the list scores scores[i]."""
+    return [answer_row(m, r, s, i, task) for (m, r), values in scores.items() for i, s in enumerate(values)]

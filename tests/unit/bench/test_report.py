@@ -9,11 +9,15 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kvsqueeze.bench.report import method_labels, summarize, tables, write_report
-from tests.unit.bench.report_rows import rows, write_results
+from kvsqueeze.bench import report
+from kvsqueeze.bench.report import render_markdown, tables, write_report
+from kvsqueeze.bench.statistics import Interval
+from kvsqueeze.bench.summary import method_labels, summarize
+from tests.unit.bench.report_rows import answer_row, rows, scored_rows, write_results
 
 SRC = Path(__file__).resolve().parents[3] / "src"
 
@@ -40,8 +44,65 @@ def test_summary_averages_per_task_then_over_tasks() -> None:
 def test_pivot_table_is_methods_by_ratios() -> None:
     _title, header, body = tables(summarize(rows()))[0]
     assert header == ["method", "0", "0.25", "0.5"]
-    assert body[0] == ["none", "75.0", "", ""]
-    assert body[1] == ["knorm", "", "50.0", "25.0"]
+    # none: niah 8 of 8 (Wilson [67.6, 100]) and vt 0.5 on every question (a bootstrap of constants: [50, 50]),
+    # combined: 75 ± √(0.162²) / 2; knorm at 0.25: two constant partial scores, no spread to see
+    assert body[0] == ["none", "75.0 [62.8, 87.2]", "", ""]
+    assert body[1] == ["knorm", "", "50.0 [50.0, 50.0] *", "25.0 [12.8, 37.2] *"]
+
+
+def _table(s: Any, title: str) -> tuple[list[str], list[list[str]]]:
+    (found,) = [(header, body) for t, header, body in tables(s) if t.startswith(title)]
+    return found
+
+
+def test_scores_print_their_interval_and_significant_cells_are_marked() -> None:
+    # Wilson 95%: 10/10 -> [10 / (10 + z²), 1] = [72.2, 100]; 4/10 -> [16.8, 68.7]; 9/10 -> [59.6, 98.2]
+    s = summarize(scored_rows({("none", 0.0): [1.0] * 10, ("knorm", 0.5): [1.0] * 4 + [0.0] * 6,
+                               ("snapkv", 0.5): [1.0] * 9 + [0.0]}))  # fmt: skip
+    _, pivot = _table(s, "Average score")
+    assert pivot == [["none", "100.0 [72.2, 100.0]", ""], ["knorm", "", "40.0 [16.8, 68.7] *"],
+                     ["snapkv", "", "90.0 [59.6, 98.2]"]]  # fmt: skip
+    header, details = _table(s, "Per task")
+    assert details[1][header.index("niah")] == details[1][header.index("average")] == "40.0 [16.8, 68.7] *"
+    header, paired = _table(s, "Paired test")
+    assert header[2:] == ["questions", "difference (points)", "better", "worse", "test", "p", "significant"]
+    assert paired == [["knorm", "0.5", "10", "-60.0", "0", "6", "mcnemar", "0.0312", "yes"],
+                      ["snapkv", "0.5", "10", "-10.0", "0", "1", "mcnemar", "1.0000", "no"]]  # fmt: skip
+    md = render_markdown(s)
+    assert "| knorm |  | 40.0 [16.8, 68.7] * |" in md and "exact McNemar" in md and "p < 0.05" in md
+
+
+def test_breakdown_tables_show_each_source_and_phrasing() -> None:
+    rs = [
+        answer_row(
+            "knorm",
+            0.5,
+            float(i % 4 == 0),
+            i,
+            sample_meta={"source": ("prose", "python_docs")[i % 2], "phrasing": "magic"},
+        )
+        for i in range(12)
+    ]
+    header, body = _table(summarize(rs), "Average score (%) by haystack source")
+    assert header == ["method", "ratio", "prose", "python_docs"]
+    assert body == [["knorm", "0.5", "50.0 [18.8, 81.2]", "0.0 [0.0, 39.0]"]]  # 3/6 and 0/6, Wilson
+    header, body = _table(summarize(rs), "Average score (%) by needle phrasing")
+    assert header[2:] == ["magic"] and body[0][2].startswith("25.0 [")
+    assert not [t for t, _, _ in tables(summarize(rows())) if "by haystack" in t]
+
+
+def test_score_plot_draws_the_intervals(tmp_path: Path) -> None:
+    """Two summaries that differ only in their intervals give different score plots (error bars), and the same
+    KV plots."""
+    s = summarize(rows())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = report.plot(s, tmp_path / "a")
+    for cell in s.cells.values():
+        cell.interval = Interval(max(0.0, cell.average - 0.2), min(1.0, cell.average + 0.2), "wilson")
+    second = report.plot(s, tmp_path / "b")
+    assert first[0].read_bytes() != second[0].read_bytes()
+    assert first[1].read_bytes() == second[1].read_bytes()
 
 
 def test_labels_keep_options_only_where_they_differ() -> None:
@@ -68,10 +129,11 @@ class _Links(HTMLParser):
 def test_write_report_makes_markdown_html_and_plots(tmp_path: Path) -> None:
     files = write_report(write_results(tmp_path))
     md = files.markdown.read_text()
-    assert "| method | 0 | 0.25 | 0.5 |" in md and "| knorm |  | 50.0 | 25.0 |" in md
+    assert "| method | 0 | 0.25 | 0.5 |" in md and "| knorm |  | 50.0 [50.0, 50.0] * | 25.0 [12.8, 37.2] * |" in md
     assert "KV MiB after" in md and "by context length" in md and "Model: tiny" in md
+    assert "95% interval in brackets" in md and "Paired test against 'none'" in md
     page = files.html.read_text()
-    assert page.count("<table>") == 3 and "<th>average</th>" in page
+    assert page.count("<table>") == 4 and "<th>average</th>" in page
     assert len(files.plots) == 3 and files.plots_skipped is None
     for plot in files.plots:
         assert plot.parent == tmp_path and plot.read_bytes().startswith(PNG) and plot.stat().st_size > 5000
@@ -102,7 +164,7 @@ def test_without_matplotlib_the_pages_are_written_and_say_why_no_plots(tmp_path:
     assert done.stdout.startswith("0 matplotlib is not installed") and "kvsqueeze[plot]" in done.stdout
     assert not list(tmp_path.glob("*.png"))
     md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
-    assert "| knorm |  | 50.0 | 25.0 |" in md and "<th>average</th>" in page
+    assert "| knorm |  | 50.0 [50.0, 50.0] * | 25.0 [12.8, 37.2] * |" in md and "<th>average</th>" in page
     for text in (md, page):
         assert "Plots skipped: matplotlib is not installed" in text and "kvsqueeze[plot]" in text
     assert "<img" not in page and ".png" not in md

@@ -48,7 +48,7 @@ def test_html_report_renders_without_errors(browser, tmp_path: Path) -> None:
     headers = [th.text for th in browser.find_elements("css selector", "table th")]
     assert "method" in headers and "average" in headers
     cells = [td.text for td in browser.find_elements("css selector", "table td")]
-    assert "knorm" in cells and "50.0" in cells
+    assert "knorm" in cells and "50.0 [50.0, 50.0] *" in cells and "25.0 [12.8, 37.2] *" in cells
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not severe, severe
 

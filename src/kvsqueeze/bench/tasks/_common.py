@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,14 @@ _VALUE_NAMES = {"numbers": "number", "words": "word", "uuids": "UUID"}
 def sample_rng(task: str, seed: int, index: int, part: str = "") -> random.Random:
     """The generator of one sample: a string seed is hashed with SHA-512, so it does not depend on PYTHONHASHSEED."""
     return random.Random(f"kvsqueeze/{task}/{seed}/{index}/{part}")
+
+
+def balanced_choice(options: Sequence[str], task: str, seed: int, index: int, part: str) -> str:
+    """One of `options` for sample `index`, drawn so that every block of len(options) consecutive samples uses each
+    option once, in an order shuffled per block by a generator seeded with (task, seed, block, part)."""
+    order = list(options)
+    sample_rng(task, seed, index // len(order), f"{part}-order").shuffle(order)
+    return order[index % len(order)]
 
 
 def spread_depth(index: int) -> float:

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from kvsqueeze.bench.tasks._common import COMMON_WORDS, count_tokens, fit, make_values, sample_rng, spread_depth
+from kvsqueeze.bench.tasks._common import (
+    COMMON_WORDS,
+    balanced_choice,
+    count_tokens,
+    fit,
+    make_values,
+    sample_rng,
+    spread_depth,
+)
 
 
 def test_spread_depths_cover_the_unit_interval_evenly() -> None:
@@ -22,6 +30,15 @@ def test_sample_rng_is_reproducible_and_distinct() -> None:
     assert sample_rng("a", 0, 1).random() == sample_rng("a", 0, 1).random()
     draws = {sample_rng(t, s, i).random() for t in ("a", "b") for s in (0, 1) for i in (0, 1)}
     assert len(draws) == 8
+
+
+def test_balanced_choice_uses_each_option_once_per_block_in_seeded_orders() -> None:
+    options = ("a", "b", "c")
+    picks = [balanced_choice(options, "t", 0, i, "x") for i in range(30)]
+    assert all(sorted(picks[i : i + 3]) == list(options) for i in range(0, 30, 3))
+    assert len({tuple(picks[i : i + 3]) for i in range(0, 30, 3)}) > 1  # blocks are shuffled differently
+    assert picks == [balanced_choice(options, "t", 0, i, "x") for i in range(30)]
+    assert picks != [balanced_choice(options, "t", 1, i, "x") for i in range(30)]  # the seed matters
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from kvsqueeze.bench.tasks._common import count_tokens
 TASKS = list_tasks()
 EXPECTED = {
     "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa", "multiturn",
-    "passkey",
+    "passkey", "passkey_varied", "niah_varied",
 }  # fmt: skip
 
 
