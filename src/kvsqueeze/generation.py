@@ -84,7 +84,9 @@ def sample_token(logits: Tensor, sampling: Sampling, generator: torch.Generator 
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # probability mass ranked above each token
-        sorted_probs[before >= sampling.top_p] = 0.0  # the nucleus: tokens reached before top_p is covered
+        outside = before >= sampling.top_p  # the nucleus: tokens reached before top_p is covered
+        outside[0] = False  # the most likely token always stays (a top_p below float32's range rounds to 0)
+        sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
