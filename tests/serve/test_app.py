@@ -20,6 +20,16 @@ def test_models_and_health(server: Live) -> None:
     assert server.get("/health").json() == {"status": "ok"}
 
 
+def test_requests_are_counted_by_route_and_status(server: Live) -> None:
+    before = server.metrics()
+    server.client().models.list()
+    server.get("/v1/contexts/ctx-" + "0" * 32)
+    after = server.metrics()
+    for key in ("kvsqueeze_requests_total{route=/v1/models,status=200}",
+                "kvsqueeze_requests_total{route=/v1/contexts/{id},status=404}"):  # fmt: skip
+        assert after[key] == before.get(key, 0) + 1, key
+
+
 def test_chat_over_a_context_equals_generate(server: Live, reference: tuple[Any, Any]) -> None:
     context = server.post("/v1/contexts", {"text": DOC_A, "kv_compression": KNORM}).json()
     model, tokenizer = reference
@@ -120,6 +130,12 @@ def test_sampling_with_a_seed_repeats(server: Live) -> None:
     greedy = server.chat(QUESTIONS[0], system=DOC_A, max_tokens=8)
     assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
     assert replies[0].choices[0].message.content != greedy.choices[0].message.content
+
+
+def test_extreme_sampling_values_are_the_most_likely_token(server: Live) -> None:
+    greedy = server.chat(QUESTIONS[1], system=DOC_A, max_tokens=6).choices[0].message.content
+    for extreme in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300, "seed": 3}):
+        assert server.chat(QUESTIONS[1], system=DOC_A, max_tokens=6, **extreme).choices[0].message.content == greedy
 
 
 def test_compression_chosen_per_request(server: Live) -> None:

@@ -21,7 +21,10 @@ from kvsqueeze.serve.settings import ServerSettings
 from kvsqueeze.serve.store import ContextStore
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat defaults to --max-tokens-limit)
-GREEDY_BELOW = 1e-5  # a temperature this close to 0 decodes greedily (dividing logits by it would overflow)
+# The library's sampling computes in float32: a temperature this close to 0 overflows the logits divided by it, and a
+# top_p below float32's range rounds to 0 (no token left). Both limits mean "the most likely token": served as such.
+GREEDY_BELOW = 1e-5  # a smaller temperature decodes greedily
+MIN_TOP_P = 1e-6  # a smaller top_p is raised to it (the nucleus is still the most likely token alone)
 MAX_STOP = 4  # stop strings per request, as in OpenAI's API
 _POLL_SECONDS = 0.25  # how often a request that does not stream checks that its client is still there
 
@@ -61,6 +64,8 @@ def sampling_of(body: GenerationRequest, settings: ServerSettings, chat: bool) -
     if 0 < temperature < GREEDY_BELOW:
         temperature = 0.0
     top_p = 1.0 if body.top_p is None else body.top_p
+    if 0 < top_p < MIN_TOP_P:
+        top_p = MIN_TOP_P
     try:
         return Sampling(given or default, temperature, top_p, stop, body.seed), given is not None
     except ValueError as err:
