@@ -115,3 +115,12 @@ def test_api_key(model_dir: Path) -> None:
             live.client(api_key="wrong").models.list()
         assert live.client().models.list().data[0].id == live.model_name  # the right key
         assert live.chat("Hello", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_request_failing_in_the_model_thread_leaves_the_server_and_its_cache_intact(server: Live) -> None:
+    before = server.chat(QUESTIONS[0], system=DOC_A, max_tokens=6).choices[0].message.content
+    # SnapKV's window of 64 tokens cannot fit in half of this short prompt: the method refuses while prefilling
+    error = error_of(server.post("/v1/contexts", {"text": "Short.", "kv_compression": {"method": "snapkv"}}), 400)
+    assert "snapkv" in error["message"].lower() and "budget" in error["message"]
+    assert server.get("/health").json() == {"status": "ok"}
+    assert server.chat(QUESTIONS[0], system=DOC_A, max_tokens=6).choices[0].message.content == before

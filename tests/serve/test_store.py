@@ -14,13 +14,14 @@ from kvsqueeze.serve.store import ContextStore, StoredContext, context_id
 from tests.tiny import tiny_model
 
 MODEL = tiny_model("llama")
+NONE = {"method": "none", "ratio": 0.0, "options": {}, "budget_policy": None}
 
 
 def stored(seed: int, n: int = 24, info: dict | None = None) -> StoredContext:
     ids = torch.randint(5, 400, (1, n), generator=torch.Generator().manual_seed(seed))
     cache, *_ = prefill(MODEL, ids, torch.ones_like(ids))
     cid = context_id("fingerprint", None, ids[0].tolist())
-    return StoredContext(cid, cache, info or {"tokens": n}, cache_bytes(cache))
+    return StoredContext(cid, cache, info or {"tokens": n, "compression": NONE}, cache_bytes(cache))
 
 
 def test_least_recently_used_leave_first() -> None:
@@ -44,7 +45,7 @@ def test_a_context_larger_than_the_bound_is_not_held() -> None:
 
 
 def test_disk_round_trip_and_documents(tmp_path: Path) -> None:
-    context = stored(1, info={"tokens": 24, "document": "the text", "kind": "document"})
+    context = stored(1, info={"tokens": 24, "document": "the text", "kind": "document", "compression": NONE})
     ContextStore(MODEL, 10**9, tmp_path).put(context, None)
     assert (tmp_path / f"{context.id}.safetensors").is_file()
     fresh = ContextStore(MODEL, 10**9, tmp_path)  # a restarted server
@@ -79,3 +80,15 @@ def test_ids_depend_on_model_method_and_tokens() -> None:
     base = context_id("f", None, ids)
     assert base == context_id("f", None, list(ids))
     assert len({base, context_id("g", None, ids), context_id("f", None, [5, 6, 8]), context_id("f", "x", ids)}) == 4
+
+
+@pytest.mark.parametrize(
+    "info",
+    [{"tokens": 0, "compression": NONE}, {"tokens": 3}, {"tokens": 3, "compression": {**NONE, "ratio": "half"}},
+     {"tokens": 3, "compression": NONE, "document": 5}, {"tokens": 3, "compression": {**NONE, "extra": 1}}],
+)  # fmt: skip
+def test_a_file_whose_info_is_not_the_servers_is_skipped(tmp_path: Path, info: dict) -> None:
+    context = stored(3, info=info)
+    ContextStore(MODEL, 10**9, tmp_path).put(context, None)  # written as given (the server only writes good info)
+    fresh = ContextStore(MODEL, 10**9, tmp_path)
+    assert fresh.get(context.id) == (None, "miss") and fresh.info(context.id) is None

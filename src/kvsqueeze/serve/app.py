@@ -125,8 +125,10 @@ def add_routes(app: FastAPI, state: State) -> None:
     settings, store = state.settings, state.store
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Response:
+        if not state.scheduler.alive:
+            return JSONResponse({"status": "down", "reason": "the model's worker thread is not running"}, 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -34,7 +34,8 @@ class Scheduler:
 
     def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, max_batch: int) -> None:
         self.engine, self.metrics, self.max_queue, self.max_batch = engine, metrics, max_queue, max_batch
-        self._incoming: deque[Job] = deque()
+        self._incoming: deque[Job] = deque()  # submitted, not yet prepared
+        self._ready: list[Job] = []  # prepared, waiting for their batch (touched by the worker only)
         self._backlog = 0  # jobs submitted whose batch has not started yet
         self._cond = threading.Condition()
         self._stopping = False
@@ -59,7 +60,8 @@ class Scheduler:
         """Queue a job, or raise a 503 APIError when `max_queue` jobs are already waiting."""
         with self._cond:
             if self._stopping:
-                raise APIError(503, "the server is shutting down", None, "server_shutting_down")
+                raise APIError(503, "the server is shutting down (or its model worker stopped: see its log)", None,
+                               "server_shutting_down")  # fmt: skip
             if self._backlog >= self.max_queue:
                 raise overloaded(self._backlog)
             self._incoming.append(job)
@@ -72,25 +74,41 @@ class Scheduler:
             self._backlog -= len(jobs)
             self.metrics.queued.set(self._backlog)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before start, after stop, or if it died of a bug)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _work(self) -> None:
-        ready: list[Job] = []  # prepared jobs waiting for their batch
-        while True:
+        try:
+            while self._round():
+                pass
+        except Exception:  # a bug in the scheduler itself: say so, answer everyone, refuse what comes next
+            logger.exception("the model's worker thread stopped")
+        finally:
             with self._cond:
-                while not self._incoming and not ready and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                arrived = list(self._incoming)
-                self._incoming.clear()
-            ready += [job for job in arrived if self._prepare(job)]
-            dropped = [job for job in ready if job.cancelled.is_set()]
-            ready = [job for job in ready if not job.cancelled.is_set()]
-            self._started(dropped)
-            if ready:
-                batch = self._take(ready)
-                ready = [job for job in ready if job not in batch]
-                self._run(batch)
-        self._refuse([*ready, *self._incoming])
+                self._stopping = True
+                left = [*self._ready, *self._incoming]
+                self._ready, self._incoming = [], deque()
+            self._refuse(left)
+
+    def _round(self) -> bool:
+        """Prepare what arrived, then run the oldest batch; False once the scheduler is stopping."""
+        with self._cond:
+            while not self._incoming and not self._ready and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            arrived = list(self._incoming)
+            self._incoming.clear()
+        self._ready += [job for job in arrived if self._prepare(job)]
+        self._started([job for job in self._ready if job.cancelled.is_set()])
+        self._ready = [job for job in self._ready if not job.cancelled.is_set()]
+        if self._ready:
+            batch = self._take(self._ready)
+            self._ready = [job for job in self._ready if job not in batch]
+            self._run(batch)
+        return True
 
     def _prepare(self, job: Job) -> bool:
         """Prepare a job; False (and the job answered with its error) when it cannot run."""

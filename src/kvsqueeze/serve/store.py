@@ -41,6 +41,23 @@ def context_id(fingerprint: str, method: Method | None, ids: list[int]) -> str:
     return "ctx-" + digest.hexdigest()[:32]
 
 
+def well_formed(info: object) -> bool:
+    """Whether a context file's info has what the server reads from it (its other fields are only shown)."""
+    if not isinstance(info, dict):
+        return False
+    tokens, compression, document = info.get("tokens"), info.get("compression"), info.get("document", "")
+    if type(tokens) is not int or tokens < 1 or not isinstance(document, str) or not isinstance(compression, dict):
+        return False
+    method, ratio = compression.get("method"), compression.get("ratio")
+    return (
+        set(compression) <= {"method", "ratio", "options", "budget_policy"}
+        and isinstance(method, str)
+        and isinstance(ratio, (int, float))
+        and isinstance(compression.get("options", {}), dict)
+        and isinstance(compression.get("budget_policy"), (str, type(None)))
+    )
+
+
 @dataclass
 class StoredContext:
     """A compressed context and what is known about it (`info`: JSON, written into its file too)."""
@@ -169,6 +186,9 @@ class ContextStore:
         except (CacheFileError, KeyError, TypeError, json.JSONDecodeError) as err:
             logger.warning("ignoring the cached context file %s: %s", path, err)
             return None
+        if not well_formed(info):
+            logger.warning("ignoring the cached context file %s: its info is not a kvsqueeze server's", path)
+            return None
         return StoredContext(cid, saved.cache, info, cache_bytes(saved.cache))
 
     def _read_info(self, cid: str) -> dict[str, Any] | None:
@@ -182,4 +202,4 @@ class ContextStore:
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
             logger.warning("ignoring the cached context file %s: %s", path, err)
             return None
-        return info if isinstance(info, dict) else None
+        return info if well_formed(info) else None
