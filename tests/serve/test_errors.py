@@ -97,6 +97,8 @@ def test_too_long_prompt_and_body(server: Live) -> None:
     error = error_of(server.post("/v1/chat/completions", chat_body(server, max_tokens=500, messages=[
         {"role": "system", "content": DOC_A * 2}, {"role": "user", "content": "Hi"}])), 400)  # fmt: skip
     assert "more than the model's maximum of 1024" in error["message"]
+    error = error_of(server.post("/v1/contexts", {"text": long}), 400)
+    assert error["code"] == "context_length_exceeded" and "the document has" in error["message"]
     huge = {"text": "x " * 150_000}  # over --max-body-bytes 200000
     assert "larger than this server's limit" in error_of(server.post("/v1/contexts", huge), 413)["message"]
     chunked = server.post("/v1/contexts", data=iter([b'{"text": "', b"y" * 250_000, b'"}']),

@@ -60,6 +60,18 @@ class Engine:
             job.context_id = context_id(self.fingerprint, job.method, job.prefix_ids)
         if job.kind == "generate":
             self._fit(job)
+        else:
+            self._fit_document(job)
+
+    def _fit_document(self, job: Job) -> None:
+        """A document must leave room for a question and an answer within the limits."""
+        limit = self.settings.max_prompt_tokens
+        if limit is not None and job.prefix_tokens >= limit:
+            raise too_long(f"the document has {job.prefix_tokens} tokens; this server takes prompts of at most {limit} "
+                           "(--max-prompt-tokens), questions included")  # fmt: skip
+        if self.max_positions is not None and job.prefix_tokens >= self.max_positions:
+            raise too_long(f"the document has {job.prefix_tokens} tokens, as many as the model's maximum of "
+                           f"{self.max_positions} positions or more: no room is left for a question")  # fmt: skip
 
     def _fit(self, job: Job) -> None:
         """Count the prompt's tokens and check them, and max_tokens, against the limits and the model's positions."""
