@@ -70,3 +70,13 @@ def test_multi_turn_over_a_context(server: Live) -> None:
                                                     temperature=0, extra_body={"context_id": cid})  # fmt: skip
     assert reply.model_extra["kvsqueeze"]["context_id"] == cid
     assert reply.usage.completion_tokens >= 1
+
+
+def test_the_id_of_an_automatic_prefix_is_readable_not_nameable(server: Live) -> None:
+    reply = server.chat(QUESTIONS[0], system=DOC)
+    cid = reply.model_extra["kvsqueeze"]["context_id"]
+    info = server.get(f"/v1/contexts/{cid}").json()
+    assert info["kind"] == "prefix" and 0 < info["tokens"] < reply.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        server.chat(QUESTIONS[1], extra_body={"context_id": cid})
+    assert "cached prefix of earlier messages" in str(err.value)

@@ -96,6 +96,10 @@ async def generation_job(
         raise APIError(400, "kv_compression cannot go with context_id: the context was compressed when it was "
                        "created (create another context to compress it differently)", "kv_compression")  # fmt: skip
     info = await asyncio.to_thread(store.document, body.context_id)
+    if info is None and store.holds(body.context_id):
+        raise APIError(400, f"context {body.context_id!r} is the cached prefix of earlier messages, not an uploaded "
+                       "document: send those messages again to reuse it, or upload a document with POST "
+                       "/v1/contexts and name its id", "context_id")  # fmt: skip
     if info is None:
         raise unknown_context(body.context_id)
     compression, method = compression_of(KVCompression(**info["compression"]), default)
