@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -153,6 +154,7 @@ _MAIN_EXAMPLES = """examples:
   kvsqueeze list                     the compression methods and their options
   kvsqueeze bench                    the default benchmark suite; report in results/bench/default
   kvsqueeze bench -v                 the same, with debug messages (-v/-q go before or after the subcommand)
+  kvsqueeze serve                    an OpenAI-compatible server at http://127.0.0.1:8000/v1
   kvsqueeze COMMAND --help           the options of one command, with their defaults and examples"""
 
 _EXAMPLES = {
@@ -179,6 +181,10 @@ _EXAMPLES = {
   kvsqueeze bench --dtype bfloat16 --new-run     the default suite again in bfloat16, next to the float32 run""",
     "report": """examples:
   kvsqueeze report results/bench/default""",
+    "serve": """examples:
+  kvsqueeze serve                    the embedded model at http://127.0.0.1:8000/v1, knorm at ratio 0.5
+  kvsqueeze serve --method expected_attention --ratio 0.75 --cache-dir contexts --max-cache-bytes 4GiB
+  kvsqueeze serve --host 0.0.0.0 --port 9000 --api-key s3cret --max-tokens-limit 512""",
 }
 
 
@@ -311,6 +317,45 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def _size(text: str) -> int:
+    from kvsqueeze.serve.settings import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_serve_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = _add_parser(
+        sub,
+        "serve",
+        parents,
+        help="an OpenAI-compatible server that compresses each context once and reuses it",
+        description="Serve the model over HTTP with OpenAI's API (chat and completions, streaming or not). A long\n"
+        "context (a document uploaded to /v1/contexts, or the messages before the last user message) is prefilled\n"
+        'and compressed once, then reused by every request over it. Needs: pip install "kvsqueeze[serve]"',
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--method", default=GENERATE_DEFAULTS["method"], help="default compression method ('none' = off)")
+    p.add_argument("--ratio", type=_ratio, default=GENERATE_DEFAULTS["ratio"], help="default compression ratio")
+    p.add_argument("--option", action="append", default=[], type=_parse_option, help=OPTION_HELP)
+    p.add_argument("--budget-policy", choices=_budget_policies(), default=None, help="wrap --method in a budget policy")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: the "
+                   "KVSQUEEZE_API_KEY environment variable; unset: no key)")  # fmt: skip
+    p.add_argument("--max-cache-bytes", type=_size, default="2GiB", help="bytes of compressed contexts kept in "
+                   "memory (measured from their storages); least recently used dropped first")  # fmt: skip
+    p.add_argument("--cache-dir", type=Path, default=None, help="also keep compressed contexts in this folder, "
+                   "so a restarted server reuses them")  # fmt: skip
+    p.add_argument("--max-tokens-limit", type=_positive, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-prompt-tokens", type=_positive, default=None,
+                   help="most context + question tokens of one request (default: the model's positions)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=_size, default="16MiB", help="largest request body")
+    p.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for the model (more: 503)")
+    p.add_argument("--max-batch", type=_positive, default=8, help="requests over one context decoded together")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvsqueeze", description="KV cache compression for Hugging Face LMs.",
                                      parents=[_logging_options(top=True)], formatter_class=_HelpFormatter,
@@ -328,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--option", action="append", default=[], type=_parse_option, help=OPTION_HELP)
     p_cal.add_argument("--force", action="store_true", help="compute again even if a cached artifact exists")
     _add_bench_parser(sub, [logs, model])
+    _add_serve_parser(sub, [logs, model])
     p_report = _add_parser(sub, "report", [logs],
                            help="(re)write the Markdown/HTML report and plots of a results directory")  # fmt: skip
     p_report.add_argument("results_dir", type=Path, help="a directory written by `kvsqueeze bench`")
@@ -683,6 +729,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def _serve_settings(args: argparse.Namespace) -> Any:
+    """The server's settings from the command line, checked (with the default method) before the model loads."""
+    from kvsqueeze.loading import DEFAULT_MODEL
+    from kvsqueeze.serve.compression import Compression
+    from kvsqueeze.serve.settings import ServerSettings
+
+    options = dict(args.option)
+    if "ratio" in options:
+        raise ValueError(f"give the ratio with --ratio, not --option ratio={options['ratio']}")
+    Compression(args.method, args.ratio, options, args.budget_policy).build()
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise ValueError(f"--cache-dir {str(args.cache_dir)!r} is a file, not a directory")
+    key = args.api_key if args.api_key is not None else os.environ.get("KVSQUEEZE_API_KEY") or None
+    return ServerSettings(
+        model_name=args.model or DEFAULT_MODEL, host=args.host, port=args.port, method=args.method, ratio=args.ratio,
+        options=options, budget_policy=args.budget_policy, api_key=key, max_cache_bytes=args.max_cache_bytes,
+        cache_dir=args.cache_dir, max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+        max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+    )  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    missing = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f'kvsqueeze serve needs {", ".join(missing)}: pip install "kvsqueeze[serve]"')
+    settings = _serve_settings(args)
+    model, tokenizer = _load(args)
+    from kvsqueeze.serve.server import serve
+
+    levels = {logging.DEBUG: "debug", logging.INFO: "info"}
+    serve(model, tokenizer, settings, log_level=levels.get(args.log_level, "warning"))
+    return 0
+
+
 class _CliHandler(logging.StreamHandler):
     """The stderr handler `main` puts on the `kvsqueeze` logger (replaced, not stacked, when main runs again). It
     writes to sys.stderr as it is when a message comes, so a later redirection of stderr is followed."""
@@ -708,7 +791,7 @@ def configure_logging(level: int) -> None:
 
 
 COMMANDS = {"list": cmd_list, "generate": cmd_generate, "calibrate": cmd_calibrate, "bench": cmd_bench,
-            "report": cmd_report}  # fmt: skip
+            "report": cmd_report, "serve": cmd_serve}  # fmt: skip
 
 
 # What each command imports, loaded up front while Ctrl-C ends the process at once (see `_startup`): torch and
@@ -728,6 +811,8 @@ COMMAND_MODULES = {
     "calibrate": ["torch", "transformers", "kvsqueeze.calibration", "kvsqueeze.loading"],
     "bench": ["torch", "transformers", "kvsqueeze.bench.runner", "kvsqueeze.bench.report", "kvsqueeze.loading"],
     "report": ["kvsqueeze.bench.report"],
+    # not the serve modules: they import the optional `serve` extra, whose absence cmd_serve reports in one line
+    "serve": ["torch", "transformers", "kvsqueeze.pipeline", "kvsqueeze.loading", "kvsqueeze.cachefile"],
 }
 
 

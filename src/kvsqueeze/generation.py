@@ -80,7 +80,9 @@ def sample_token(logits: Tensor, sampling: Sampling, generator: torch.Generator 
     restricted to its top_p nucleus (always at least the most likely token)."""
     if sampling.greedy:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    logits = logits.double()  # float64 holds any temperature Sampling accepts (float32 would round 1e-300 to 0)
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)  # max first: a tiny temperature
+    # then sends the others to -inf (probability 0), never the top one to inf (NaN)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # probability mass ranked above each token

@@ -22,6 +22,7 @@ def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         ("calibrate", ["(default: float32)", "(default: sdpa)"]),
         ("bench", ["(default: default)", "(default: 32)", "(default: sdpa)"]),
         ("report", []),
+        ("serve", ["(default: 127.0.0.1)", "(default: 8000)", "(default: knorm)", "(default: 2GiB)"]),
     ],
 )
 def test_each_subcommand_shows_defaults_and_examples(
@@ -40,7 +41,7 @@ def test_top_level_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None
     assert "kvsqueeze generate --example" in text and "kvsqueeze bench -v" in text
 
 
-@pytest.mark.parametrize("command", ["generate", "calibrate", "bench"])
+@pytest.mark.parametrize("command", ["generate", "calibrate", "bench", "serve"])
 def test_model_options_are_shared(capsys: pytest.CaptureFixture[str], command: str) -> None:
     model_section = _help(capsys, command).split("\nmodel:\n")[1].split("\n\n")[0]
     for option in ("--model MODEL", "--dtype {float32,bfloat16,float16}", "--attn {sdpa,eager}", "--device DEVICE"):

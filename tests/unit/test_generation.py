@@ -90,6 +90,7 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert picks == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 covers it
     assert {sample_token(logits, Sampling(temperature=5.0, top_p=1e-9), gen) for _ in range(50)} == {0}
     assert {sample_token(logits, Sampling(temperature=1.0, top_p=1e-60), gen) for _ in range(20)} == {0}  # float32: 0
+    assert {sample_token(logits, Sampling(temperature=1e-300), gen) for _ in range(20)} == {0}  # no overflow to NaN
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------

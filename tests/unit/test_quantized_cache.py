@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import kvsqueeze as kvs
-from kvsqueeze.cachefile import CacheFileError, file_digest
+from kvsqueeze.cachefile import CacheFileError
+from kvsqueeze.checksum import tensors_digest
 from kvsqueeze.storage import DenseStorage, QuantizedStorage
 from tests.helpers import ids_of
 from tests.tiny import FAMILIES
@@ -215,7 +216,7 @@ def _resave(path, out, edit):
         meta = dict(f.metadata())
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     edit(tensors)
-    meta["checksum"] = file_digest(tensors, meta)  # a writer that got the data wrong but the checksum right
+    meta["checksum"] = tensors_digest(tensors, meta)  # a writer that got the data wrong but the checksum right
     save_file(tensors, str(out), metadata=meta)
     return out
 
