@@ -13,6 +13,8 @@ pruned them, and are then quantized in whole groups beyond each layer's full-pre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from transformers import PretrainedConfig
@@ -130,6 +132,42 @@ class KVCache(Cache):
         new._adopt([layer.select_rows(rows) for layer in self.kv_layers()])
         new.quant = self.quant
         new.position_offset = None if self.position_offset is None else self.position_offset[rows.to(self.device)]
+        return new
+
+    def concat_problem(self, other: KVCache) -> str | None:
+        """Why `other`'s rows cannot join this cache's in one batch (None: they can): another model's layers, another
+        quantization, or layers keeping other key channels (ThinK)."""
+        mine, theirs = self.kv_layers(), other.kv_layers()
+        if len(mine) != len(theirs):
+            return f"the caches have {len(mine)} and {len(theirs)} layers (another model)"
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            problem = a.concat_problem(b)
+            if problem is not None:
+                return f"layer {i}: {problem}"
+        return None
+
+    def concat_rows(self, others: Sequence[KVCache]) -> KVCache:
+        """A new cache holding this cache's rows, then each of `others`' rows, in order: rows of different contexts,
+        lengths and compression side by side in one batch (continuous batching). Each row keeps its tokens, its
+        uncompressed length and its position offset, so it continues at its own positions; decoded together, every
+        row goes on as it would alone (up to floating-point rounding). `select_rows` takes rows out again. A
+        ValueError says why rows cannot join (`concat_problem`)."""
+        for other in others:
+            problem = self.concat_problem(other)
+            if problem is not None:
+                raise ValueError(f"cannot join these rows: {problem}")
+        parts = [self, *others]
+        layers = [list(group) for group in zip(*(c.kv_layers() for c in parts), strict=True)]
+        new = KVCache.__new__(KVCache)
+        new._adopt([group[0].concat_rows(group[1:]) for group in layers])
+        new.quant = self.quant
+        offsets = [c.position_offset for c in parts]
+        if all(o is None for o in offsets):
+            new.position_offset = None
+        else:
+            rows = [torch.zeros(c.batch_size, dtype=torch.long, device=c.device) if o is None else o.to(c.device)
+                    for c, o in zip(parts, offsets, strict=True)]  # fmt: skip
+            new.position_offset = torch.cat(rows)
         return new
 
     def snapshot(self) -> list[LayerSnapshot]:

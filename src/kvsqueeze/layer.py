@@ -20,6 +20,7 @@ precision: they hold a bounded window, not the context, are never compressed, an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -305,6 +306,37 @@ class KVLayer(DynamicLayer):
             rows = rows.to(self.storage.positions.device)
             new.storage, new.seen = self.storage.select_rows(rows), self.seen[rows]
             new.thin = None if self.thin is None else self.thin.select_rows(rows)
+        return new
+
+    def concat_problem(self, other: KVLayer) -> str | None:
+        """Why `other`'s rows cannot join this layer's in one batch (None: they can)."""
+        if self.storage is None or other.storage is None:
+            return "a layer holds no tokens yet (rows join after their prefill)"
+        if self.sliding_window != other.sliding_window:
+            return f"one layer has a sliding window of {self.sliding_window}, the other {other.sliding_window}"
+        if self.quant != other.quant:
+            return f"one layer is quantized with {self.quant}, the other with {other.quant} (None: full precision)"
+        widths = [None if t is None else int(t.channels.shape[-1]) for t in (self.thin, other.thin)]
+        if widths[0] != widths[1]:
+            return f"the layers keep {widths[0]} and {widths[1]} key channels (ThinK; None: all of them)"
+        return None
+
+    def concat_rows(self, others: Sequence[KVLayer]) -> KVLayer:
+        """A new layer holding this layer's rows, then each of `others`' rows, each row with its own tokens, `seen`
+        and kept key channels: decoded together they go on as they would alone (`LayerStorage.concat_rows`)."""
+        for other in others:
+            problem = self.concat_problem(other)
+            if problem is not None:
+                raise ValueError(f"cannot join these rows: {problem}")
+        parts = [self, *others]
+        assert self.storage is not None
+        new = KVLayer(self.sliding_window, self.quant)
+        new.storage = self.storage.concat_rows([p.storage for p in others if p.storage is not None])
+        new.seen = torch.cat([p.seen for p in parts if p.seen is not None])
+        new.thin = None if self.thin is None else self.thin.concat_rows([p.thin for p in others if p.thin is not None])
+        new.total_seen = max(p.total_seen for p in parts)
+        new.bytes_appended = sum(p.bytes_appended for p in parts)
+        new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
         return new
 
     def detach(self) -> None:

@@ -1,6 +1,6 @@
 """Every storage layout keeps the `LayerStorage` promises (storage/base.py), checked against the plain rectangular
-view: appends, pruning, row selection, pack/unpack, bytes, saving, and immutability (an old storage never changes,
-so a snapshot is a reference). A new layout joins LAYOUTS and is tested without editing the tests; a lossy one
+view: appends, pruning, row selection, joining rows, pack/unpack, bytes, saving, and immutability (an old storage never
+changes, so a snapshot is a reference). A new layout joins LAYOUTS and is tested without editing the tests; a lossy one
 (quantized) gives the most its keys and values may differ from what they were given in TOLERANCE."""
 
 from __future__ import annotations
@@ -16,37 +16,37 @@ from kvsqueeze.storage import DenseStorage, LayerStorage, QuantizedStorage, from
 B, H, T, D = 2, 3, 7, 4
 
 
-def _content(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys, values, positions (B, H, T) and the kept counts (B, H) of a layer whose heads keep different amounts."""
+def _content(seed: int = 0, t: int = T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values, positions (B, H, t) and the kept counts (B, H) of a layer whose heads keep different amounts."""
     g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(1, T + 1, (B, H), generator=g)
-    filled = torch.arange(T)[None, None, :] < counts[..., None]
-    positions = torch.where(filled, torch.arange(T).expand(B, H, T) * 2 + 1, -1).to(torch.int32)
-    keys = torch.randn(B, H, T, D, generator=g) * filled[..., None]
-    values = torch.randn(B, H, T, D, generator=g) * filled[..., None]
+    counts = torch.randint(1, t + 1, (B, H), generator=g)
+    filled = torch.arange(t)[None, None, :] < counts[..., None]
+    positions = torch.where(filled, torch.arange(t).expand(B, H, t) * 2 + 1, -1).to(torch.int32)
+    keys = torch.randn(B, H, t, D, generator=g) * filled[..., None]
+    values = torch.randn(B, H, t, D, generator=g) * filled[..., None]
     return keys, values, positions, counts
 
 
-def dense() -> LayerStorage:
-    keys, values, positions, _ = _content()
+def dense(seed: int = 0, t: int = T) -> LayerStorage:
+    keys, values, positions, _ = _content(seed, t)
     return DenseStorage(keys, values, positions)
 
 
-def ragged() -> LayerStorage:
-    keys, values, positions, counts = _content()
-    every = torch.arange(T).expand(B, H, T)
+def ragged(seed: int = 0, t: int = T) -> LayerStorage:
+    keys, values, positions, counts = _content(seed, t)
+    every = torch.arange(t).expand(B, H, t)
     return DenseStorage(keys, values, positions).prune(every, counts, ragged=True)
 
 
-def quantized8() -> LayerStorage:  # groups of 3 tokens (keys) / 3 channels (values), newest token exact
-    return QuantizedStorage.from_storage(dense(), QuantSpec(bits=8, group_size=3, residual=1))
+def quantized8(seed: int = 0, t: int = T) -> LayerStorage:  # groups of 3 tokens / 3 channels, newest token exact
+    return QuantizedStorage.from_storage(dense(seed, t), QuantSpec(bits=8, group_size=3, residual=1))
 
 
-def quantized2() -> LayerStorage:  # from a ragged layout, every whole group of 2 quantized
-    return QuantizedStorage.from_storage(ragged(), QuantSpec(bits=2, group_size=2, residual=0))
+def quantized2(seed: int = 0, t: int = T) -> LayerStorage:  # from a ragged layout, every whole group of 2 quantized
+    return QuantizedStorage.from_storage(ragged(seed, t), QuantSpec(bits=2, group_size=2, residual=0))
 
 
-LAYOUTS: dict[str, Callable[[], LayerStorage]] = {
+LAYOUTS: dict[str, Callable[..., LayerStorage]] = {
     "dense": dense,
     "ragged": ragged,
     "quantized8": quantized8,
@@ -105,7 +105,7 @@ def layout(request) -> str:
 
 
 @pytest.fixture
-def make(layout) -> Callable[[], LayerStorage]:
+def make(layout) -> Callable[..., LayerStorage]:
     return LAYOUTS[layout]
 
 
@@ -192,3 +192,81 @@ def test_settle_keeps_the_tokens(make, tol):
     assert _close(_real(settled), _real(grown), tol / 2)
     assert torch.equal(settled.kept(), grown.kept())
     assert settled.settle() is settled  # nothing left to do
+
+
+# ---- joining rows (continuous batching) ----------------------------------------------------------------------------
+
+
+def _new_tokens(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randint(40, 50, (rows, 1, 1), generator=g).expand(rows, H, 2) + torch.tensor([0, 1])
+    return torch.randn(rows, H, 2, D, generator=g), torch.randn(rows, H, 2, D, generator=g), positions.to(torch.int32)
+
+
+def test_concat_rows_puts_rows_of_different_lengths_side_by_side(make):
+    a, b = make(), make(seed=1, t=4)
+    joined = a.concat_rows([b, a])
+    assert type(joined) is type(a)
+    assert _real(joined) == _real(a) + _real(b) + _real(a)  # exactly: no token is moved, padded into or requantized
+    assert torch.equal(joined.kept(), torch.cat([a.kept(), b.kept(), a.kept()]))
+    assert joined.nbytes() == storage_bytes(joined.kv_tensors(), set())
+    assert _real(a.concat_rows([])) == _real(a)
+
+
+def test_joined_rows_go_on_as_they_would_alone(make):
+    a, b = make(), make(seed=1, t=4)
+    keys, values, positions = _new_tokens(2 * B, seed=2)
+    grown, _ = a.concat_rows([b]).append(keys, values, positions)
+    alone_a, _ = a.append(keys[:B], values[:B], positions[:B])
+    alone_b, _ = b.append(keys[B:], values[B:], positions[B:])
+    assert _real(grown) == _real(alone_a) + _real(alone_b)
+    assert _real(grown.settle()) == _real(alone_a.settle()) + _real(alone_b.settle())  # quantized per segment
+    assert _real(grown.select_rows(torch.arange(B, 2 * B))) == _real(alone_b)  # rows leave the batch
+
+
+def test_concat_rows_carries_slot_states(make):
+    a, b = make(), make(seed=1, t=4)
+    score = a.view()[2].float() + 0.5  # (B, H, T) a state per slot, in the layout of the view
+    a = a.replace(slot_state={"score": a.pack(score)})
+    joined = a.concat_rows([b])
+    state = joined.unpack(joined.slot_state["score"], 0.0)
+    filled = joined.view()[2] >= 0
+    assert torch.equal(state[:B][filled[:B]], score[score > 0])  # a's rows keep theirs (filled slots, in order)
+    assert not bool(state[B:].any())  # b had none: its slots start at 0, as a new token's do
+
+
+def test_rectangular_rows_join_ragged_ones_in_the_ragged_layout():
+    a, b = dense(), ragged(seed=1, t=4)
+    for joined, want in ((a.concat_rows([b]), _real(a) + _real(b)), (b.concat_rows([a]), _real(b) + _real(a))):
+        assert joined.is_ragged and _real(joined) == want
+        assert joined.padding_slots() == 0
+
+
+def test_dense_join_drops_slot_columns_no_row_fills():
+    a, b = dense(), dense(seed=1, t=3)
+    joined = a.concat_rows([b])  # b's rows are left-padded to a's width
+    assert joined.width() == T and joined.padding_slots() > b.padding_slots()
+    alone_b = joined.select_rows(torch.arange(B, 2 * B)).concat_rows([])  # a's rows left: their width goes too
+    assert alone_b.width() == b.width() and _real(alone_b) == _real(b)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (dense, quantized8, "ragged rows cannot join QuantizedStorage"),
+        (quantized8, ragged, "join only rows quantized alike, not RaggedStorage"),
+        (quantized8, quantized2, "join only rows quantized alike"),
+    ],
+)
+def test_rows_quantized_or_not_do_not_join(first, second, message):
+    with pytest.raises(ValueError, match=message):
+        first().concat_rows([second()])
+
+
+def test_rows_of_another_shape_do_not_join(make):
+    keys, values, positions, _ = _content()
+    other = DenseStorage(keys[:, :2], values[:, :2], positions[:, :2])  # 2 heads instead of 3
+    if isinstance(make(), QuantizedStorage):
+        other = QuantizedStorage.from_storage(other, make().spec)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"cannot join rows of different heads: \[3, 2\]"):
+        make().concat_rows([other])

@@ -16,13 +16,23 @@ file that implements this protocol and passes the storage contract tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["LayerStorage", "StepView", "check_names", "check_positions", "check_tensor", "storage_bytes"]
+__all__ = [
+    "LayerStorage",
+    "StepView",
+    "check_alike",
+    "check_names",
+    "check_positions",
+    "check_tensor",
+    "concat_slot_states",
+    "storage_bytes",
+]
 
 StepView = tuple[Tensor, Tensor, Tensor]  # keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T)
 
@@ -86,6 +96,13 @@ class LayerStorage(Protocol):
         """A storage holding copies of the given batch rows (indices may repeat)."""
         ...
 
+    def concat_rows(self, others: Sequence[LayerStorage]) -> LayerStorage:
+        """A storage holding this storage's rows, then each of `others`' rows, in order (continuous batching puts
+        rows of different caches into one batch this way). Rows keep their tokens, positions and slot states
+        exactly; rows of different lengths sit side by side, a layout with slots padding the shorter ones with
+        empty slots. A layout that cannot hold some part's rows as they are raises a ValueError naming it."""
+        ...
+
     def pack(self, rect: Tensor) -> Tensor:
         """A tensor in the layout of `view()` (B, H, T, ...) -> the stored layout (only the filled slots if ragged)."""
         ...
@@ -133,6 +150,30 @@ def storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
         seen.add(ptr)
         total += storage.nbytes()
     return total
+
+
+def check_alike(what: str, values: Iterable[object]) -> None:
+    """A ValueError when rows to be joined disagree on `what` (heads, channels, dtype...): `values`, one per part."""
+    seen = list(values)
+    if len(set(seen)) > 1:
+        raise ValueError(f"cannot join rows of different {what}: {seen}")
+
+
+def concat_slot_states(parts: Sequence[tuple[Mapping[str, Tensor], Tensor]], dim: int = 0) -> Mapping[str, Tensor]:
+    """The slot states of parts joined along `dim`: each part gives (its slot states, its positions in the same
+    layout); a state that a part lacks is 0 in its slots (what a new token starts with)."""
+    names = sorted({name for state, _ in parts for name in state})
+    joined = {
+        name: torch.cat(
+            [
+                state[name] if name in state else torch.zeros(pos.shape, dtype=torch.float32, device=pos.device)
+                for state, pos in parts
+            ],
+            dim=dim,
+        )
+        for name in names
+    }
+    return MappingProxyType(joined)
 
 
 # -- checks of tensors read back from a file (every failure is a ValueError saying what is wrong)

@@ -9,14 +9,22 @@ plan keeps different counts per row or head, `prune(..., ragged=True)` moves the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
-from kvsqueeze.storage.base import StepView, check_names, check_positions, check_tensor
+from kvsqueeze.storage.base import (
+    LayerStorage,
+    StepView,
+    check_alike,
+    check_names,
+    check_positions,
+    check_tensor,
+    concat_slot_states,
+)
 from kvsqueeze.storage.ragged import RaggedStorage
 
 __all__ = ["DenseStorage"]
@@ -104,6 +112,42 @@ class DenseStorage:
         rows = rows.to(self.keys.device)
         state = {name: s[rows] for name, s in self.slot_state.items()}
         return DenseStorage(self.keys[rows], self.values[rows], self.positions[rows], MappingProxyType(state))
+
+    def concat_rows(self, others: Sequence[LayerStorage]) -> DenseStorage | RaggedStorage:
+        """Rows of different widths are left-padded with empty slots to the widest, as a left-padded batch is; slot
+        columns then empty in every row and head (left by rows dropped earlier) are removed. With a ragged part,
+        the rows join in the ragged layout."""
+        if not all(isinstance(other, DenseStorage) for other in others):
+            return RaggedStorage.from_storage(self).concat_rows(others)
+        parts = [self, *(other for other in others if isinstance(other, DenseStorage))]
+        check_alike("heads", (p.keys.shape[1] for p in parts))
+        check_alike("key channels", (p.keys.shape[-1] for p in parts))
+        check_alike("value channels", (p.values.shape[-1] for p in parts))
+        check_alike("dtypes", (p.keys.dtype for p in parts))
+        width = max(p.width() for p in parts)
+        padded = [p.pad_slots(width - p.width()) for p in parts]
+        keys = torch.cat([p.keys for p in padded])
+        values = torch.cat([p.values for p in padded])
+        positions = torch.cat([p.positions for p in padded])
+        state = concat_slot_states([(p.slot_state, p.positions) for p in padded])
+        used = (positions >= 0).flatten(0, 1).any(dim=0)  # (T,) slot columns some row or head fills
+        if bool(used.all()):
+            return DenseStorage(keys, values, positions, state)
+        state = MappingProxyType({name: s[:, :, used] for name, s in state.items()})
+        return DenseStorage(keys[:, :, used], values[:, :, used], positions[:, :, used], state)
+
+    def pad_slots(self, n: int) -> DenseStorage:
+        """The same rows with `n` empty slots before the first one (a left pad)."""
+        if n == 0:
+            return self
+        b, h, _ = self.positions.shape
+
+        def pad(t: Tensor, fill: float) -> Tensor:
+            return torch.cat([t.new_full((b, h, n, *t.shape[3:]), fill), t], dim=2)
+
+        state = {name: pad(s, 0.0) for name, s in self.slot_state.items()}
+        keys, values, positions = pad(self.keys, 0.0), pad(self.values, 0.0), pad(self.positions, -1)
+        return DenseStorage(keys, values, positions, MappingProxyType(state))
 
     def pack(self, rect: Tensor) -> Tensor:
         if rect.shape[:3] != self.positions.shape:

@@ -40,7 +40,7 @@ times the layer's full-precision size at the peak (measured: `benchmarks/quantiz
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.quantization import GROUP_TENSORS, QuantSpec, TokenGroups
-from kvsqueeze.storage.base import LayerStorage, StepView
+from kvsqueeze.storage.base import LayerStorage, StepView, check_alike, concat_slot_states
 from kvsqueeze.storage.quantized_file import checked_tensors
 from kvsqueeze.storage.ragged import segment_starts, unpack
 from kvsqueeze.storage.segments import merge_order, offsets, segment_ids, take_segments
@@ -289,6 +289,33 @@ class QuantizedStorage:
             residual_keys=self.residual_keys[residual],
             residual_values=self.residual_values[residual],
             slot_state=MappingProxyType({name: s[tokens] for name, s in self.slot_state.items()}),
+        )
+
+    def concat_rows(self, others: Sequence[LayerStorage]) -> QuantizedStorage:
+        """Segments, groups and residuals are all stored segment after segment in (row, head) order, so joining
+        rows joins each of them, codes kept as they are. Only quantized rows of the same spec join."""
+        parts: list[QuantizedStorage] = [self]
+        for other in others:
+            if not isinstance(other, QuantizedStorage) or other.spec != self.spec:
+                got = other.spec if isinstance(other, QuantizedStorage) else type(other).__name__
+                raise ValueError(f"rows quantized with {self.spec} join only rows quantized alike, not {got}")
+            parts.append(other)
+        check_alike("heads", (p.lengths.shape[1] for p in parts))
+        check_alike("key channels", (p.residual_keys.shape[-1] for p in parts))
+        check_alike("value channels", (p.residual_values.shape[-1] for p in parts))
+        check_alike("dtypes", (p.residual_keys.dtype for p in parts))
+        codes = self.codes
+        for part in parts[1:]:
+            codes = codes.cat(part.codes)
+        return replace(
+            self,
+            lengths=torch.cat([p.lengths for p in parts]),
+            groups=torch.cat([p.groups for p in parts]),
+            positions=torch.cat([p.positions for p in parts]),
+            codes=codes,
+            residual_keys=torch.cat([p.residual_keys for p in parts]),
+            residual_values=torch.cat([p.residual_values for p in parts]),
+            slot_state=concat_slot_states([(p.slot_state, p.positions) for p in parts]),
         )
 
     def pack(self, rect: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ are not stored. `view()` unpacks to the rectangular (B, H, T, D) form (a transie
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -20,7 +20,15 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from kvsqueeze.storage.base import StepView, check_names, check_positions, check_tensor
+from kvsqueeze.storage.base import (
+    LayerStorage,
+    StepView,
+    check_alike,
+    check_names,
+    check_positions,
+    check_tensor,
+    concat_slot_states,
+)
 
 __all__ = ["RaggedStorage", "segment_starts", "unpack"]
 
@@ -74,6 +82,16 @@ class RaggedStorage:
         state = {name: s.reshape(-1)[flat] for name, s in slot_state.items()}
         lengths = counts.to(torch.long).clone()
         return cls(keys[flat], kept_values, positions[flat], lengths, MappingProxyType(state))
+
+    @classmethod
+    def from_storage(cls, storage: LayerStorage) -> RaggedStorage:
+        """The filled slots of a full-precision storage (a rectangular one), in slot order; slot states follow."""
+        if isinstance(storage, RaggedStorage):
+            return storage
+        keys, values, positions = storage.view()
+        filled = positions >= 0  # (B, H, T)
+        state = {name: storage.unpack(s, 0.0)[filled] for name, s in storage.slot_state.items()}
+        return cls(keys[filled], values[filled], positions[filled], filled.sum(dim=-1), MappingProxyType(state))
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], heads: int, key_width: int, value_dim: int) -> RaggedStorage:
@@ -153,6 +171,26 @@ class RaggedStorage:
         rows = rows.to(self.lengths.device)
         return RaggedStorage(
             self.keys[idx], self.values[idx], self.positions[idx], self.lengths[rows], MappingProxyType(state)
+        )
+
+    def concat_rows(self, others: Sequence[LayerStorage]) -> RaggedStorage:
+        """Rows are runs of segments in the flat buffers, so joining rows joins the buffers. Rectangular parts are
+        packed first (their filled slots); a part of another segment layout (quantized) is refused."""
+        parts = [self]
+        for other in others:
+            if other.is_ragged and not isinstance(other, RaggedStorage):
+                raise ValueError(f"ragged rows cannot join {type(other).__name__} rows (rows quantized or not)")
+            parts.append(RaggedStorage.from_storage(other))
+        check_alike("heads", (p.lengths.shape[1] for p in parts))
+        check_alike("key channels", (p.keys.shape[-1] for p in parts))
+        check_alike("value channels", (p.values.shape[-1] for p in parts))
+        check_alike("dtypes", (p.keys.dtype for p in parts))
+        return RaggedStorage(
+            torch.cat([p.keys for p in parts]),
+            torch.cat([p.values for p in parts]),
+            torch.cat([p.positions for p in parts]),
+            torch.cat([p.lengths for p in parts]),
+            concat_slot_states([(p.slot_state, p.positions) for p in parts]),
         )
 
     def pack(self, rect: Tensor) -> Tensor:

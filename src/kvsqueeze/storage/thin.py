@@ -63,3 +63,11 @@ class KeyChannels:
 
     def select_rows(self, rows: Tensor) -> KeyChannels:
         return KeyChannels(self.channels[rows.to(self.channels.device)], self.dim)
+
+    def concat_rows(self, others: list[KeyChannels]) -> KeyChannels:
+        """These rows' channels, then each of `others`' (every part keeping as many channels of the same D)."""
+        parts = [self, *others]
+        widths = {(p.channels.shape[1:], p.dim) for p in parts}
+        if len(widths) > 1:
+            raise ValueError(f"cannot join rows keeping different key channels (heads, kept, D): {sorted(widths)}")
+        return KeyChannels(torch.cat([p.channels for p in parts]), self.dim)
