@@ -176,11 +176,13 @@ class TextStream:
 
 @dataclass
 class Delta:
-    """What one step added to one row: new text, and the finish reason on the row's last delta."""
+    """What one step added to one row: new text, and the finish reason on the row's last delta; steps: tokens the
+    row has generated so far (its end-of-sequence token included)."""
 
     row: int
     text: str
     finish_reason: FinishReason | None = None
+    steps: int = 0
 
 
 @dataclass
@@ -269,7 +271,7 @@ class Decoding:
                     if not streams[i].done and step + 1 >= samplings[i].max_new_tokens:
                         text += streams[i].end()
                     if text or streams[i].done:
-                        deltas.append(Delta(i, text, streams[i].finish_reason))
+                        deltas.append(Delta(i, text, streams[i].finish_reason, streams[i].steps))
                 self.seconds = time.perf_counter() - start
                 if deltas:
                     yield deltas

@@ -150,13 +150,15 @@ def test_streamed_deltas_join_to_the_answer(model: Any, tokenizer: Any) -> None:
     sampling = [Sampling(max_new_tokens=9, temperature=0.8, seed=5), Sampling(max_new_tokens=14)]
     kept = [layer.kept.clone() for layer in cache.full_layers()]
     run = stream(model, tokenizer, cache, [0, 0], texts, sampling)
-    pieces, finished = ["", ""], [0, 0]
+    pieces, finished, steps = ["", ""], [0, 0], [0, 0]
     for deltas in run:
         for d in deltas:
             assert finished[d.row] == 0  # nothing arrives after a row's last delta
             pieces[d.row] += d.text
             finished[d.row] += d.finish_reason is not None
+            steps[d.row] = d.steps
     assert finished == [1, 1]
+    assert steps == [s.steps for s in run.streams]  # each last delta counts the row's tokens
     full = answer(model, tokenizer, cache, [0, 0], texts, sampling)
     assert [p.strip() for p in pieces] == full.texts
     assert all(torch.equal(a, layer.kept) for a, layer in zip(kept, cache.full_layers(), strict=True))  # untouched
