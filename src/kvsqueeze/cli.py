@@ -353,7 +353,7 @@ def _add_serve_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="most context + question tokens of one request (default: the model's positions)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=_size, default="16MiB", help="largest request body")
     p.add_argument("--max-queue", type=_positive, default=64, help="requests waiting for the model (more: 503)")
-    p.add_argument("--max-batch", type=_positive, default=8, help="requests over one context decoded together")
+    p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together (running rows)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,19 @@
-"""Many clients at once: every request completes with the answer it gets alone, a client that leaves stops its
-generation, and a full queue is a 503 (not a wait without end)."""
+"""Many clients at once (continuous batching): every request completes with the answer it gets alone, whatever
+requests over other documents and compression settings run beside it; decode steps batch several rows; a client that
+leaves frees its row while the others go on; and a full queue is a 503 (not a wait without end)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
+import requests
 
 from tests.serve.live import QUESTIONS, Live, live_server, wait_until
 from tests.tiny import training_corpus
@@ -37,8 +42,73 @@ def test_concurrent_clients_get_the_sequential_answers(server: Live) -> None:
     assert after["kvsqueeze_context_kv_bytes"] == held  # answering added nothing to what the contexts hold
     assert after["kvsqueeze_running_requests"] == 0 and after["kvsqueeze_queued_requests"] == 0
     rows = after["kvsqueeze_batch_rows_sum"] - before["kvsqueeze_batch_rows_sum"]
-    batches = after["kvsqueeze_batch_rows_count"] - before["kvsqueeze_batch_rows_count"]
-    assert rows == 16 and batches <= 16  # every request decoded once (several per batch when they waited together)
+    generated = after["kvsqueeze_generated_tokens_total"] - before["kvsqueeze_generated_tokens_total"]
+    assert rows == generated  # every row of every step took one token
+
+
+COMPRESSIONS = [
+    {"method": "knorm", "ratio": 0.5},
+    {"method": "snapkv", "ratio": 0.25, "options": {"window": 4}},
+    {"method": "none"},
+]
+
+
+def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def streamed(live: Live, question: str, system: str, max_tokens: int) -> tuple[requests.Response, Iterator[str]]:
+    """A greedy streamed chat over `system` whose first text has arrived (its row is decoding): (the response, an
+    iterator of its text pieces, the first one included, to the end of the answer)."""
+    body = {"model": live.model_name, "messages": [{"role": "system", "content": system},
+            {"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}  # fmt: skip
+    response = live.post("/v1/chat/completions", body, stream=True)
+    chunks = (json.loads(line[6:]) for line in response.iter_lines() if line.startswith(b"data: {"))
+    assert next(chunks)["choices"][0]["delta"]["role"] == "assistant"
+    first = next(chunks)["choices"][0]
+    pieces = (c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return response, itertools.chain([first["delta"].get("content") or ""], pieces)
+
+
+def test_requests_over_other_documents_and_compressions_share_decode_steps(server: Live) -> None:
+    work = [(d, c, q) for d in range(2) for c in range(3) for q in range(2) if (d + c + q) % 2 == 0]  # 6 requests
+
+    def ask(key: tuple[int, int, int]) -> str | None:
+        d, c, q = key
+        reply = server.chat(QUESTIONS[q], system=DOCS[d], max_tokens=12,
+                            extra_body={"kv_compression": COMPRESSIONS[c]})  # fmt: skip
+        return reply.choices[0].message.content
+
+    alone = {key: ask(key) for key in work}  # one at a time; each context cached
+    before = server.metrics()
+    holder, _ = streamed(server, QUESTIONS[0], DOCS[1], 400)  # a row running while the others arrive
+    with ThreadPoolExecutor(len(work)) as pool:
+        together = dict(zip(work, pool.map(ask, work), strict=True))
+    holder.close()
+    assert together == alone
+    wait_until(lambda: server.metrics()["kvsqueeze_running_requests"] == 0, what="the batch to empty")
+    after = server.metrics()
+    steps = delta(before, after, "kvsqueeze_batch_rows_count")
+    single = delta(before, after, "kvsqueeze_batch_rows_bucket{le=1.0}")
+    assert steps > single  # some steps decoded several rows: rows over different contexts and compressions
+    assert delta(before, after, "kvsqueeze_prefills_total") == 0
+    assert delta(before, after, "kvsqueeze_batch_rows_sum") == delta(before, after, "kvsqueeze_generated_tokens_total")
+
+
+def test_a_client_leaving_frees_its_row_while_the_others_go_on(server: Live) -> None:
+    want = server.chat(QUESTIONS[1], system=DOCS[0], max_tokens=60)
+    before = server.metrics()
+    leaving, _ = streamed(server, QUESTIONS[0], DOCS[1], 400)
+    staying, pieces = streamed(server, QUESTIONS[1], DOCS[0], 60)
+    leaving.close()  # mid-stream: its row leaves at the next step
+    wait_until(lambda: delta(before, server.metrics(), "kvsqueeze_cancelled_requests_total") == 1,
+               what="the row to be freed")  # fmt: skip
+    assert "".join(pieces) == want.choices[0].message.content  # the other row went on, to the answer it gets alone
+    staying.close()
+    wait_until(lambda: server.metrics()["kvsqueeze_running_requests"] == 0, what="the batch to empty")
+    after = server.metrics()
+    assert delta(before, after, "kvsqueeze_generated_tokens_total") < 400 + 60  # the leaving row stopped early
 
 
 def test_a_client_leaving_mid_stream_stops_its_generation(server: Live) -> None:
@@ -58,8 +128,30 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server: Live) -> None:
     assert server.chat("Hello", max_tokens=2).choices[0].message.content is not None  # the server goes on
 
 
+@pytest.mark.parametrize(
+    "compression",
+    [{"method": "h2o", "ratio": 0.5}, {"method": "think", "ratio": 0.0, "options": {"key_channel_ratio": 0.5}}],
+    ids=["compresses-while-decoding", "thin-keys"],
+)
+def test_a_request_that_cannot_share_the_batch_waits_for_it_to_empty(server: Live, compression: dict) -> None:
+    def ask() -> str | None:
+        reply = server.chat(QUESTIONS[1], system=DOCS[0], max_tokens=10, extra_body={"kv_compression": compression})
+        return reply.choices[0].message.content
+
+    alone = ask()
+    holder, _ = streamed(server, QUESTIONS[0], DOCS[1], 400)  # knorm, no decoding-time method; runs to 400 tokens
+    answers: list[str | None] = []
+    waiting = threading.Thread(target=lambda: answers.append(ask()), daemon=True)
+    waiting.start()
+    wait_until(lambda: server.metrics()["kvsqueeze_queued_requests"] == 1, what="the request to wait")
+    assert waiting.is_alive() and server.metrics()["kvsqueeze_running_requests"] == 1  # it did not join
+    holder.close()  # the batch empties: it runs
+    waiting.join(60)
+    assert answers == [alone]
+
+
 def test_a_full_queue_is_503(model_dir: Path) -> None:
-    with live_server(model_dir, max_queue=1, max_tokens_limit=1000) as live:
+    with live_server(model_dir, max_queue=1, max_batch=1, max_tokens_limit=1000) as live:  # one row runs at a time
         body = {"model": live.model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000,
                 "temperature": 0, "stream": True}  # fmt: skip
         running = live.post("/v1/chat/completions", body, stream=True)  # keeps the model busy

@@ -1,9 +1,8 @@
-"""The model's work, run only by the scheduler's thread: split and tokenize a job's prompt, find its compressed
-context (memory, disk) or prefill and compress it, and decode a batch of jobs over one context as rows of one
-`kvsqueeze.generation.stream`.
+"""The model's work, run only by the scheduler's thread: split and tokenize a job's prompt and find its compressed
+context (memory, disk) or prefill and compress it. Decoding is the running batch's (`serve/batch.py`).
 
-Every job over a cached context decodes from a copy of its rows (`KVCache.select_rows`), so the cached context is
-never changed by answering, whatever the job does.
+Every job over a cached context decodes from a copy of its row (`BatchDecoder.add` copies it), so the cached context
+is never changed by answering, whatever the job does.
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ from typing import Any
 import torch
 
 from kvsqueeze.fingerprint import model_fingerprint
-from kvsqueeze.generation import encode, stream
+from kvsqueeze.generation import encode
 from kvsqueeze.memory import cache_bytes, cache_stats
 from kvsqueeze.models import get_adapter
-from kvsqueeze.pipeline import decoding_method, prefill
+from kvsqueeze.pipeline import prefill
 from kvsqueeze.serve.errors import APIError
-from kvsqueeze.serve.jobs import ContextReady, Finished, Job, Started, Text
+from kvsqueeze.serve.jobs import ContextReady, Job
 from kvsqueeze.serve.metrics import Metrics
 from kvsqueeze.serve.prompts import chat_over_document, chat_prompt, completion_prompt, document_head, head_ids
 from kvsqueeze.serve.settings import ServerSettings
@@ -135,36 +134,3 @@ class Engine:
         stored, found = self.context(job)
         held = self.store.holds(stored.id)
         job.post(ContextReady(stored.id, stored.info, found, held))
-
-    def run_batch(self, jobs: list[Job]) -> None:
-        """Decode prepared jobs over one context (the first job's), as rows of one batch."""
-        stored, found = self.context(jobs[0])
-        for job in jobs:
-            job.post(Started(job.prompt_tokens, stored.id, found))
-            self.metrics.prompt_tokens.inc(job.prompt_tokens)
-        self.metrics.batch_rows.observe(len(jobs))
-        method = jobs[0].method
-        run = stream(self.model, self.tokenizer, stored.cache, [0] * len(jobs), [j.question or "" for j in jobs],
-                     [j.sampling for j in jobs], decoding_method(method, None))  # fmt: skip
-        start = time.perf_counter()
-        for deltas in run:
-            now = time.perf_counter()
-            for delta in deltas:
-                job = jobs[delta.row]
-                if delta.text:
-                    if job.first_text is None:
-                        job.first_text = now
-                        self.metrics.time_to_first_token.observe(now - job.created)
-                    job.post(Text(delta.text))
-                if delta.finish_reason is not None:
-                    job.post(Finished(delta.finish_reason, run.streams[delta.row].steps))
-            self._drop_cancelled(jobs, run.streams)
-        self.metrics.decode_seconds.inc(time.perf_counter() - start)
-        self.metrics.generated_tokens.inc(sum(s.steps for s in run.streams))
-
-    def _drop_cancelled(self, jobs: list[Job], streams: list[Any]) -> None:
-        """Rows whose client left end now (the decode loop skips finished rows and stops when all are)."""
-        for job, row in zip(jobs, streams, strict=True):
-            if job.cancelled.is_set() and not row.done:
-                row.end()
-                self.metrics.cancelled.inc()

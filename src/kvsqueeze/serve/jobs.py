@@ -2,8 +2,8 @@
 
 The route builds a `Job` (everything checked that can be checked without the model) and awaits its `events`; the
 engine, in the scheduler's thread, posts events to it with `post` (through the loop's thread-safe callback, never
-touching the asyncio queue from its own thread). A client that leaves sets `cancelled`; the engine stops that row
-between two decode steps.
+touching the asyncio queue from its own thread). A client that leaves sets `cancelled`; its row leaves the running
+batch before the next decode step.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kvsqueeze.generation import FinishReason, Sampling
 from kvsqueeze.methods.base import Method
 from kvsqueeze.serve.compression import Compression
 from kvsqueeze.serve.errors import APIError
-from kvsqueeze.serve.store import Found
+from kvsqueeze.serve.store import Found, StoredContext
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,9 @@ class Job:
     prefix_tokens: int = 0  # set by the route for a known context (its token count), else by the engine
     prompt_tokens: int = 0
     first_text: float | None = None
+    # set by the running batch: the context found for a job waiting to join it, and where it was found
+    context: StoredContext | None = None
+    found: Found | None = None
 
     def post(self, event: Event) -> None:
         """Hand an event to the route awaiting this job (from any thread)."""

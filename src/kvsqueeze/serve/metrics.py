@@ -66,8 +66,8 @@ class Metrics:
                                          buckets=_SECONDS, registry=r)  # fmt: skip
         self.cancelled = Counter("kvsqueeze_cancelled_requests", "Generations stopped by a client leaving", registry=r)
         self.queued = Gauge("kvsqueeze_queued_requests", "Requests waiting for the model", registry=r)
-        self.running = Gauge("kvsqueeze_running_requests", "Requests being decoded", registry=r)
-        self.batch_rows = Histogram("kvsqueeze_batch_rows", "Rows decoded together in one batch",
+        self.running = Gauge("kvsqueeze_running_requests", "Requests in the running batch", registry=r)
+        self.batch_rows = Histogram("kvsqueeze_batch_rows", "Rows advanced together by one decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)  # fmt: skip
         r.register(StoreCollector(store))
 

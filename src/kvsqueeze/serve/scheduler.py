@@ -1,13 +1,14 @@
 """The scheduler: one worker thread that alone runs the model, fed by a bounded queue of jobs.
 
-The event loop only submits jobs and awaits their events, so it never waits on the model. The worker prepares every
-job that arrived (tokenizes it and names its context), then runs the oldest job with the jobs waiting over the same
-context (up to `max_batch`) as rows of one batched decode: one forward per step for all of them. Jobs that arrive
-meanwhile wait for the next batch.
-
-Continuous batching (rows joining and leaving a running batch between steps, rows over different contexts side by
-side) needs a decode step that can run outside a generator and caches of different contexts merged into one; the
-queue, the preparation and the per-step cancellation here stay as they are when it comes.
+The event loop only submits jobs and awaits their events, so it never waits on the model. The worker loops in rounds,
+one decode step each (continuous batching):
+1. prepare every job that arrived (split and tokenize its prompt, name its context);
+2. run the context jobs (`POST /v1/contexts`: a prefill, no row);
+3. admit waiting jobs into the running batch, oldest first, while it has fewer than `max_batch` rows: each finds its
+   context (a prefill on a miss) and joins beside the running rows, whatever their contexts and compression; a job
+   that cannot sit beside them (`serve/batch.py`) waits, and so does everyone behind it, until the batch empties;
+4. drop the rows whose clients left, and run one decode step of every running row.
+A prefill (steps 2 and 3) pauses the running rows for its duration: the model does one thing at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import threading
 from collections import deque
 
+from kvsqueeze.serve.batch import RunningBatch
 from kvsqueeze.serve.engine import Engine
 from kvsqueeze.serve.errors import APIError, bad_request, internal_error
 from kvsqueeze.serve.jobs import Failed, Job
@@ -30,16 +32,18 @@ def overloaded(waiting: int) -> APIError:
 
 
 class Scheduler:
-    """Runs jobs on `engine` in its own thread; at most `max_queue` jobs wait (more are refused with a 503)."""
+    """Runs jobs on `engine` in its own thread; at most `max_queue` jobs wait (more are refused with a 503) and at
+    most `max_batch` are decoded together."""
 
     def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, max_batch: int) -> None:
         self.engine, self.metrics, self.max_queue, self.max_batch = engine, metrics, max_queue, max_batch
         self._incoming: deque[Job] = deque()  # submitted, not yet prepared
-        self._ready: list[Job] = []  # prepared, waiting for their batch (touched by the worker only)
-        self._backlog = 0  # jobs submitted whose batch has not started yet
+        self._ready: list[Job] = []  # prepared, waiting to join the batch (touched by the worker only)
+        self._backlog = 0  # jobs submitted that have not joined the batch (or run, for a context job) yet
         self._cond = threading.Condition()
         self._stopping = False
-        self._running: list[Job] = []
+        self._batch = RunningBatch(engine, metrics, max_batch)  # touched by the worker only
+        self._running: list[Job] = []  # the batch's jobs after the last round (read by `stop`)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -47,7 +51,7 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the worker: waiting jobs are answered with a 503, a running batch is cancelled."""
+        """Stop the worker: waiting and running jobs are answered with a 503 once the current step ends."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -88,14 +92,17 @@ class Scheduler:
         finally:
             with self._cond:
                 self._stopping = True
-                left = [*self._ready, *self._incoming]
+                left = [*self._batch.clear(), *self._ready, *self._incoming]
                 self._ready, self._incoming = [], deque()
+            self._running = []
+            self.metrics.running.set(0)
             self._refuse(left)
 
     def _round(self) -> bool:
-        """Prepare what arrived, then run the oldest batch; False once the scheduler is stopping."""
+        """Prepare what arrived, run context jobs, admit jobs into the batch, then one decode step; False once the
+        scheduler is stopping."""
         with self._cond:
-            while not self._incoming and not self._ready and not self._stopping:
+            while not self._incoming and not self._ready and not len(self._batch) and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return False
@@ -104,10 +111,15 @@ class Scheduler:
         self._ready += [job for job in arrived if self._prepare(job)]
         self._started([job for job in self._ready if job.cancelled.is_set()])
         self._ready = [job for job in self._ready if not job.cancelled.is_set()]
-        if self._ready:
-            batch = self._take(self._ready)
-            self._ready = [job for job in self._ready if job not in batch]
-            self._run(batch)
+        self._run_contexts()
+        self._admit()
+        self._batch.drop_cancelled()
+        try:
+            self._batch.step()
+        except Exception as err:  # the running jobs are answered with the error; the worker lives on
+            self._fail(self._batch.clear(), err)
+        self._running = list(self._batch.jobs.values())
+        self.metrics.running.set(len(self._running))
         return True
 
     def _prepare(self, job: Job) -> bool:
@@ -120,28 +132,27 @@ class Scheduler:
             self._fail([job], err)
             return False
 
-    def _take(self, ready: list[Job]) -> list[Job]:
-        """The oldest job and the generation jobs waiting over the same context, up to `max_batch`."""
-        head = ready[0]
-        if head.kind == "context":
-            return [head]
-        same = [job for job in ready if job.kind == "generate" and job.context_id == head.context_id]
-        return same[: self.max_batch]
+    def _run_contexts(self) -> None:
+        """Context jobs take no row: they run as soon as they are prepared."""
+        for job in [job for job in self._ready if job.kind == "context"]:
+            self._ready.remove(job)
+            self._started([job])
+            try:
+                self.engine.run_context(job)
+            except Exception as err:
+                self._fail([job], err)
 
-    def _run(self, batch: list[Job]) -> None:
-        self._started(batch)
-        self._running = batch
-        self.metrics.running.set(len(batch))
-        try:
-            if batch[0].kind == "context":
-                self.engine.run_context(batch[0])
-            else:
-                self.engine.run_batch(batch)
-        except Exception as err:  # the batch is answered with the error; the worker lives on
-            self._fail(batch, err)
-        finally:
-            self._running = []
-            self.metrics.running.set(0)
+    def _admit(self) -> None:
+        """Waiting jobs join the batch, oldest first, while it has room and they can sit beside its rows."""
+        while self._ready and not self._batch.full:
+            job = self._ready[0]
+            try:
+                if not self._batch.admit(job):
+                    return  # it waits for the batch to empty, and the jobs behind it with it
+            except Exception as err:  # its context could not be made: answered, and it leaves the queue
+                self._fail([job], err)
+            self._ready.pop(0)
+            self._started([job])
 
     def _fail(self, jobs: list[Job], err: Exception) -> None:
         if isinstance(err, APIError):

@@ -43,7 +43,7 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # context + question tokens of one request; None: the model's positions
     max_body_bytes: int = 16 * 2**20  # a request body larger than this is refused (413)
     max_queue: int = 64  # requests waiting for the model; one more is refused (503)
-    max_batch: int = 8  # requests over the same context decoded together as rows of one batch
+    max_batch: int = 8  # requests decoded together as rows of the running batch (any contexts); the others wait
 
     def __post_init__(self) -> None:
         check_str("model_name", self.model_name, empty_ok=False)
