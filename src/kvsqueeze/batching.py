@@ -64,10 +64,10 @@ class BatchDecoder:
         self.model, self.tokenizer, self.decode = model, tokenizer, decode
         self.eos = eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
-        self.cache: KVCache | None = None  # the running rows, row i = self.running[i]
-        self.running: list[Row] = []
-        self.waiting: list[Row] = []  # added since the last step: their question is not prefilled yet
-        self.next_id = 0
+        self.cache: KVCache | None = None  # the running rows, row i = self._running[i]
+        self._running: list[Row] = []
+        self._waiting: list[Row] = []  # added since the last step: their question is not prefilled yet
+        self._next_id = 0
 
     def __len__(self) -> int:
         """Rows not finished nor removed: running or waiting to start."""
@@ -76,12 +76,12 @@ class BatchDecoder:
     @property
     def rows(self) -> list[int]:
         """Ids of the rows not finished nor removed, running ones first."""
-        return [row.id for row in self.running if not row.removed] + [row.id for row in self.waiting]
+        return [row.id for row in self._running if not row.removed] + [row.id for row in self._waiting]
 
     def problem(self, cache: KVCache) -> str | None:
         """Why rows of `cache` cannot join this batch (`KVCache.concat_problem`), None when they can."""
         others = [self.cache] if self.cache is not None else []
-        others += [row.cache for row in self.waiting if row.cache is not None]
+        others += [row.cache for row in self._waiting if row.cache is not None]
         return None if not others else others[0].concat_problem(cache)
 
     def add(self, cache: KVCache, question_text: str, sampling: Sampling | int = 32, row: int = 0) -> int:
@@ -101,21 +101,21 @@ class BatchDecoder:
             raise ValueError(f"these rows cannot join the batch: {problem}")
         own = cache.select_rows(torch.tensor([row], device=cache.device))
         stream = TextStream(self.tokenizer, self.eos, sampling.stop)
-        new = Row(self.next_id, sampling, generator_for(sampling, self.device), stream, question, own)
-        self.next_id += 1
-        self.waiting.append(new)
+        new = Row(self._next_id, sampling, generator_for(sampling, self.device), stream, question, own)
+        self._next_id += 1
+        self._waiting.append(new)
         return new.id
 
     def remove(self, row_id: int) -> None:
         """Stop row `row_id` (a client that left): it gives no more deltas and leaves the batch at the next step. A
         ValueError for an id that is not running or waiting (finished rows are gone)."""
-        for row in self.running:
+        for row in self._running:
             if row.id == row_id and not row.removed:
                 row.removed = True
                 return
-        for row in self.waiting:
+        for row in self._waiting:
             if row.id == row_id:
-                self.waiting.remove(row)
+                self._waiting.remove(row)
                 return
         raise ValueError(f"no row {row_id} is running or waiting (running: {self.rows})")
 
@@ -123,37 +123,37 @@ class BatchDecoder:
     def step(self) -> list[Delta]:
         """Advance every row by one token (see the module docstring); the deltas of the rows whose text grew or that
         finished, a finished row's last delta carrying its finish reason."""
-        self.regroup([])
-        deltas = self.decode_running()
-        started = self.start_waiting(deltas)
-        self.regroup(started)
+        self._regroup([])
+        deltas = self._decode_running()
+        started = self._start_waiting(deltas)
+        self._regroup(started)
         return deltas
 
-    def decode_running(self) -> list[Delta]:
+    def _decode_running(self) -> list[Delta]:
         """One forward of the running rows' last tokens over the batch cache."""
-        if self.cache is None or not self.running:
+        if self.cache is None or not self._running:
             return []
-        ids = torch.tensor([[row.token] for row in self.running], device=self.device)
+        ids = torch.tensor([[row.token] for row in self._running], device=self.device)
         with compress(self.model, self.decode):
             logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
-        picks = choose_tokens(logits[:, -1], [r.sampling for r in self.running], [r.generator for r in self.running])
+        picks = choose_tokens(logits[:, -1], [r.sampling for r in self._running], [r.generator for r in self._running])
         deltas: list[Delta] = []
-        for row, token in zip(self.running, picks.tolist(), strict=True):
-            self.push(row, token, deltas)
+        for row, token in zip(self._running, picks.tolist(), strict=True):
+            self._push(row, token, deltas)
         return deltas
 
-    def start_waiting(self, deltas: list[Delta]) -> list[Row]:
+    def _start_waiting(self, deltas: list[Delta]) -> list[Row]:
         """Each waiting row's question forward, alone over its own cache: its first token. Returns the rows started."""
-        started, self.waiting = self.waiting, []
+        started, self._waiting = self._waiting, []
         for row in started:
             assert row.cache is not None
             ids = torch.tensor([row.question], device=self.device)
             with compress(self.model, self.decode):
                 out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True, logits_to_keep=1)
-            self.push(row, int(choose_tokens(out.logits[:, -1], [row.sampling], [row.generator])[0]), deltas)
+            self._push(row, int(choose_tokens(out.logits[:, -1], [row.sampling], [row.generator])[0]), deltas)
         return started
 
-    def push(self, row: Row, token: int, deltas: list[Delta]) -> None:
+    def _push(self, row: Row, token: int, deltas: list[Delta]) -> None:
         """Hand a row its next token; a delta when its text grew or it finished (at max_new_tokens at the latest)."""
         text = row.text.push(token)
         if not row.text.done and row.text.steps >= row.sampling.max_new_tokens:
@@ -162,19 +162,19 @@ class BatchDecoder:
         if text or row.text.done:
             deltas.append(Delta(row.id, text, row.text.finish_reason, row.text.steps))
 
-    def regroup(self, started: list[Row]) -> None:
+    def _regroup(self, started: list[Row]) -> None:
         """Rebuild the batch cache when rows leave (finished or removed) or join (the `started` ones not finished)."""
-        staying = [i for i, row in enumerate(self.running) if not row.removed and not row.text.done]
+        staying = [i for i, row in enumerate(self._running) if not row.removed and not row.text.done]
         joining = [row for row in started if not row.text.done]
-        if len(staying) == len(self.running) and not joining:
+        if len(staying) == len(self._running) and not joining:
             return
         parts = []
-        if self.cache is not None and len(staying) == len(self.running):
+        if self.cache is not None and len(staying) == len(self._running):
             parts.append(self.cache)
         elif self.cache is not None and staying:
             parts.append(self.cache.select_rows(torch.tensor(staying, device=self.cache.device)))
         parts += [row.cache for row in joining if row.cache is not None]
-        self.running = [self.running[i] for i in staying] + joining
+        self._running = [self._running[i] for i in staying] + joining
         for row in joining:
             row.cache = None
         self.cache = parts[0].concat_rows(parts[1:]) if parts else None
