@@ -28,6 +28,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
 from kvsqueeze import step
+from kvsqueeze.layerfile import layer_tensors, read_layer_tensors
 from kvsqueeze.quantization import QuantSpec
 from kvsqueeze.storage import (
     DenseStorage,
@@ -35,8 +36,6 @@ from kvsqueeze.storage import (
     LayerStorage,
     QuantizedStorage,
     StepView,
-    check_tensor,
-    from_tensors,
 )
 
 __all__ = ["BytesTracker", "KVLayer", "LayerSnapshot"]
@@ -357,45 +356,16 @@ class KVLayer(DynamicLayer):
         self.query_positions = None
 
     def to_tensors(self) -> dict[str, Tensor]:
-        """Everything needed to rebuild this layer: the storage's tensors plus `seen`, `total_seen` (and the kept
-        `key_channels` with `key_dim` for thin keys)."""
+        """Everything needed to rebuild this layer (`layer_tensors`)."""
         assert self.storage is not None and self.seen is not None
-        parts = {**self.storage.to_tensors(), "seen": self.seen}
-        parts["total_seen"] = torch.tensor([self.total_seen], dtype=torch.long)
-        if self.thin is not None:
-            parts["key_channels"] = self.thin.channels
-            parts["key_dim"] = torch.tensor([self.thin.dim], dtype=torch.long)
-        return parts
+        return layer_tensors(self.storage, self.seen, self.total_seen, self.thin)
 
     def load_tensors(self, parts: dict[str, Tensor], heads: int, head_dim: int) -> None:
         """Fill an empty layer from `to_tensors`' output read back from a file, for a model with `heads` KV heads of
-        `head_dim` channels. Every tensor is checked first: a ValueError says what is wrong and nothing is kept."""
-        meta = {"seen", "total_seen"} | ({"key_channels", "key_dim"} if "key_channels" in parts else set())
-        missing = sorted(meta - set(parts))
-        if missing:
-            raise ValueError(f"tensors {missing} are missing")
-        seen, total = parts["seen"], parts["total_seen"]
-        check_tensor("seen", seen, (None,), floating=False)
-        check_tensor("total_seen", total, (1,), floating=False)
-        if bool((seen < 0).any()) or (seen.numel() and int(total[0]) < int(seen.max())):
-            raise ValueError(f"seen {seen.tolist()} must be >= 0 and at most total_seen {int(total[0])}")
-        thin = None
-        if "key_channels" in parts:
-            check_tensor("key_dim", parts["key_dim"], (1,), floating=False)
-            if int(parts["key_dim"][0]) != head_dim:
-                raise ValueError(f"key_dim {int(parts['key_dim'][0])} is not the model's head dim {head_dim}")
-            thin = KeyChannels.checked(parts["key_channels"], len(seen), heads, head_dim, parts["key_channels"].device)
-        kv = {name: t for name, t in parts.items() if name not in meta}
-        width = head_dim if thin is None else thin.channels.shape[-1]
-        storage = from_tensors(kv, heads, width, head_dim)
-        _, _, positions = storage.view()
-        if positions.shape[0] != len(seen):
-            raise ValueError(f"the layer holds {positions.shape[0]} rows but seen has {len(seen)}")
-        if bool((positions >= seen.to(positions.device)[:, None, None]).any()):
-            raise ValueError("a kept position is not below its row's seen tokens")
-        if self.is_sliding and storage.is_ragged:
-            raise ValueError("a sliding-window layer is never stored ragged or quantized")
-        self.storage, self.seen, self.total_seen, self.thin = storage, seen.long(), int(total[0]), thin
-        self.quant = storage.spec if isinstance(storage, QuantizedStorage) else None
-        self.dtype, self.device, self.is_initialized = storage.keys.dtype, storage.keys.device, True
+        `head_dim` channels. Every tensor is checked first (`read_layer_tensors`): a ValueError says what is wrong and
+        nothing is kept."""
+        read = read_layer_tensors(parts, heads, head_dim, self.is_sliding)
+        self.storage, self.seen, self.total_seen, self.thin = read.storage, read.seen, read.total_seen, read.thin
+        self.quant = read.storage.spec if isinstance(read.storage, QuantizedStorage) else None
+        self.dtype, self.device, self.is_initialized = read.storage.keys.dtype, read.storage.keys.device, True
         self.tracker.add(self.nbytes())
