@@ -95,6 +95,23 @@ def _lengths(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"context lengths must be integers >= 1, got {text!r}") from None
 
 
+def _kv_bits_list(text: str) -> list[int | None]:
+    """--kv-bits 16,8,4,2: integers, with 'none' (and 16 or 32, as the bench reads them) for full precision; the
+    bench checks the values (2, 4 or 8) before the model loads."""
+    out: list[int | None] = []
+    for token in _names(text):
+        if token.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(int(token))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bits must be 2, 4, 8, or 16/none for full precision; got {token!r}"
+            ) from None
+    return out
+
+
 def _method_option(text: str) -> tuple[str, str, Any]:
     key, value = _parse_option(text)
     method, dot, name = key.partition(".")
@@ -300,6 +317,15 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--chunk-size", type=_positive, default=None, help="prefill each context in chunks of N tokens")
     p.add_argument("--decode-target", type=_positive, default=None, help="while answering, compress to N tokens")
     p.add_argument("--decode-every", type=_positive, default=32, help="... every K new tokens")
+    p.add_argument(
+        "--kv-bits",
+        type=_kv_bits_list,
+        default=None,
+        help="comma-separated bits: every cell also runs with its kept keys/values quantized to each (8, 4, 2; 16 or "
+        "none = full precision); default: full precision only",
+    )
+    p.add_argument("--kv-group-size", type=int, default=32, help="with --kv-bits: values sharing a scale and zero")
+    p.add_argument("--kv-residual", type=int, default=64, help="with --kv-bits: newest tokens kept in full precision")
     p.add_argument(
         "--out",
         type=Path,
@@ -659,7 +685,14 @@ def _bench_config(args: argparse.Namespace) -> Any:
         options.setdefault(method, {})[key] = value
     return default_config(args.suite, **grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
                           max_new_tokens=args.max_new_tokens, decode_every=args.decode_every, **forward,
-                          name="custom" if custom else args.suite)  # fmt: skip
+                          name="custom" if custom else args.suite, **_quant_axis(args))  # fmt: skip
+
+
+def _quant_axis(args: argparse.Namespace) -> dict[str, Any]:
+    """bench's quantization axis. It does not make the grid custom nor name its folder: rows are keyed by their bits,
+    so `--kv-bits` added to a command resumes in the folder of the same command without it."""
+    bits = None if args.kv_bits is None else tuple(args.kv_bits)
+    return {"kv_bits": bits, "kv_group_size": args.kv_group_size, "kv_residual": args.kv_residual}
 
 
 def _default_out(config: Any, model: str) -> Path:
@@ -671,7 +704,9 @@ def _default_out(config: Any, model: str) -> Path:
 
     if config.name in SUITES and config.max_new_tokens is None:
         return Path("results") / "bench" / config.name
-    doc = json.dumps([dataclasses.asdict(config), model], sort_keys=True, default=str)
+    quant_axis = ("kv_bits", "kv_group_size", "kv_residual")  # left out: see _quant_axis
+    grid = {k: v for k, v in dataclasses.asdict(config).items() if k not in quant_axis}
+    doc = json.dumps([grid, model], sort_keys=True, default=str)
     return Path("results") / "bench" / f"custom-{hashlib.sha1(doc.encode()).hexdigest()[:8]}"
 
 

@@ -75,6 +75,12 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(model_dir: Path, tmp_path: Path
         (["--option", "window=8"], "METHOD.KEY=VALUE"),
         (["--budget-policy", "adakvv"], "invalid choice: 'adakvv'"),
         (["--chunk-size", "0"], "expected a positive integer"),
+        (
+            ["--kv-bits", "16,four"],
+            "argument --kv-bits: bits must be 2, 4, 8, or 16/none for full precision; got 'four'",
+        ),
+        (["--kv-bits", "4,3"], "kv_bits must be one of 2, 4, 8, got 3"),
+        (["--kv-bits", "4", "--kv-group-size", "0"], "kv_group_size must be an integer >= 1"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(args: list[str], message: str, capsys) -> None:
@@ -83,6 +89,31 @@ def test_bad_values_exit_2_with_a_clear_message(args: list[str], message: str, c
         raise SystemExit(code)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_kv_bits_fail_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    args = ["bench", "--model", str(tmp_path / "no-model"), "--tasks", "fake", "--lengths", "40", "--kv-bits", "8,5"]
+    assert main(args) == 2  # the bits' error, not the missing model's: the model was never loaded
+    assert "kv_bits must be one of 2, 4, 8, got 5" in capsys.readouterr().err
+
+
+def test_kv_bits_add_quantized_rows_to_the_folder_of_the_same_command(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """--kv-bits is an axis of the grid: the default results folder stays that of the command without it, so the
+    full-precision rows are kept and only the quantized ones are computed; the report labels them none@4bit."""
+    monkeypatch.chdir(tmp_path)
+    base = ["bench", "--model", str(model_dir), "--tasks", "fake", "--lengths", "40", "--samples", "1", "--methods",
+            "none", "--no-progress"]  # fmt: skip
+    assert main(base) == 0
+    assert main([*base, "--kv-bits", "16,4", "--kv-group-size", "8", "--kv-residual", "8"]) == 0
+    (out,) = (tmp_path / "results" / "bench").iterdir()
+    rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    assert [(r["kv_bits"], r.get("kv_group_size")) for r in rows] == [(None, None)] * 2 + [(4, 8)] * 2  # 2 questions
+    assert rows[2]["kv_bytes_after"] < rows[0]["kv_bytes_after"]
+    printed = capsys.readouterr().out
+    assert "| none@4bit |" in printed
+    assert "Frontier" in (out / "report.md").read_text() and (out / "score_vs_kv_mib.png").is_file()
 
 
 def test_report_of_a_directory_without_results_exits_2(tmp_path: Path, capsys) -> None:

@@ -5,9 +5,14 @@ and transformers, the model (name and `model_fingerprint`), its dtype, device an
 tokenizer's chat template, and how every cell runs (the answer length override, query-aware prompts, the budget
 policy, chunked prefill, compression while answering). Rows are keyed by the identity's hash plus the question's
 content (`results.content_hash`), so the grid may grow in the same folder (more methods, ratios, tasks, samples,
-datasets) and an edited dataset row is computed again, alone. A run whose identity differs is refused before it
-computes anything, with the fields that differ; `new_run=True` writes into the first folder next to it (OUT-2,
-OUT-3, ...) that is empty or holds this very run, so the same command resumes there too.
+datasets, bits of the quantization axis) and an edited dataset row is computed again, alone. A run whose identity
+differs is refused before it computes anything, with the fields that differ; `new_run=True` writes into the first
+folder next to it (OUT-2, OUT-3, ...) that is empty or holds this very run, so the same command resumes there too.
+
+A row's quantization (`kv_bits`, and for a quantized row its group size and residual) is part of its key
+(`results.row_key`), not of the identity: one folder holds full-precision and quantized rows side by side, so the
+report can put them on one score-vs-bytes plot; rows at other bits or group settings are never taken for each other;
+and a folder written before the quantization axis existed (full-precision rows without the field) resumes as it is.
 
 The lock is an advisory `fcntl.flock` on `bench.lock` inside the folder, held for the whole run (the file stays; it
 holds the pid of the last holder). A second bench into the same folder stops at once with FolderBusyError. Where

@@ -1,7 +1,8 @@
 """The benchmark report: from a results directory, Markdown and HTML pages with the methods x ratios table and
-PNG plots (score vs compression ratio with 95% error bars, KV bytes vs ratio, prefill time per method). The plots
-are written next to the pages; report.html also embeds them (data URIs), so it is one self-contained file. Plots
-need matplotlib (the `plot` extra): without it the pages are still written and say the plots were skipped.
+PNG plots (score vs compression ratio with 95% error bars, KV bytes vs ratio, prefill time per method, and score vs
+KV MiB with every (method, ratio, bits) cell and the frontier of `frontier.py`). The plots are written next to the
+pages; report.html also embeds them (data URIs), so it is one self-contained file. Plots need matplotlib (the `plot`
+extra): without it the pages are still written and say the plots were skipped.
 
 The numbers come from `summary.py`: every score is printed in % with its 95% interval, and a compressed score that
 differs from the uncompressed one on the same questions (p < 0.05, paired test) is marked with `*`.
@@ -12,10 +13,12 @@ from __future__ import annotations
 import base64
 import html
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvsqueeze.bench import frontier
 from kvsqueeze.bench.results import NONE, RESULTS, read_config, read_jsonl, report_key
 from kvsqueeze.bench.statistics import ALPHA, LEVEL, Interval, PairedTest
 from kvsqueeze.bench.summary import Summary, summarize
@@ -26,6 +29,7 @@ PLOTS = {
     "score_vs_ratio.png": "Score vs compression ratio",
     "kv_bytes_vs_ratio.png": "KV cache size vs compression ratio",
     "prefill_time.png": "Prefill time per method",
+    "score_vs_kv_mib.png": "Score vs KV cache size, with the frontier",
 }
 
 
@@ -77,6 +81,7 @@ def tables(s: Summary) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("Average score (%) by context length", ["method", "ratio", *map(str, s.lengths)], rows))
     if s.tests:
         out.append(_paired_table(s, keys))
+    out.append(_frontier_table(s))
     for dim, by_cell in s.breakdowns.items():
         values = sorted({v for scores in by_cell.values() for v in scores})
         rows = [[m, f"{r:g}", *(scored(sc.mean, sc.interval) if (sc := by_cell[(m, r)].get(v)) else "" for v in values)]
@@ -98,6 +103,17 @@ def _paired_table(s: Summary, keys: list[tuple[str, float]]) -> tuple[str, list[
         for m, r in keys if (t := s.tests.get((m, r))) is not None
     ]  # fmt: skip
     return ("Paired test against 'none' on the same questions", head, rows)
+
+
+def _frontier_table(s: Summary) -> tuple[str, list[str], list[list[str]]]:
+    """The frontier cells (`frontier.pareto_frontier`), by bytes; 'of none': the share of the uncompressed cache."""
+    base = s.cells.get((NONE, 0.0))
+    rows = [[p.label, f"{p.ratio:g}", "full" if p.kv_bits is None else str(p.kv_bits), f"{p.kv_bytes / MIB:.3f}",
+             f"{p.kv_bytes / base.kv_after:.3f}" if base and base.kv_after else "",
+             scored(p.score, p.interval, s.tests.get((p.label, p.ratio)))]
+            for p in frontier.pareto_frontier(frontier.points(s))]  # fmt: skip
+    head = ["method", "ratio", "bits", "KV MiB", "of 'none'", "average"]
+    return ("Frontier: the best average score (%) for at most this much KV cache", head, rows)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -174,6 +190,7 @@ def plot(s: Summary, out_dir: Path) -> list[Path]:
         _score_plot(s, out_dir / "score_vs_ratio.png"),
         _kv_plot(s, out_dir / "kv_bytes_vs_ratio.png"),
         _prefill_plot(s, out_dir / "prefill_time.png"),
+        _frontier_plot(s, out_dir / "score_vs_kv_mib.png"),
     ]
 
 
@@ -246,6 +263,26 @@ def _prefill_plot(s: Summary, path: Path) -> Path:
     ax.set_ylabel("seconds (mean over lengths)")
     ax.set_title(PLOTS[path.name])
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _frontier_plot(s: Summary, path: Path) -> Path:
+    """Every (method, ratio, bits) cell's score against its KV MiB, with error bars, and the frontier."""
+    fig, ax = _figure()
+    every = frontier.points(s)
+    frontier.draw(ax, every, frontier.pareto_frontier(every))
+    log = bool(every) and min(p.kv_bytes for p in every) > 0
+    if log:  # powers of two, written as plain MiB
+        ax.set_xscale("log", base=2)
+        low, high = (math.log2(f(p.kv_bytes for p in every) / MIB) for f in (min, max))
+        ticks = [2.0**k for k in range(math.floor(low), math.ceil(high) + 1)]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(bottom=0, top=105)
+    ax.set_xlabel("KV cache kept (MiB" + (", log scale)" if log else ")"))
+    ax.set_ylabel(f"average score (%), {LEVEL:.0%} interval")
+    ax.set_title(PLOTS[path.name])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 

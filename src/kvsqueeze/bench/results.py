@@ -47,8 +47,13 @@ def cost_key(row: Row) -> tuple:
 
 
 def _run_key(row: Row) -> tuple:
-    """How a compressed row ran (chunked prefill, compression while answering); absent in one-shot rows."""
-    return tuple(row.get(k) for k in ("chunk_size", "decode_target", "decode_every"))
+    """How a row ran: chunked prefill and compression while answering (absent in one-shot rows), and its cache's
+    quantization (kv_bits, then group size and residual; absent or None in full-precision rows and in rows written
+    before the quantization axis existed, which are full precision)."""
+    return tuple(row.get(k) for k in ("chunk_size", "decode_target", "decode_every", *QUANT_FIELDS))
+
+
+QUANT_FIELDS = ("kv_bits", "kv_group_size", "kv_residual")  # a row's quantization, part of its key
 
 
 def content_hash(context_ids: list[int], question: str, answers: Iterable[str], metric: str, max_new: int) -> str:

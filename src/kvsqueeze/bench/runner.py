@@ -54,6 +54,7 @@ from kvsqueeze.methods.registry import BUDGET_POLICIES, with_budget_policy
 from kvsqueeze.models import get_adapter
 from kvsqueeze.pipeline import check_length, generate_encoded, prefill
 from kvsqueeze.prompts import encode_prompt, encode_query_aware, question_token_count
+from kvsqueeze.quantization import QuantSpec, quant_spec
 from kvsqueeze.recording import Recording, compress_recording, record
 from kvsqueeze.validation import check_int, check_ratio
 
@@ -94,6 +95,11 @@ class BenchConfig:
     chunk_size: int | None = None  # prefill in chunks of this many tokens, compressing after each
     decode_target: int | None = None  # while answering, compress back to this many tokens per head ...
     decode_every: int = 32  # ... every this many new tokens
+    # every cell (the uncompressed one included) also runs with its kept keys/values quantized to each of these bits
+    # (None = full precision, the model's dtype; 16 and 32 are read as None): the quantization axis of the grid
+    kv_bits: tuple[int | None, ...] = (None,)
+    kv_group_size: int = 32  # quantized cells: tokens per key group, channels per value group
+    kv_residual: int = 64  # quantized cells: newest tokens per (row, head) kept in full precision
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -117,6 +123,9 @@ class BenchConfig:
         for key in ("chunk_size", "decode_target", "decode_every"):
             check_int(key, getattr(self, key), 1, none_ok=True)
         check_int("max_new_tokens", self.max_new_tokens, 1, none_ok=True)
+        self.kv_bits = full_precision_as_none(self.kv_bits)
+        for bits in self.kv_bits:
+            quant_spec(bits, self.kv_group_size, self.kv_residual)  # ValueError naming the bad value
         if not self.tasks and not self.datasets:
             raise ValueError(f"give at least one task (known: {', '.join(list_tasks()) or 'none'}) or a dataset")
         if self.tasks and not self.lengths:
@@ -144,6 +153,10 @@ class BenchConfig:
                     out.append((label, method, float(r)))
         return out
 
+    def quant(self, bits: int | None) -> QuantSpec | None:
+        """How a cell at `bits` (one of `kv_bits`) stores its cache: None for full precision."""
+        return quant_spec(bits, self.kv_group_size, self.kv_residual)
+
     @property
     def forward_time(self) -> bool:
         """True when compression must run inside the real forward (chunked prefill, compression while answering)."""
@@ -157,6 +170,24 @@ class BenchConfig:
         if self.decode_target is not None:
             out["decode_target"], out["decode_every"] = self.decode_target, self.decode_every
         return out
+
+    def quant_fields(self, bits: int | None) -> dict[str, Any]:
+        """The quantization of a cell at `bits`, stored in its rows: kv_bits (None: full precision), and for
+        quantized cells the group size and residual."""
+        if bits is None:
+            return {"kv_bits": None}
+        return {"kv_bits": bits, "kv_group_size": self.kv_group_size, "kv_residual": self.kv_residual}
+
+
+FULL_PRECISION = (16, 32)  # `kv_bits` values that mean "not quantized", as None does
+
+
+def full_precision_as_none(values: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """`values` with 16 and 32 read as None (full precision), duplicates dropped, order kept; at least one."""
+    out = tuple(dict.fromkeys(None if v in FULL_PRECISION else v for v in values))
+    if not out:
+        raise ValueError("kv_bits needs at least one value (None = full precision)")
+    return out
 
 
 # `kvsqueeze bench --suite full`: every registered method (ALL_METHODS is expanded when the suite is built) on two
@@ -328,7 +359,7 @@ def _run_units(
                        "versions": run.versions, "datasets": datasets})  # fmt: skip
     done = {row_key(r) for r in rows}
     ctx = _RunContext(model, tokenizer, config, name, run, {cost_key(c): c for c in cost_rows})
-    total = sum(
+    total = len(config.kv_bits) * sum(
         len(u.question_indices) for u in units for c in cells if cell_query_aware(config, c[1]) == u.query_aware
     )
     results, cost_file = Appender(out / RESULTS), Appender(out / COSTS)
@@ -336,16 +367,16 @@ def _run_units(
     try:
         for unit in units:
             ctx.recording = None
-            for cell in cells:
+            for cell, bits in ((c, b) for c in cells for b in config.kv_bits):
                 if cell_query_aware(config, cell[1]) != unit.query_aware:
                     continue  # the cell runs on the units of its own mode
-                rows = [ctx.base_row(unit, qi, cell) for qi in unit.question_indices]
+                rows = [ctx.base_row(unit, qi, cell, bits) for qi in unit.question_indices]
                 todo = [r for r in rows if row_key(r) not in done]
                 run.skipped_rows += len(rows) - len(todo)
                 bar.update(len(rows) - len(todo))
                 if not todo and cost_key(rows[0]) in ctx.costs:
                     continue  # (rows done but their cost pass missing from costs.jsonl: it runs again, alone)
-                for row in ctx.compute(unit, cell, rows, cost_file):
+                for row in ctx.compute(unit, cell, bits, rows, cost_file):
                     if row_key(row) not in done:
                         results.write(row)
                         done.add(row_key(row))
@@ -378,7 +409,7 @@ class _RunContext:
         self.warm = False
         self.warmed_methods: set[str] = set()
 
-    def base_row(self, unit: Unit, qi: int, cell: tuple[str, Method | None, float]) -> dict[str, Any]:
+    def base_row(self, unit: Unit, qi: int, cell: tuple[str, Method | None, float], bits: int | None) -> dict[str, Any]:
         s, position = unit.sample, unit.question_indices.index(qi)
         return {
             "run": self.run.run_id, "content": unit.contents[position], "task": s.task,
@@ -387,15 +418,21 @@ class _RunContext:
             "method_name": cell[0], "ratio": cell[2], "query_aware": unit.query_aware, "group": unit.group,
             "question": s.questions[qi], "answers": list(s.answers[qi]), "metric": s.metric,
             "answer_prefix": s.answer_prefix, "model": self.name, "seed": self.config.seed, "sample_meta": s.meta,
-            **(self.config.run_fields() if cell[1] is not None else {}),
+            **(self.config.run_fields() if cell[1] is not None else {}), **self.config.quant_fields(bits),
         }  # fmt: skip
 
     def compute(
-        self, unit: Unit, cell: tuple[str, Method | None, float], rows: list[dict], cost_file: Appender
+        self,
+        unit: Unit,
+        cell: tuple[str, Method | None, float],
+        bits: int | None,
+        rows: list[dict],
+        cost_file: Appender,
     ) -> Iterator[dict[str, Any]]:
-        """Answer the unit's questions compressed with `cell`; yields the finished rows."""
+        """Answer the unit's questions compressed with `cell`, its cache quantized to `bits` (None: full precision);
+        yields the finished rows."""
         _, method, _ = cell
-        method = with_question(method, unit)
+        method, quant = with_question(method, unit), self.config.quant(bits)
         ckey = cost_key(rows[0])
         if not self.warm:
             _warm_up(self.model)  # the first forward of a process is slow: keep it out of the first cost pass
@@ -404,11 +441,11 @@ class _RunContext:
         try:
             if ckey not in self.costs:
                 self._warm_method(cell[0], method, unit)
-                predictions, before, after = self._cost_pass(unit, method, rows[0], cost_file, ckey)
+                predictions, before, after = self._cost_pass(unit, method, quant, rows[0], cost_file, ckey)
             elif method is None or (method.shared_prefill and not self.config.forward_time):
-                predictions, before, after = self._from_recording(unit, method)
+                predictions, before, after = self._from_recording(unit, method, quant)
             else:
-                out = self._generate(unit, method)
+                out = self._generate(unit, method, quant)
                 predictions, before, after = out.answers, out.stats.kv_bytes_before, out.stats.kv_bytes_after
         except ValueError as err:
             raise ValueError(f"on {unit.sample.task} sample {unit.sample.index} (length {unit.length}): {err}") from err
@@ -425,13 +462,15 @@ class _RunContext:
                 "versions": self.run.versions,
             }
 
-    def _generate(self, unit: Unit, method: Method | None) -> Any:
+    def _generate(self, unit: Unit, method: Method | None, quant: QuantSpec | None) -> Any:
+        """A real run (prefill, compress, answer); `quant`: the cache is quantized as it fills (`pipeline.prefill`)."""
         texts, rows = unit.question_texts, [0] * len(unit.question_texts)
         new, c = unit.max_new_tokens, self.config
         if method is None:  # the uncompressed baseline runs one-shot
-            return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, None, new)
+            return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, None, new,
+                                    quant=quant)  # fmt: skip
         return generate_encoded(self.model, self.tokenizer, [unit.context_ids], texts, rows, method, new,
-                                c.chunk_size, c.decode_target, c.decode_every)  # fmt: skip
+                                c.chunk_size, c.decode_target, c.decode_every, quant=quant)  # fmt: skip
 
     def _warm_method(self, name: str, method: Method | None, unit: Unit) -> None:
         """Run a method once on a short prefix before its first cost pass, so one-off work (loading calibration
@@ -444,15 +483,22 @@ class _RunContext:
             prefill(self.model, ids, torch.ones_like(ids), method)
 
     def _cost_pass(
-        self, unit: Unit, method: Method | None, row: dict[str, Any], cost_file: Appender, ckey: tuple
+        self,
+        unit: Unit,
+        method: Method | None,
+        quant: QuantSpec | None,
+        row: dict[str, Any],
+        cost_file: Appender,
+        ckey: tuple,
     ) -> tuple[list[str], int, int]:
         with PeakMemory(self.device) as mem:
-            out = self._generate(unit, method)
+            out = self._generate(unit, method, quant)
         s = out.stats
         cost = {
             "run": self.run.run_id, "method": row["method"], "ratio": row["ratio"], "group": unit.group,
             "model": self.name, "seed": self.config.seed, "query_aware": unit.query_aware,
             **(self.config.run_fields() if method is not None else {}),
+            **self.config.quant_fields(None if quant is None else quant.bits),
             "sample": f"{unit.sample.task}#{unit.sample.index}", "context_tokens": len(unit.context_ids),
             "prefill_seconds": s.prefill_seconds, "compression_seconds": s.compression_seconds,
             "decode_tokens_per_second": s.decode_tokens_per_second, "peak_memory_bytes": mem.peak_bytes,
@@ -463,13 +509,17 @@ class _RunContext:
         self.run.cost_passes += 1
         return list(out.answers), s.kv_bytes_before, s.kv_bytes_after
 
-    def _from_recording(self, unit: Unit, method: Method | None) -> tuple[list[str], int, int]:
+    def _from_recording(self, unit: Unit, method: Method | None, quant: QuantSpec | None) -> tuple[list[str], int, int]:
+        """Answer from a compressed copy of the unit's full-precision recording, quantized after compression (the
+        methods scored full-precision keys, as in a real run). Bytes before: the uncompressed full-precision cache."""
         if self.recording is None:
             self.recording = _record(self.model, unit.context_ids)
             self.run.prefills += 1
         cache, log = compress_recording(self.recording, method)
+        before = log.kv_bytes_before if log.bytes_before else cache_stats(cache).kv_bytes
+        if quant is not None:
+            cache.quantize(quant.bits, quant.group_size, quant.residual)
         after = cache_stats(cache).kv_bytes
-        before = log.kv_bytes_before if log.bytes_before else after
         rows = [0] * len(unit.question_texts)
         texts = answer(self.model, self.tokenizer, cache, rows, unit.question_texts, unit.max_new_tokens).texts
         return texts, before, after

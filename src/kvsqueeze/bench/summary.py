@@ -3,6 +3,10 @@ their 95% intervals, the paired test of each compressed cell against the uncompr
 and scores broken down by what varied tasks record about each sample (haystack source, needle phrasing, value
 format). Nothing here is stored per row: intervals and tests are computed from the rows every time.
 
+Rows whose cache was quantized (`kv_bits`) form cells of their own, labelled e.g. `knorm@4bit` (with the group size
+and residual too, `knorm@4bit/g32r64`, where the rows hold more than one such setting); full-precision rows keep the
+method's own label.
+
 Scores are RULER string-match scores in [0, 1], averaged per task, then over tasks (each task weighs the same). Time
 and memory figures come from the runner's cost pass (one real run per method, ratio and length), averaged over
 lengths.
@@ -49,6 +53,8 @@ class Cell:
     task_intervals: dict[str, Interval]
     length_intervals: dict[int, Interval]
     questions: dict[QuestionKey, float] = field(default_factory=dict, repr=False)  # for the paired tests
+    kv_bits: int | None = None  # the bits its cache was quantized to (None: full precision)
+    method: str = ""  # the method's label without the quantization suffix ('knorm' for 'knorm@4bit')
 
     @property
     def average(self) -> float:
@@ -81,6 +87,23 @@ def method_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     }  # fmt: skip
 
 
+def quant_suffix(row: dict[str, Any], detailed: bool = False) -> str:
+    """'' for a full-precision row (kv_bits None or absent), '@4bit' for a 4-bit one; `detailed` adds the group size
+    and residual: '@4bit/g32r64'."""
+    bits = row.get("kv_bits")
+    if bits is None:
+        return ""
+    return f"@{bits}bit" + (f"/g{row.get('kv_group_size')}r{row.get('kv_residual')}" if detailed else "")
+
+
+def row_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """The label of each row's cell: its method's label (`method_labels`) and its quantization (`quant_suffix`, with
+    the group settings when the quantized rows hold more than one)."""
+    labels = method_labels(rows)
+    settings = {(r.get("kv_group_size"), r.get("kv_residual")) for r in rows if r.get("kv_bits") is not None}
+    return [labels[r["method"]] + quant_suffix(r, len(settings) > 1) for r in rows]
+
+
 def question_key(row: dict[str, Any]) -> QuestionKey:
     """What pairs a compressed row with the uncompressed row of the same question (one run per results folder)."""
     return (row["task"], int(row["context_length"]), row.get("sample"), row.get("question_index"), row.get("content"))
@@ -89,13 +112,12 @@ def question_key(row: dict[str, Any]) -> QuestionKey:
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Summary:
     if not rows:
         raise ValueError("no result rows to report")
-    labels = method_labels(rows)
+    labels, bases = row_labels(rows), method_labels(rows)
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[(labels[r["method"]], float(r["ratio"]))].append(r)
-    cells = {key: _cell(rs) for key, rs in groups.items()}
-    order = list(dict.fromkeys(labels[r["method"]] for r in rows))
-    methods = sorted(order, key=lambda m: (m != NONE, order.index(m)))
+    for label, r in zip(labels, rows, strict=True):
+        groups[(label, float(r["ratio"]))].append(r)
+    cells = {key: _cell(rs, bases[rs[0]["method"]]) for key, rs in groups.items()}
+    methods = _ordered(labels, rows)
     summary = Summary(
         cells=cells,
         methods=methods,
@@ -109,13 +131,28 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
     return summary
 
 
+def _ordered(labels: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """Cell labels: 'none' first, then methods in first-seen order; each method at full precision, then at fewer and
+    fewer bits."""
+    bases = method_labels(rows)
+    base_of = {label: bases[r["method"]] for label, r in zip(labels, rows, strict=True)}
+    bits_of = {label: r.get("kv_bits") for label, r in zip(labels, rows, strict=True)}
+    order = list(dict.fromkeys(base_of[label] for label in labels))
+
+    def key(label: str) -> tuple[bool, int, int]:
+        bits = bits_of[label]
+        return (base_of[label] != NONE, order.index(base_of[label]), -(bits if bits is not None else 1 << 30))
+
+    return sorted(dict.fromkeys(labels), key=key)
+
+
 def mean_of_task_means(per_task: dict[str, list[float]]) -> Score:
     """The score of rows grouped by task: the mean of the task means, with its interval."""
     groups = [per_task[t] for t in sorted(per_task)]
     return Score(mean(mean(g) for g in groups), score_interval(groups), sum(len(g) for g in groups))
 
 
-def _cell(rows: list[dict[str, Any]]) -> Cell:
+def _cell(rows: list[dict[str, Any]], method: str) -> Cell:
     per_task: dict[str, list[float]] = defaultdict(list)
     per_length: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -137,6 +174,8 @@ def _cell(rows: list[dict[str, Any]]) -> Cell:
         task_intervals={t: score_interval([v]) for t, v in per_task.items()},
         length_intervals={n: s.interval for n, s in by_length.items()},
         questions={question_key(r): float(r["score"]) for r in rows},
+        kv_bits=rows[0].get("kv_bits"),
+        method=method,
     )
 
 
@@ -158,15 +197,13 @@ def _paired(base: Cell, cell: Cell, keys: list[QuestionKey]) -> PairedTest:
     return paired_test([base.questions[k] for k in keys], [cell.questions[k] for k in keys])
 
 
-def _breakdown(
-    rows: list[dict[str, Any]], labels: dict[str, str], dim: str
-) -> dict[tuple[str, float], dict[str, Score]]:
+def _breakdown(rows: list[dict[str, Any]], labels: list[str], dim: str) -> dict[tuple[str, float], dict[str, Score]]:
     """(method, ratio) -> value of sample_meta[dim] -> score, over the rows whose samples record `dim`."""
     grouped: dict[tuple[str, float], dict[str, dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
-    for r in rows:
+    for label, r in zip(labels, rows, strict=True):
         meta = r.get("sample_meta")
         if isinstance(meta, dict) and dim in meta:
-            grouped[(labels[r["method"]], float(r["ratio"]))][str(meta[dim])][r["task"]].append(float(r["score"]))
+            grouped[(label, float(r["ratio"]))][str(meta[dim])][r["task"]].append(float(r["score"]))
     return {cell: {v: mean_of_task_means(by[v]) for v in sorted(by)} for cell, by in grouped.items()}

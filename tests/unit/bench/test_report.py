@@ -133,8 +133,8 @@ def test_write_report_makes_markdown_html_and_plots(tmp_path: Path) -> None:
     assert "KV MiB after" in md and "by context length" in md and "Model: tiny" in md
     assert "95% interval in brackets" in md and "Paired test against 'none'" in md
     page = files.html.read_text()
-    assert page.count("<table>") == 4 and "<th>average</th>" in page
-    assert len(files.plots) == 3 and files.plots_skipped is None
+    assert page.count("<table>") == 5 and "<th>average</th>" in page  # the frontier table is the fifth
+    assert len(files.plots) == 4 and files.plots_skipped is None
     for plot in files.plots:
         assert plot.parent == tmp_path and plot.read_bytes().startswith(PNG) and plot.stat().st_size > 5000
         assert f"]({plot.name})" in md  # the Markdown links the PNG next to it
@@ -147,7 +147,7 @@ def test_html_report_references_no_other_file(tmp_path: Path) -> None:
     files = write_report(write_results(tmp_path))
     links = _Links()
     links.feed(files.html.read_text())
-    assert len([u for u in links.urls if u.startswith("data:image/png;base64,")]) == 3
+    assert len([u for u in links.urls if u.startswith("data:image/png;base64,")]) == 4
     assert links.urls and all(u.startswith("data:") for u in links.urls), [u[:40] for u in links.urls]
 
 
@@ -180,7 +180,7 @@ def test_plots_leave_pyplot_and_the_global_backend_alone(tmp_path: Path) -> None
             "print(len(files.plots), matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")  # fmt: skip
     done = _python(code, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3", "svg", "False"]
+    assert done.stdout.split() == ["4", "svg", "False"]
 
 
 def test_report_of_an_empty_directory_says_what_to_do(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_html_report_renders_without_errors(browser, tmp_path: Path) -> None:
         plot.unlink()
     browser.get(files.html.resolve().as_uri())
     images = browser.find_elements("tag name", "img")
-    assert len(images) == len(files.plots) == 3
+    assert len(images) == len(files.plots) == 4
     loaded = browser.execute_script(
         "return Array.from(document.images).map(i => [i.getAttribute('src').slice(0, 22), i.complete, i.naturalWidth]);"
     )

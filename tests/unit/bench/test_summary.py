@@ -76,3 +76,19 @@ def test_breakdown_by_sample_meta_fields() -> None:
 def test_rows_without_sample_meta_give_no_breakdown() -> None:
     assert summarize(rows()).breakdowns == {}
     assert summarize([answer_row("none", 0.0, 1.0, 0, sample_meta="not a dict")]).breakdowns == {}
+
+
+def test_quantized_rows_form_cells_of_their_own_and_never_mix() -> None:
+    """Rows at other bits, or at the same bits with other group settings, are other cells; rows without kv_bits (an
+    older results file) are full precision."""
+    g32, g64 = {"kv_group_size": 32, "kv_residual": 64}, {"kv_group_size": 64, "kv_residual": 0}
+    rs = [answer_row("knorm", 0.5, 1.0, 0), answer_row("knorm", 0.5, 0.0, 0, kv_bits=None),
+          answer_row("knorm", 0.5, 1.0, 0, kv_bits=2, **g32),
+          answer_row("knorm", 0.5, 0.0, 0, kv_bits=4, **g32)]  # fmt: skip
+    s = summarize(rs)
+    assert s.methods == ["knorm", "knorm@4bit", "knorm@2bit"]  # full precision, then fewer and fewer bits
+    assert s.cells[("knorm", 0.5)].rows == 2 and s.cells[("knorm", 0.5)].kv_bits is None
+    assert s.cells[("knorm@2bit", 0.5)].kv_bits == 2 and s.cells[("knorm@2bit", 0.5)].method == "knorm"
+    s = summarize([*rs, answer_row("knorm", 0.5, 1.0, 0, kv_bits=4, **g64)])
+    assert s.methods == ["knorm", "knorm@4bit/g32r64", "knorm@4bit/g64r0", "knorm@2bit/g32r64"]
+    assert s.cells[("knorm@4bit/g64r0", 0.5)].average == 1.0 and s.cells[("knorm@4bit/g32r64", 0.5)].average == 0.0
