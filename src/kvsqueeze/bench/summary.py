@@ -117,7 +117,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
     for label, r in zip(labels, rows, strict=True):
         groups[(label, float(r["ratio"]))].append(r)
     cells = {key: _cell(rs, bases[rs[0]["method"]]) for key, rs in groups.items()}
-    methods = _ordered(labels, rows)
+    methods = _ordered(labels, [bases[r["method"]] for r in rows], [r.get("kv_bits") for r in rows])
     summary = Summary(
         cells=cells,
         methods=methods,
@@ -131,17 +131,15 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
     return summary
 
 
-def _ordered(labels: list[str], rows: list[dict[str, Any]]) -> list[str]:
-    """Cell labels: 'none' first, then methods in first-seen order; each method at full precision, then at fewer and
-    fewer bits."""
-    bases = method_labels(rows)
-    base_of = {label: bases[r["method"]] for label, r in zip(labels, rows, strict=True)}
-    bits_of = {label: r.get("kv_bits") for label, r in zip(labels, rows, strict=True)}
-    order = list(dict.fromkeys(base_of[label] for label in labels))
+def _ordered(labels: list[str], bases: list[str], bits: list[int | None]) -> list[str]:
+    """Cell labels (one per row, with each row's method label and bits): 'none' first, then methods in first-seen
+    order; each method at full precision, then at fewer and fewer bits."""
+    base_of, bits_of = dict(zip(labels, bases, strict=True)), dict(zip(labels, bits, strict=True))
+    order = list(dict.fromkeys(bases))
 
     def key(label: str) -> tuple[bool, int, int]:
-        bits = bits_of[label]
-        return (base_of[label] != NONE, order.index(base_of[label]), -(bits if bits is not None else 1 << 30))
+        b = bits_of[label]
+        return (base_of[label] != NONE, order.index(base_of[label]), -(b if b is not None else 1 << 30))
 
     return sorted(dict.fromkeys(labels), key=key)
 
