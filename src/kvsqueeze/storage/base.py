@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Protocol
+from typing import Protocol, Self
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "FullPrecision",
     "LayerStorage",
     "StepView",
     "check_alike",
@@ -205,3 +206,19 @@ def check_positions(positions: Tensor, filled: Tensor, name: str = "positions") 
     earlier = torch.cat([running.new_full((*running.shape[:-1], 1), -1), running[..., :-1]], dim=-1)
     if bool((filled & (positions.long() <= earlier)).any()):
         raise ValueError(f"{name} of the filled slots must increase strictly (slots are kept in position order)")
+
+
+class FullPrecision:
+    """What the full-precision layouts (dense, ragged) share: their keys and values tensors are what they hold."""
+
+    keys: Tensor
+    values: Tensor
+
+    def settle(self) -> Self:
+        return self  # nothing waits to be quantized
+
+    def kv_tensors(self) -> list[Tensor]:
+        return [self.keys, self.values]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()

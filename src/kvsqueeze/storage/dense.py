@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.storage.base import (
+    FullPrecision,
     LayerStorage,
     StepView,
     check_alike,
@@ -31,7 +32,7 @@ __all__ = ["DenseStorage"]
 
 
 @dataclass(frozen=True)
-class DenseStorage:
+class DenseStorage(FullPrecision):
     """Rectangular keys/values/positions (see the module docstring)."""
 
     keys: Tensor  # (B, H, T, D)
@@ -159,15 +160,6 @@ class DenseStorage:
 
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> DenseStorage:
         return replace(self, **fields)  # type: ignore[arg-type]
-
-    def settle(self) -> DenseStorage:
-        return self
-
-    def kv_tensors(self) -> list[Tensor]:
-        return [self.keys, self.values]
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
     def padding_slots(self) -> int:
         return int((self.positions < 0).sum())

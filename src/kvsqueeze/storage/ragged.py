@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from kvsqueeze.storage.base import (
+    FullPrecision,
     LayerStorage,
     StepView,
     check_alike,
@@ -50,7 +51,7 @@ def unpack(flat: Tensor, lengths: Tensor, fill: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class RaggedStorage:
+class RaggedStorage(FullPrecision):
     """Flat per-layer buffers plus per-(row, head) lengths (see the module docstring)."""
 
     keys: Tensor  # (N, D)
@@ -204,15 +205,6 @@ class RaggedStorage:
 
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> RaggedStorage:
         return replace(self, **fields)  # type: ignore[arg-type]
-
-    def settle(self) -> RaggedStorage:
-        return self
-
-    def kv_tensors(self) -> list[Tensor]:
-        return [self.keys, self.values]
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
     def padding_slots(self) -> int:
         return 0
