@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kvsqueeze import __version__
+from kvsqueeze.gguf_packages import GGUF_PACKAGES
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -132,7 +133,12 @@ def _model_options() -> argparse.ArgumentParser:
     """The options that choose and place the model, shared by every subcommand that loads one."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("model")
-    group.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help=f"a short name ({', '.join(GGUF_PACKAGES)}: a model shipped in a Python package, converted once) or a "
+        "local model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
     group.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the CPU)")
