@@ -103,6 +103,16 @@ def _method_option(text: str) -> tuple[str, str, Any]:
     return method, name, value
 
 
+def _task_option(text: str) -> tuple[str, str, Any]:
+    key, value = _parse_option(text)
+    task, dot, name = key.partition(".")
+    if not dot or not task or not name:
+        raise argparse.ArgumentTypeError(
+            f"--task-option expects TASK.KEY=VALUE (e.g. passkey_varied.phrasings=pass_key,magic_number), got {text!r}"
+        )
+    return task, name, value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default where it says something (not None, not a flag's) and keeps the description
     and the examples of the epilog as written."""
@@ -285,6 +295,14 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, help="seed of the generated tasks")
     p.add_argument("--dataset", action="append", default=[], help="a .jsonl/.csv/.parquet file (repeatable)")
     p.add_argument("--option", action="append", default=[], type=_method_option, help="METHOD.KEY=VALUE")
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        type=_task_option,
+        help="TASK.KEY=VALUE, a generated task's option, e.g. passkey_varied.phrasings=pass_key,magic_number (a list: "
+        "comma-separated); part of the run's identity",
+    )
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="override each sample's own")
     p.add_argument(
         "--query-aware",
@@ -609,7 +627,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
             "samples": args.samples, "seed": args.seed}  # fmt: skip
     forward = {"budget_policy": args.budget_policy, "chunk_size": args.chunk_size, "decode_target": args.decode_target}
     custom = any(v is not None for v in [*grid.values(), *forward.values()])
-    custom = custom or bool(args.dataset or args.option or args.query_aware)
+    custom = custom or bool(args.dataset or args.option or args.task_option or args.query_aware)
     if args.dataset and args.tasks is None:
         grid["tasks"] = []  # a dataset alone: no generated tasks
     options: dict[str, dict[str, Any]] = {}
@@ -617,7 +635,11 @@ def _bench_config(args: argparse.Namespace) -> Any:
         if key == "ratio":
             raise ValueError(f"give ratios with --ratios, not --option {method}.ratio={value}")
         options.setdefault(method, {})[key] = value
-    return default_config(args.suite, **grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
+    task_options: dict[str, dict[str, Any]] = {}
+    for task, key, value in args.task_option:
+        task_options.setdefault(task, {})[key] = value
+    return default_config(args.suite, **grid, datasets=args.dataset, options=options, task_options=task_options,
+                          query_aware=args.query_aware,
                           max_new_tokens=args.max_new_tokens, decode_every=args.decode_every, **forward,
                           name="custom" if custom else args.suite)  # fmt: skip
 

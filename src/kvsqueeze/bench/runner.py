@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ from kvsqueeze.bench.results import (
     row_key,
     supersede,
 )
-from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
+from kvsqueeze.bench.tasks import Sample, Task, get_task, list_tasks
 from kvsqueeze.cache import KVCache
 from kvsqueeze.generation import answer
 from kvsqueeze.memory import cache_stats
@@ -89,6 +90,9 @@ class BenchConfig:
     query_aware: bool = False
     max_new_tokens: int | None = None  # overrides each sample's own
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> options, e.g. window=8
+    # task name -> options, e.g. {"passkey_varied": {"phrasings": ["magic_number"]}}; stored as the task holds them
+    # (tuples as lists), so the same options given two ways are one run identity
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # how every compressed cell runs (the uncompressed 'none' cell is left as it is):
     budget_policy: str | None = None  # wrap each method in this policy (a key of BUDGET_POLICIES), e.g. "adakv"
     chunk_size: int | None = None  # prefill in chunks of this many tokens, compressing after each
@@ -123,6 +127,7 @@ class BenchConfig:
             raise ValueError("tasks need at least one context length")
         for task in self.tasks:
             get_task(task)  # unknown names raise ValueError with close matches
+        self.task_options = {task: task_options(task, opts, self.tasks) for task, opts in self.task_options.items()}
         for path in self.datasets:
             load_dataset(path)  # an unreadable file or a bad row fails now, before a model loads
         for method in self.options:
@@ -144,6 +149,10 @@ class BenchConfig:
                     out.append((label, method, float(r)))
         return out
 
+    def task(self, name: str) -> Task:
+        """The task `name` built with its options."""
+        return get_task(name, **self.task_options.get(name, {}))
+
     @property
     def forward_time(self) -> bool:
         """True when compression must run inside the real forward (chunked prefill, compression while answering)."""
@@ -157,6 +166,14 @@ class BenchConfig:
         if self.decode_target is not None:
             out["decode_target"], out["decode_every"] = self.decode_target, self.decode_every
         return out
+
+
+def task_options(task: str, options: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
+    """`options` of `task` (one of `tasks`) checked by building the task, as the task holds them, JSON-shaped."""
+    if task not in tasks:
+        raise ValueError(f"options given for the task {task!r}, which is not among the tasks {list(tasks)}")
+    built = get_task(task, **options)  # unknown options or bad values raise ValueError
+    return {key: json.loads(json.dumps(getattr(built, key))) for key in sorted(options)}
 
 
 # `kvsqueeze bench --suite full`: every registered method (ALL_METHODS is expanded when the suite is built) on two
@@ -258,7 +275,7 @@ def plan_units(model: Any, tokenizer: Any, config: BenchConfig) -> list[Unit]:
     units: list[Unit] = []
     for task in config.tasks:
         for length in config.lengths:
-            for sample in get_task(task).samples(tokenizer, length, config.samples, config.seed):
+            for sample in config.task(task).samples(tokenizer, length, config.samples, config.seed):
                 units += [u for aware in modes for u in _units(tokenizer, config, sample, length, str(length), aware)]
     for path in config.datasets:
         for sample in load_dataset(path):

@@ -171,11 +171,31 @@ def test_a_dataset_joins_the_grid(fakes, llama, tmp_path: Path) -> None:
         ({"budget_policy": "adakvv"}, "unknown budget policy 'adakvv'"),
         ({"chunk_size": 0}, "chunk_size must be an integer >= 1 or None, got 0"),
         ({"decode_target": -3}, "decode_target must be an integer >= 1 or None, got -3"),
+        ({"task_options": {"passkey": {"depth": 0.5}}}, r"task 'passkey', which is not among the tasks \['fake'\]"),
+        (
+            {"tasks": ("passkey_varied",), "task_options": {"passkey_varied": {"phrasing": "x"}}},
+            "Unknown option 'phrasing' for task 'passkey_varied'. Did you mean 'phrasings'",
+        ),
+        (
+            {"tasks": ("passkey_varied",), "task_options": {"passkey_varied": {"phrasings": "pass_key,nope"}}},
+            "phrasings must be one of",
+        ),
     ],
 )
 def test_bad_configs_fail_before_running(fakes, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _config(**kw)
+
+
+def test_task_options_choose_the_samples_and_are_kept_as_the_task_holds_them(llama, tmp_path: Path) -> None:
+    model, tok = llama
+    grid = {"methods": ("none",), "ratios": (), "tasks": ("passkey_varied",), "lengths": (80,), "samples": 4}
+    config = BenchConfig(**grid, task_options={"passkey_varied": {"phrasings": "pass_key, magic_number"}})
+    assert config.task_options == {"passkey_varied": {"phrasings": ["pass_key", "magic_number"]}}
+    as_tuple = BenchConfig(**grid, task_options={"passkey_varied": {"phrasings": ("pass_key", "magic_number")}})
+    assert as_tuple == config  # one run however the options were written
+    run_bench(model, tok, config, tmp_path, progress=False)
+    assert sorted(r["sample_meta"]["phrasing"] for r in _rows(tmp_path)) == ["magic_number"] * 2 + ["pass_key"] * 2
 
 
 def test_too_long_contexts_are_refused_up_front(fakes, llama, tmp_path: Path) -> None:
