@@ -189,6 +189,8 @@ _EXAMPLES = {
     "bench": """examples:
   kvsqueeze bench
   kvsqueeze bench --suite full
+  kvsqueeze bench --suite rank --model gemma3-270m
+  kvsqueeze bench --tasks passkey_varied --task-option passkey_varied.phrasings=access_code,remember_code
   kvsqueeze bench --methods none,knorm,tova --ratios 0.25,0.5 --tasks niah_single,vt --lengths 1024,2048
   kvsqueeze bench --dataset mine.jsonl --methods none,snapkv --option snapkv.window=16
   kvsqueeze bench --budget-policy adakv --methods knorm,expected_attention --chunk-size 512 -q
@@ -282,10 +284,11 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--suite",
-        choices=["default", "full"],
+        choices=["default", "full", "rank"],
         default="default",
-        help="the grid the other options change: default (6 methods, 4 tasks, 4 samples) or full (every registered "
-        "method on niah_single and passkey, 2 samples)",
+        help="the grid the other options change: default (6 methods, 4 tasks, 4 samples), full (every registered "
+        "method on niah_single and passkey, 2 samples) or rank (7 methods on passkey_varied and niah_varied at 1k "
+        "and 2k, 96 questions per cell: about an hour on a CPU)",
     )
     p.add_argument("--methods", type=_names, help="comma-separated methods; 'none' = no compression")
     p.add_argument("--ratios", type=_ratios, help="comma-separated compression ratios in [0, 1)")

@@ -189,11 +189,42 @@ FULL_SUITE: dict[str, Any] = {
     "seed": 0,
     "options": {"think": {"scorer": "snapkv"}},  # ThinK alone keeps every token: the ratio goes to its scorer
 }
-SUITES = {"default": DEFAULT_SUITE, "full": FULL_SUITE}
+# `kvsqueeze bench --suite rank`: a ranking of the seed methods (KNorm, Expected Attention, Q-Filters) and the strongest
+# cheap others (TOVA, LU-KV, KeyDiff) on the varied tasks, at 1k and 2k tokens.
+#
+# Size. A cell (method, ratio) pools 2 tasks x 2 lengths x 24 samples = 96 questions (24 is a multiple of the 3
+# sources, 4 phrasings and 3 formats, so each is drawn equally often). Two cells answer the same questions, so they
+# are compared with the exact McNemar test on the questions where they differ (`statistics.mcnemar_power`, p < 0.05).
+# A 15-point difference is found with probability 0.998 when the better cell loses no question the other answers
+# (wins 15% of the questions), 0.82 when it also loses 5% (wins 20%), 0.65 when it loses 10% (wins 25%); 80% power
+# needs 52, 92 and 132 questions in those three cases, and 40 is the floor (6 of 6 discordant questions: p = 0.031).
+# Comparing two Wilson intervals instead would not do: at 96 questions each is about ±8 to ±10 points wide (77/96:
+# [71.1, 86.9]; 48/96: [40.2, 59.8]), and an unpaired test needs about 167 questions per cell for 50% vs 65%.
+# Per task or per length a cell holds 48 questions: there a 15-point loss with no win back is found with
+# probability 0.75.
+#
+# Time. Measured on one thread of this 2-core CPU (a process alone on its core, other jobs on the other one;
+# SmolLM2-135M, shared prefill as the runner does it): recording a context and answering its question in all 19
+# cells takes 35 s at 1k tokens and 42 s at 2k, so the 96 contexts take about 61 minutes, plus about 5 minutes of
+# cost passes (one real run per method, ratio and length) and the one-off calibrations of Q-Filters and LU-KV; two
+# threads on a quiet machine take less. KVzip is left out: it replays the context once per ratio and context, 14 s
+# per answer at 1k and 35 to 44 s at 2k (10 to 30 times a cell here), which alone would add about 2 hours at three
+# ratios; add it with --methods for a longer run. With --model gemma3-270m a context records in about the same time
+# and each answer takes about twice as long (1k tokens, one thread: 4.7 s and 2.1 s against 4.5 s and 1.1 s).
+RANK_SUITE: dict[str, Any] = {
+    "name": "rank",
+    "methods": (NONE, "knorm", "expected_attention", "qfilters", "tova", "lukv", "keydiff"),
+    "ratios": (0.25, 0.5, 0.75),
+    "tasks": ("passkey_varied", "niah_varied"),
+    "lengths": (1024, 2048),
+    "samples": 24,
+    "seed": 0,
+}
+SUITES = {"default": DEFAULT_SUITE, "full": FULL_SUITE, "rank": RANK_SUITE}
 
 
 def default_config(suite_name: str = "default", **overrides: Any) -> BenchConfig:
-    """A named suite (SUITES: "default", "full"), keeping only registered methods and tasks, with `overrides`
+    """A named suite (SUITES: "default", "full", "rank"), keeping only registered methods and tasks, with `overrides`
     applied."""
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; known: {', '.join(SUITES)}")

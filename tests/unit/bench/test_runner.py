@@ -10,6 +10,8 @@ import torch
 
 from kvsqueeze.bench.results import COSTS, RESULTS, read_jsonl, row_key
 from kvsqueeze.bench.runner import BenchConfig, default_config, run_bench
+from kvsqueeze.bench.statistics import mcnemar_power
+from kvsqueeze.bench.tasks import get_task
 from kvsqueeze.methods import list_methods
 from kvsqueeze.pipeline import generate
 from tests.unit.bench.runner_fakes import FakeTask, Interrupt
@@ -219,6 +221,17 @@ def test_full_suite_holds_every_registered_method(fakes) -> None:
     assert mine.options == {"knorm": {}}  # suite options of methods left out of the grid are dropped
     with pytest.raises(ValueError, match="unknown suite 'ful'; known: default, full"):
         default_config("ful")
+
+
+def test_rank_suite_can_find_a_15_point_difference(fakes, llama) -> None:
+    config = default_config("rank")
+    assert config.name == "rank" and config.methods[0] == "none" and config.ratios == (0.25, 0.5, 0.75)
+    assert {"knorm", "expected_attention", "qfilters", "tova", "lukv"} <= set(config.methods)
+    assert config.tasks == ("passkey_varied", "niah_varied") and config.lengths == (1024, 2048)
+    per_sample = {len(get_task(t).samples(llama[1], 64, 1)[0].questions) for t in config.tasks}
+    questions = len(config.tasks) * len(config.lengths) * config.samples * per_sample.pop()
+    assert questions == 96 and config.samples % 12 == 0  # each source, phrasing and format equally often
+    assert mcnemar_power(questions, 0.15, 0.0) > 0.99 and mcnemar_power(questions, 0.20, 0.05) > 0.8
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:
