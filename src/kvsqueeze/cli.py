@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kvsqueeze import __version__
+from kvsqueeze.gguf_packages import GGUF_PACKAGES
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -120,6 +121,16 @@ def _method_option(text: str) -> tuple[str, str, Any]:
     return method, name, value
 
 
+def _task_option(text: str) -> tuple[str, str, Any]:
+    key, value = _parse_option(text)
+    task, dot, name = key.partition(".")
+    if not dot or not task or not name:
+        raise argparse.ArgumentTypeError(
+            f"--task-option expects TASK.KEY=VALUE (e.g. passkey_varied.phrasings=pass_key,magic_number), got {text!r}"
+        )
+    return task, name, value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default where it says something (not None, not a flag's) and keeps the description
     and the examples of the epilog as written."""
@@ -150,7 +161,12 @@ def _model_options() -> argparse.ArgumentParser:
     """The options that choose and place the model, shared by every subcommand that loads one."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("model")
-    group.add_argument("--model", default=None, help="local model directory (default: the embedded SmolLM2-135M)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help=f"a short name ({', '.join(GGUF_PACKAGES)}: a model shipped in a Python package, converted once) or a "
+        "local model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention underneath kvsqueeze")
     group.add_argument("--device", default=None, help="torch device, e.g. cuda (default: the CPU)")
@@ -192,6 +208,8 @@ _EXAMPLES = {
     "bench": """examples:
   kvsqueeze bench
   kvsqueeze bench --suite full
+  kvsqueeze bench --suite rank --model gemma3-270m
+  kvsqueeze bench --tasks passkey_varied --task-option passkey_varied.phrasings=access_code,remember_code
   kvsqueeze bench --methods none,knorm,tova --ratios 0.25,0.5 --tasks niah_single,vt --lengths 1024,2048
   kvsqueeze bench --dataset mine.jsonl --methods none,snapkv --option snapkv.window=16
   kvsqueeze bench --budget-policy adakv --methods knorm,expected_attention --chunk-size 512 -q
@@ -289,10 +307,11 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--suite",
-        choices=["default", "full"],
+        choices=["default", "full", "rank"],
         default="default",
-        help="the grid the other options change: default (6 methods, 4 tasks, 4 samples) or full (every registered "
-        "method on niah_single and passkey, 2 samples)",
+        help="the grid the other options change: default (6 methods, 4 tasks, 4 samples), full (every registered "
+        "method on niah_single and passkey, 2 samples) or rank (7 methods on passkey_varied and niah_varied at 1k "
+        "and 2k, 96 questions per cell: about an hour on a CPU)",
     )
     p.add_argument("--methods", type=_names, help="comma-separated methods; 'none' = no compression")
     p.add_argument("--ratios", type=_ratios, help="comma-separated compression ratios in [0, 1)")
@@ -302,6 +321,14 @@ def _add_bench_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, help="seed of the generated tasks")
     p.add_argument("--dataset", action="append", default=[], help="a .jsonl/.csv/.parquet file (repeatable)")
     p.add_argument("--option", action="append", default=[], type=_method_option, help="METHOD.KEY=VALUE")
+    p.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        type=_task_option,
+        help="TASK.KEY=VALUE, a generated task's option, e.g. passkey_varied.phrasings=pass_key,magic_number (a list: "
+        "comma-separated); part of the run's identity",
+    )
     p.add_argument("--max-new-tokens", type=_positive, default=None, help="override each sample's own")
     p.add_argument(
         "--query-aware",
@@ -675,7 +702,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
             "samples": args.samples, "seed": args.seed}  # fmt: skip
     forward = {"budget_policy": args.budget_policy, "chunk_size": args.chunk_size, "decode_target": args.decode_target}
     custom = any(v is not None for v in [*grid.values(), *forward.values()])
-    custom = custom or bool(args.dataset or args.option or args.query_aware)
+    custom = custom or bool(args.dataset or args.option or args.task_option or args.query_aware)
     if args.dataset and args.tasks is None:
         grid["tasks"] = []  # a dataset alone: no generated tasks
     options: dict[str, dict[str, Any]] = {}
@@ -683,7 +710,11 @@ def _bench_config(args: argparse.Namespace) -> Any:
         if key == "ratio":
             raise ValueError(f"give ratios with --ratios, not --option {method}.ratio={value}")
         options.setdefault(method, {})[key] = value
-    return default_config(args.suite, **grid, datasets=args.dataset, options=options, query_aware=args.query_aware,
+    task_options: dict[str, dict[str, Any]] = {}
+    for task, key, value in args.task_option:
+        task_options.setdefault(task, {})[key] = value
+    return default_config(args.suite, **grid, datasets=args.dataset, options=options, task_options=task_options,
+                          query_aware=args.query_aware,
                           max_new_tokens=args.max_new_tokens, decode_every=args.decode_every, **forward,
                           name="custom" if custom else args.suite, **_quant_axis(args))  # fmt: skip
 

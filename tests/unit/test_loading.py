@@ -1,7 +1,8 @@
 """Converting a GGUF model into the cache folder (`kvsqueeze.loading.convert_gguf`, what `default_model_dir` does for
 the embedded SmolLM2), with a tiny real GGUF and real processes: concurrent first runs convert once and all load,
 a conversion killed with SIGKILL leaves debris that the next conversion removes, a read-only cache folder loads an
-already converted model and refuses clearly to convert into it. The same with the embedded model:
+already converted model and refuses clearly to convert into it; a GGUF a package ships in chunks converts the same
+way, leaving nothing of the assembled file behind. The same with the embedded model:
 tests/integration/test_loading_smollm2.py (slow)."""
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvsqueeze.gguf_packages import GgufPackage
 from kvsqueeze.loading import DEBRIS_PREFIX, LOCK_FILE, MARKER, CacheFolderError, convert_gguf, is_converted, load_model
-from tests.files import read_only, start_python, write_tiny_gguf
+from tests.files import read_only, start_python, write_chunked_package, write_tiny_gguf
 from tests.tiny import tiny_tokenizer
 
 CONVERTING = "Converting tiny.gguf once into"
@@ -148,3 +150,16 @@ def test_read_only_cache_without_a_copy_is_a_clear_error(gguf: Path, tmp_path: P
     blocker.write_text("not a folder")
     with pytest.raises(CacheFolderError, match="not writable"):
         convert_gguf(gguf, blocker / "models" / "tiny")
+
+
+def test_a_gguf_shipped_in_chunks_converts_like_the_whole_file(
+    gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_chunked_package(tmp_path / "site", gguf, "kvsqueeze_test_chunked_tiny")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    package = GgufPackage("tiny", "tiny", "kvsqueeze_test_chunked_tiny", "tiny.gguf", "pip install tiny", True)
+    target = convert_gguf(package, tmp_path / "models" / "tiny-chunked")
+    assert is_converted(target) and (target / MARKER).read_text().startswith("converted from tiny.gguf")
+    assert not list(target.rglob("*.gguf")) and debris(target.parent) == []  # the assembled file is gone
+    whole = convert_gguf(gguf, tmp_path / "models" / "tiny-whole")
+    torch.testing.assert_close(logits_of(target), logits_of(whole), rtol=0, atol=0)

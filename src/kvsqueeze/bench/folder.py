@@ -2,12 +2,13 @@
 
 The run identity is everything that changes a result and is the same for every row: the versions of kvsqueeze, torch
 and transformers, the model (name and `model_fingerprint`), its dtype, device and attention implementation, the
-tokenizer's chat template, and how every cell runs (the answer length override, query-aware prompts, the budget
-policy, chunked prefill, compression while answering). Rows are keyed by the identity's hash plus the question's
-content (`results.content_hash`), so the grid may grow in the same folder (more methods, ratios, tasks, samples,
-datasets, bits of the quantization axis) and an edited dataset row is computed again, alone. A run whose identity
-differs is refused before it computes anything, with the fields that differ; `new_run=True` writes into the first
-folder next to it (OUT-2, OUT-3, ...) that is empty or holds this very run, so the same command resumes there too.
+tokenizer's chat template, how every cell runs (the answer length override, query-aware prompts, the budget policy,
+chunked prefill, compression while answering) and the tasks' options where any are given (e.g. the phrasings a
+varied task draws from: the same task under other options is another run). Rows are keyed by the identity's hash plus
+the question's content (`results.content_hash`), so the grid may grow in the same folder (more methods, ratios, tasks,
+samples, datasets, bits of the quantization axis) and an edited dataset row is computed again, alone. A run whose
+identity differs is refused before it computes anything, with the fields that differ; `new_run=True` writes into the
+first folder next to it (OUT-2, OUT-3, ...) that is empty or holds this very run, so the same command resumes there too.
 
 A row's quantization (`kv_bits`, and for a quantized row its group size and residual) is part of its key
 (`results.row_key`), not of the identity: one folder holds full-precision and quantized rows side by side, so the
@@ -56,10 +57,12 @@ def versions() -> dict[str, str]:
 def settings_identity(config: Any, model_name: str, dtype: str, attention: str) -> dict[str, Any]:
     """The part of the run identity known before the model loads (`config` is a BenchConfig)."""
     every = config.decode_every if config.decode_target is not None else None  # only means something with a target
+    tasks = config.task_options  # recorded only when given: the identities of runs without stay as they were
     return {**versions(), "model": model_name, "dtype": dtype, "attention": attention,
             "max_new_tokens": config.max_new_tokens, "query_aware": config.query_aware,
             "budget_policy": config.budget_policy, "chunk_size": config.chunk_size,
-            "decode_target": config.decode_target, "decode_every": every}  # fmt: skip
+            "decode_target": config.decode_target, "decode_every": every,
+            **({"task_options": tasks} if tasks else {})}  # fmt: skip
 
 
 def run_identity(model: Any, tokenizer: Any, config: Any, model_name: str) -> dict[str, Any]:

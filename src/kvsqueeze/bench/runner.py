@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -45,7 +46,7 @@ from kvsqueeze.bench.results import (
     row_key,
     supersede,
 )
-from kvsqueeze.bench.tasks import Sample, get_task, list_tasks
+from kvsqueeze.bench.tasks import Sample, Task, get_task, list_tasks
 from kvsqueeze.cache import KVCache
 from kvsqueeze.generation import answer
 from kvsqueeze.memory import cache_stats
@@ -90,6 +91,9 @@ class BenchConfig:
     query_aware: bool = False
     max_new_tokens: int | None = None  # overrides each sample's own
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> options, e.g. window=8
+    # task name -> options, e.g. {"passkey_varied": {"phrasings": ["magic_number"]}}; stored as the task holds them
+    # (tuples as lists), so the same options given two ways are one run identity
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # how every compressed cell runs (the uncompressed 'none' cell is left as it is):
     budget_policy: str | None = None  # wrap each method in this policy (a key of BUDGET_POLICIES), e.g. "adakv"
     chunk_size: int | None = None  # prefill in chunks of this many tokens, compressing after each
@@ -132,6 +136,7 @@ class BenchConfig:
             raise ValueError("tasks need at least one context length")
         for task in self.tasks:
             get_task(task)  # unknown names raise ValueError with close matches
+        self.task_options = {task: task_options(task, opts, self.tasks) for task, opts in self.task_options.items()}
         for path in self.datasets:
             load_dataset(path)  # an unreadable file or a bad row fails now, before a model loads
         for method in self.options:
@@ -156,6 +161,10 @@ class BenchConfig:
     def quant(self, bits: int | None) -> QuantSpec | None:
         """How a cell at `bits` (one of `kv_bits`) stores its cache: None for full precision."""
         return quant_spec(bits, self.kv_group_size, self.kv_residual)
+
+    def task(self, name: str) -> Task:
+        """The task `name` built with its options."""
+        return get_task(name, **self.task_options.get(name, {}))
 
     @property
     def forward_time(self) -> bool:
@@ -190,6 +199,14 @@ def full_precision_as_none(values: tuple[int | None, ...]) -> tuple[int | None, 
     return out
 
 
+def task_options(task: str, options: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
+    """`options` of `task` (one of `tasks`) checked by building the task, as the task holds them, JSON-shaped."""
+    if task not in tasks:
+        raise ValueError(f"options given for the task {task!r}, which is not among the tasks {list(tasks)}")
+    built = get_task(task, **options)  # unknown options or bad values raise ValueError
+    return {key: json.loads(json.dumps(getattr(built, key))) for key in sorted(options)}
+
+
 # `kvsqueeze bench --suite full`: every registered method (ALL_METHODS is expanded when the suite is built) on two
 # retrieval tasks, fewer samples, so that the whole catalog runs in well under an hour on 2 CPU cores.
 ALL_METHODS = "*"
@@ -203,11 +220,42 @@ FULL_SUITE: dict[str, Any] = {
     "seed": 0,
     "options": {"think": {"scorer": "snapkv"}},  # ThinK alone keeps every token: the ratio goes to its scorer
 }
-SUITES = {"default": DEFAULT_SUITE, "full": FULL_SUITE}
+# `kvsqueeze bench --suite rank`: a ranking of the seed methods (KNorm, Expected Attention, Q-Filters) and the strongest
+# cheap others (TOVA, LU-KV, KeyDiff) on the varied tasks, at 1k and 2k tokens.
+#
+# Size. A cell (method, ratio) pools 2 tasks x 2 lengths x 24 samples = 96 questions (24 is a multiple of the 3
+# sources, 4 phrasings and 3 formats, so each is drawn equally often). Two cells answer the same questions, so they
+# are compared with the exact McNemar test on the questions where they differ (`statistics.mcnemar_power`, p < 0.05).
+# A 15-point difference is found with probability 0.998 when the better cell loses no question the other answers
+# (wins 15% of the questions), 0.82 when it also loses 5% (wins 20%), 0.65 when it loses 10% (wins 25%); 80% power
+# needs 52, 92 and 132 questions in those three cases, and 40 is the floor (6 of 6 discordant questions: p = 0.031).
+# Comparing two Wilson intervals instead would not do: at 96 questions each is about ±8 to ±10 points wide (77/96:
+# [71.1, 86.9]; 48/96: [40.2, 59.8]), and an unpaired test needs about 167 questions per cell for 50% vs 65%.
+# Per task or per length a cell holds 48 questions: there a 15-point loss with no win back is found with
+# probability 0.75.
+#
+# Time. Measured on one thread of this 2-core CPU (a process alone on its core, other jobs on the other one;
+# SmolLM2-135M, shared prefill as the runner does it): recording a context and answering its question in all 19
+# cells takes 35 s at 1k tokens and 42 s at 2k, so the 96 contexts take about 61 minutes, plus about 5 minutes of
+# cost passes (one real run per method, ratio and length) and the one-off calibrations of Q-Filters and LU-KV; two
+# threads on a quiet machine take less. KVzip is left out: it replays the context once per ratio and context, 14 s
+# per answer at 1k and 35 to 44 s at 2k (10 to 30 times a cell here), which alone would add about 2 hours at three
+# ratios; add it with --methods for a longer run. With --model gemma3-270m a context records in about the same time
+# and each answer takes about twice as long (1k tokens, one thread: 4.7 s and 2.1 s against 4.5 s and 1.1 s).
+RANK_SUITE: dict[str, Any] = {
+    "name": "rank",
+    "methods": (NONE, "knorm", "expected_attention", "qfilters", "tova", "lukv", "keydiff"),
+    "ratios": (0.25, 0.5, 0.75),
+    "tasks": ("passkey_varied", "niah_varied"),
+    "lengths": (1024, 2048),
+    "samples": 24,
+    "seed": 0,
+}
+SUITES = {"default": DEFAULT_SUITE, "full": FULL_SUITE, "rank": RANK_SUITE}
 
 
 def default_config(suite_name: str = "default", **overrides: Any) -> BenchConfig:
-    """A named suite (SUITES: "default", "full"), keeping only registered methods and tasks, with `overrides`
+    """A named suite (SUITES: "default", "full", "rank"), keeping only registered methods and tasks, with `overrides`
     applied."""
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; known: {', '.join(SUITES)}")
@@ -289,7 +337,7 @@ def plan_units(model: Any, tokenizer: Any, config: BenchConfig) -> list[Unit]:
     units: list[Unit] = []
     for task in config.tasks:
         for length in config.lengths:
-            for sample in get_task(task).samples(tokenizer, length, config.samples, config.seed):
+            for sample in config.task(task).samples(tokenizer, length, config.samples, config.seed):
                 units += [u for aware in modes for u in _units(tokenizer, config, sample, length, str(length), aware)]
     for path in config.datasets:
         for sample in load_dataset(path):

@@ -8,7 +8,9 @@
   tasks the tasks' own intervals `combined`.
 - `mcnemar`: the exact McNemar test, a two-sided binomial test on the discordant pairs of two 0/1 scorings of the
   same questions; `sign_flip`: a paired permutation test of the mean difference (exact up to 16 non-zero
-  differences, else Monte Carlo with a fixed seed); `paired_test` picks the one that applies.
+  differences, else Monte Carlo with a fixed seed); `paired_test` picks the one that applies;
+- `mcnemar_power`: how likely the exact McNemar test finds a given paired difference with n questions (to size a
+  suite).
 
 Every question counts as an independent draw; questions that share a context are not, so these intervals are a
 little narrower than the truth on multi-question tasks.
@@ -184,3 +186,34 @@ def paired_test(baseline: Sequence[float], other: Sequence[float], seed: int = 0
     binary = is_binary(baseline) and is_binary(other)
     p = mcnemar(better, worse) if binary else sign_flip(diffs, seed=seed)
     return PairedTest("mcnemar" if binary else "sign-flip", len(diffs), sum(diffs) / len(diffs), better, worse, p)
+
+
+def _log_binom_pmf(k: int, n: int, p: float) -> float:
+    if p in (0.0, 1.0):
+        return 0.0 if k == round(n * p) else -math.inf
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+
+
+def mcnemar_power(n: int, p_better: float, p_worse: float, alpha: float = ALPHA) -> float:
+    """The probability that the exact McNemar test (`mcnemar`) finds, at p < `alpha`, that one side is better, on `n`
+    paired questions of which a fraction `p_better` go its way and `p_worse` the other way (the rest are ties).
+
+    The number of discordant questions D is binomial(n, p_better + p_worse); given D, the test is significant in the
+    right direction when the better side's count reaches the smallest b > D / 2 with mcnemar(b, D - b) < alpha."""
+    check_int("n", n, 1, 10_000)
+    check_float("p_better", p_better, 0.0, 1.0)
+    check_float("p_worse", p_worse, 0.0, 1.0 - p_better)
+    check_float("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+    discordant = p_better + p_worse
+    if p_better == 0.0:
+        return 0.0
+    share, power = p_better / discordant, 0.0
+    for d in range(1, n + 1):
+        weight = math.exp(_log_binom_pmf(d, n, discordant))
+        if weight < 1e-15:  # far in the tail: skip the exact test
+            continue
+        critical = next((b for b in range(d // 2 + 1, d + 1) if mcnemar(b, d - b) < alpha), None)
+        if critical is None:
+            continue
+        power += weight * sum(math.exp(_log_binom_pmf(b, d, share)) for b in range(critical, d + 1))
+    return min(1.0, power)

@@ -135,6 +135,21 @@ def test_run_identity_sees_dtype_attention_and_the_settings() -> None:
     ]
 
 
+def test_task_options_enter_the_identity_only_when_given() -> None:
+    grid = {"methods": ("none",), "ratios": (), "tasks": ("passkey_varied",), "lengths": (64,)}
+    plain = settings_identity(BenchConfig(**grid), "tiny", "float32", "sdpa")
+    assert "task_options" not in plain  # the identities of runs without task options are those they always had
+    held_out = BenchConfig(**grid, task_options={"passkey_varied": {"phrasings": "access_code"}})
+    other = BenchConfig(**grid, task_options={"passkey_varied": {"phrasings": ["pass_key"]}})
+    first = settings_identity(held_out, "tiny", "float32", "sdpa")
+    assert first["task_options"] == {"passkey_varied": {"phrasings": ["access_code"]}}
+    assert json.loads(json.dumps(first)) == first  # stored in config.json and read back equal
+    assert identity_diff(first, settings_identity(other, "tiny", "float32", "sdpa")) == [
+        "task_options: {'passkey_varied': {'phrasings': ['access_code']}} -> {'passkey_varied': {'phrasings': "
+        "['pass_key']}}"
+    ]
+
+
 _HOLDER = """
 import sys
 from pathlib import Path

@@ -10,6 +10,8 @@ import torch
 
 from kvsqueeze.bench.results import COSTS, RESULTS, read_jsonl, row_key
 from kvsqueeze.bench.runner import BenchConfig, default_config, run_bench
+from kvsqueeze.bench.statistics import mcnemar_power
+from kvsqueeze.bench.tasks import get_task
 from kvsqueeze.methods import list_methods
 from kvsqueeze.pipeline import generate
 from tests.unit.bench.runner_fakes import FakeTask, Interrupt
@@ -171,11 +173,31 @@ def test_a_dataset_joins_the_grid(fakes, llama, tmp_path: Path) -> None:
         ({"budget_policy": "adakvv"}, "unknown budget policy 'adakvv'"),
         ({"chunk_size": 0}, "chunk_size must be an integer >= 1 or None, got 0"),
         ({"decode_target": -3}, "decode_target must be an integer >= 1 or None, got -3"),
+        ({"task_options": {"passkey": {"depth": 0.5}}}, r"task 'passkey', which is not among the tasks \['fake'\]"),
+        (
+            {"tasks": ("passkey_varied",), "task_options": {"passkey_varied": {"phrasing": "x"}}},
+            "Unknown option 'phrasing' for task 'passkey_varied'. Did you mean 'phrasings'",
+        ),
+        (
+            {"tasks": ("passkey_varied",), "task_options": {"passkey_varied": {"phrasings": "pass_key,nope"}}},
+            "phrasings must be one of",
+        ),
     ],
 )
 def test_bad_configs_fail_before_running(fakes, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _config(**kw)
+
+
+def test_task_options_choose_the_samples_and_are_kept_as_the_task_holds_them(llama, tmp_path: Path) -> None:
+    model, tok = llama
+    grid = {"methods": ("none",), "ratios": (), "tasks": ("passkey_varied",), "lengths": (80,), "samples": 4}
+    config = BenchConfig(**grid, task_options={"passkey_varied": {"phrasings": "pass_key, magic_number"}})
+    assert config.task_options == {"passkey_varied": {"phrasings": ["pass_key", "magic_number"]}}
+    as_tuple = BenchConfig(**grid, task_options={"passkey_varied": {"phrasings": ("pass_key", "magic_number")}})
+    assert as_tuple == config  # one run however the options were written
+    run_bench(model, tok, config, tmp_path, progress=False)
+    assert sorted(r["sample_meta"]["phrasing"] for r in _rows(tmp_path)) == ["magic_number"] * 2 + ["pass_key"] * 2
 
 
 def test_too_long_contexts_are_refused_up_front(fakes, llama, tmp_path: Path) -> None:
@@ -199,6 +221,17 @@ def test_full_suite_holds_every_registered_method(fakes) -> None:
     assert mine.options == {"knorm": {}}  # suite options of methods left out of the grid are dropped
     with pytest.raises(ValueError, match="unknown suite 'ful'; known: default, full"):
         default_config("ful")
+
+
+def test_rank_suite_can_find_a_15_point_difference(fakes, llama) -> None:
+    config = default_config("rank")
+    assert config.name == "rank" and config.methods[0] == "none" and config.ratios == (0.25, 0.5, 0.75)
+    assert {"knorm", "expected_attention", "qfilters", "tova", "lukv"} <= set(config.methods)
+    assert config.tasks == ("passkey_varied", "niah_varied") and config.lengths == (1024, 2048)
+    per_sample = {len(get_task(t).samples(llama[1], 64, 1)[0].questions) for t in config.tasks}
+    questions = len(config.tasks) * len(config.lengths) * config.samples * per_sample.pop()
+    assert questions == 96 and config.samples % 12 == 0  # each source, phrasing and format equally often
+    assert mcnemar_power(questions, 0.15, 0.0) > 0.99 and mcnemar_power(questions, 0.20, 0.05) > 0.8
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:

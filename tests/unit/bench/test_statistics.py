@@ -1,5 +1,6 @@
 """Intervals and paired tests against closed forms: Wilson at 0/n, n/n and small n, exact McNemar on known tables,
-the exact sign-flip test on small cases, and the bootstrap's determinism and coverage."""
+the exact sign-flip test on small cases, the bootstrap's determinism and coverage, and McNemar's power against a
+slow enumeration."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvsqueeze.bench.statistics import (
     bootstrap,
     combined,
     mcnemar,
+    mcnemar_power,
     paired_test,
     score_interval,
     sign_flip,
@@ -168,3 +170,29 @@ def test_an_average_over_unlike_tasks_combines_their_own_intervals() -> None:
     assert mixed.method == "combined" and mixed.low < 0.8125 < mixed.high
     with pytest.raises(ValueError, match="group"):
         score_interval([[1.0], []])
+
+
+def _power_by_enumeration(n: int, p_better: float, p_worse: float) -> float:
+    """Every (better, worse) table of n questions, weighted by its multinomial probability."""
+    total = 0.0
+    for better in range(n + 1):
+        for worse in range(n - better + 1):
+            ties = n - better - worse
+            weight = math.factorial(n) / (math.factorial(better) * math.factorial(worse) * math.factorial(ties))
+            weight *= p_better**better * p_worse**worse * (1 - p_better - p_worse) ** ties
+            total += weight if better > worse and mcnemar(better, worse) < 0.05 else 0.0
+    return total
+
+
+@pytest.mark.parametrize(("n", "p_better", "p_worse"), [(12, 0.3, 0.1), (20, 0.15, 0.0), (25, 0.4, 0.2), (7, 0.5, 0.5)])
+def test_mcnemar_power_matches_an_enumeration(n: int, p_better: float, p_worse: float) -> None:
+    assert mcnemar_power(n, p_better, p_worse) == pytest.approx(_power_by_enumeration(n, p_better, p_worse), abs=1e-9)
+
+
+def test_mcnemar_power_closed_forms() -> None:
+    assert mcnemar_power(5, 1.0, 0.0) == 0.0 and mcnemar_power(6, 1.0, 0.0) == 1.0  # 2 x 0.5^6 = 0.031 < 0.05
+    assert mcnemar_power(6, 0.5, 0.0) == pytest.approx(0.5**6)  # only 6 discordant of 6 is significant
+    assert mcnemar_power(50, 0.0, 0.3) == 0.0  # the other side is never found better
+    assert mcnemar_power(96, 0.20, 0.05) > mcnemar_power(48, 0.20, 0.05)  # more questions, more power
+    with pytest.raises(ValueError, match="p_worse"):
+        mcnemar_power(10, 0.7, 0.5)
