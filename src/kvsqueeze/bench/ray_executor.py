@@ -35,7 +35,7 @@ from kvsqueeze.validation import check_int
 logger = logging.getLogger("kvsqueeze")
 
 INSTALL = "the Ray executor needs Ray: pip install 'kvsqueeze[ray]'"
-ACTOR_PREFIX = "kvsqueeze-bench"  # actors are named ACTOR_PREFIX-<run id>-<n>: `ray list actors` shows them
+ACTOR_PREFIX = "kvsqueeze-bench"  # actors are named ACTOR_PREFIX-<run id>-<driver pid>-<n> (`ray list actors`)
 WAIT_SECONDS = 0.5  # the driver wakes at least this often (so Ctrl-C is seen at once)
 
 
@@ -80,7 +80,8 @@ class BenchActor:
         return self.identity
 
     def pid(self) -> int:
-        """The actor's process id (runs beside a unit in progress)."""
+        """The actor's process id (call it with `.options(concurrency_group="control")` to run it beside a unit in
+        progress)."""
         return os.getpid()
 
     def evaluate(self, work: WorkUnit) -> Iterator[Event]:
@@ -98,6 +99,8 @@ class RayExecutor:
         self.spec, self.config, self.labels, self.identity, self.options = spec, config, labels, identity, options
         self.gpu = spec.device is not None and spec.device.startswith("cuda")
         self.actor_class: Any = None
+        self.resources: dict[str, int] = {}  # what each actor asks Ray for
+        self.threads: int | None = None  # torch threads of each CPU actor
         self.started = 0  # actors started so far (names them)
         self.actors: list[Any] = []  # alive actors this run started
 
@@ -119,9 +122,8 @@ class RayExecutor:
     def _run(self, work: list[WorkUnit], writer: RowWriter) -> None:
         count, threads = self._sizes()
         logger.info("Ray: %d actor(s), %s each", count, "1 GPU" if self.gpu else f"{threads} CPU thread(s)")
-        self.actor_class = self.ray.remote(concurrency_groups={"control": 1})(BenchActor).options(
-            num_gpus=1 if self.gpu else 0, num_cpus=0 if self.gpu else threads, max_restarts=0
-        )
+        self.actor_class = self.ray.remote(concurrency_groups={"control": 1})(BenchActor)
+        self.resources = {"num_gpus": 1} if self.gpu else {"num_cpus": threads}
         self.threads = None if self.gpu else threads
         idle = [self._start() for _ in range(min(count, len(work)))]
         queue, tries = deque(work), dict.fromkeys((w.index for w in work), 0)
@@ -174,9 +176,11 @@ class RayExecutor:
 
     def _start(self) -> Any:
         """A new actor with its model loaded, its identity checked."""
-        name = f"{ACTOR_PREFIX}-{self.labels.run}-{self.started}"
+        name = f"{ACTOR_PREFIX}-{self.labels.run}-{os.getpid()}-{self.started}"
         self.started += 1
-        actor = self.actor_class.options(name=name).remote(self.spec, self.config, self.labels, self.threads)
+        actor = self.actor_class.options(name=name, **self.resources).remote(
+            self.spec, self.config, self.labels, self.threads
+        )
         self.actors.append(actor)
         try:
             theirs = self.ray.get(actor.ready.remote())
