@@ -19,6 +19,7 @@ import torch
 from kvsqueeze.bench.config import BenchConfig
 from kvsqueeze.bench.folder import identity_id, run_identity
 from kvsqueeze.bench.ray_executor import ACTOR_PREFIX, RayOptions
+from kvsqueeze.bench.report import write_report
 from kvsqueeze.bench.results import COSTS, FAILED, RESULTS, read_jsonl, row_key
 from kvsqueeze.bench.runner import BenchInterrupted, run_bench
 from kvsqueeze.loading import load_model
@@ -127,5 +128,25 @@ def test_interrupted_ray_run_finishes_serially_once_per_row(ray_session, saved, 
     assert not ray.util.list_named_actors()  # Ctrl-C stopped the actors
     rest = run_bench(model, tok, config, tmp_path, model_name=path, progress=False)
     assert rest.skipped_rows == len(written) and rest.computed_rows == 8 * 5 - len(written)
+    keys = _keys(tmp_path)
+    assert len(keys) == len(set(keys)) == 8 * 5
+
+
+def test_a_unit_out_of_retries_becomes_failed_rows_that_a_rerun_computes(ray_session, saved, tmp_path: Path) -> None:
+    path, model, tok = saved
+    config = _config(samples=8)
+    run_id = identity_id(run_identity(model, tok, config, path))
+    killer = _when_rows(tmp_path, 2, _kill_an_actor(f"{ACTOR_PREFIX}-{run_id}-"))
+    run = run_bench(model, tok, config, tmp_path, model_name=path, progress=False, executor="ray",
+                    ray=RayOptions(actors=2, threads=1, retries=0))  # fmt: skip
+    killer.join()
+    failed = read_jsonl(tmp_path / FAILED)
+    assert run.failed_rows == len(failed) >= 1 and all("ActorDiedError" in r["error"] for r in failed)
+    written, lost = _keys(tmp_path), sorted(map(row_key, failed))
+    assert len(set(written) | set(lost)) == len(written) + len(lost) == 8 * 5  # each row once, in one file or other
+    files = write_report(tmp_path)
+    assert files.failed_rows == len(failed) and FAILED in files.markdown.read_text()
+    rest = run_bench(model, tok, config, tmp_path, model_name=path, progress=False)
+    assert rest.computed_rows == len(failed) and rest.failed_rows == 0 and not (tmp_path / FAILED).exists()
     keys = _keys(tmp_path)
     assert len(keys) == len(set(keys)) == 8 * 5
