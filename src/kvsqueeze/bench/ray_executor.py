@@ -107,8 +107,10 @@ class RayExecutor:
     def run(self, work: list[WorkUnit], writer: RowWriter) -> None:
         ray = self.ray
         own = not ray.is_initialized()
-        if own:
-            ray.init(address=self.options.address, include_dashboard=False)
+        if own and self.options.address:
+            ray.init(address=self.options.address)  # a running cluster, as it was started
+        elif own:
+            ray.init(include_dashboard=False)  # Ray on this machine, for this run
         try:
             if work:
                 self._run(work, writer)
