@@ -110,7 +110,7 @@ class RayExecutor:
         if own and self.options.address:
             ray.init(address=self.options.address)  # a running cluster, as it was started
         elif own:
-            ray.init(include_dashboard=False)  # Ray on this machine, for this run
+            ray.init(address="local", include_dashboard=False)  # a new Ray on this machine, for this run alone
         try:
             if work:
                 self._run(work, writer)
@@ -127,7 +127,7 @@ class RayExecutor:
         self.actor_class = self.ray.remote(concurrency_groups={"control": 1})(BenchActor)
         self.resources = {"num_gpus": 1} if self.gpu else {"num_cpus": threads}
         self.threads = None if self.gpu else threads
-        idle = [self._start() for _ in range(min(count, len(work)))]
+        idle = self._start(min(count, len(work)))
         queue, tries = deque(work), dict.fromkeys((w.index for w in work), 0)
         running: dict[Any, tuple[Any, WorkUnit]] = {}  # a unit's event stream -> (its actor, the unit)
         while queue or running:
@@ -146,7 +146,7 @@ class RayExecutor:
                 except self.died as err:
                     del running[stream]
                     self._dead(actor)
-                    idle.append(self._start())
+                    idle += self._start()
                     tries[unit.index] += 1
                     again = replan(self.config, self.labels, unit, writer.done, set(writer.costs))
                     if tries[unit.index] <= self.options.retries:
@@ -176,23 +176,25 @@ class RayExecutor:
                              f"has {cpus}: lower actors or threads")  # fmt: skip
         return count, threads
 
-    def _start(self) -> Any:
-        """A new actor with its model loaded, its identity checked."""
-        name = f"{ACTOR_PREFIX}-{self.labels.run}-{os.getpid()}-{self.started}"
-        self.started += 1
-        actor = self.actor_class.options(name=name, **self.resources).remote(
-            self.spec, self.config, self.labels, self.threads
-        )
-        self.actors.append(actor)
-        try:
-            theirs = self.ray.get(actor.ready.remote())
-        except self.died as err:
-            raise RuntimeError(f"a Ray actor could not load the model {self.spec}: {err}") from None
-        if theirs != self.identity:
-            diff = "; ".join(identity_diff(self.identity, theirs))
-            raise ValueError(f"a Ray actor's run identity differs from this process's ({diff}): give every node the "
-                             "same model, versions and device type")  # fmt: skip
-        return actor
+    def _start(self, n: int = 1) -> list[Any]:
+        """`n` new actors (their models load side by side), each with its model loaded and its identity checked."""
+        actors = []
+        for _ in range(n):
+            name = f"{ACTOR_PREFIX}-{self.labels.run}-{os.getpid()}-{self.started}"
+            self.started += 1
+            options = self.actor_class.options(name=name, **self.resources)
+            actors.append(options.remote(self.spec, self.config, self.labels, self.threads))
+        self.actors += actors
+        for actor in actors:
+            try:
+                theirs = self.ray.get(actor.ready.remote())
+            except self.died as err:
+                raise RuntimeError(f"a Ray actor could not load the model {self.spec}: {err}") from None
+            if theirs != self.identity:
+                diff = "; ".join(identity_diff(self.identity, theirs))
+                raise ValueError(f"a Ray actor's run identity differs from this process's ({diff}): give every node "
+                                 "the same model, versions and device type")  # fmt: skip
+        return actors
 
     def _dead(self, actor: Any) -> None:
         self.ray.kill(actor)

@@ -30,7 +30,7 @@ COMPUTED = ("prediction", "score", "kv_bytes_before", "kv_bytes_after")  # what 
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
