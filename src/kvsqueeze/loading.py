@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,28 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model by name (`load_model`'s arguments): what a process that cannot be handed a model object
+    (a Ray actor, on this machine or another) needs to load the same one."""
+
+    name: str | None = None  # None: the embedded default model
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    device: str | None = None  # None: where load_model leaves it (the CPU)
+
+    def load(self) -> tuple[Any, Any]:
+        """(model, tokenizer), as `load_model` returns them."""
+        return load_model(self.name, self.dtype, self.attn_implementation, self.device)
+
+    @classmethod
+    def of(cls, model: Any, name: str) -> ModelSpec:
+        """The spec that loads `model` again from `name` (a short name, a folder or a hub id): its dtype, attention
+        implementation and device as it is now."""
+        param = next(model.parameters())
+        dtype = str(param.dtype).removeprefix("torch.")
+        attention = str(getattr(model.config, "_attn_implementation", None) or "sdpa")
+        device = None if param.device.type == "cpu" else param.device.type
+        return cls(name, dtype, attention, device)

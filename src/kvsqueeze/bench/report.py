@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsqueeze.bench import frontier
-from kvsqueeze.bench.results import NONE, RESULTS, read_config, read_jsonl, report_key
+from kvsqueeze.bench.results import FAILED, NONE, RESULTS, read_config, read_jsonl, report_key
 from kvsqueeze.bench.statistics import ALPHA, LEVEL, Interval, PairedTest
 from kvsqueeze.bench.summary import Summary, summarize
 
@@ -299,6 +299,15 @@ class ReportFiles:
     plots: list[Path]  # empty when plots_skipped says why
     summary: Summary
     plots_skipped: str | None = None  # why no plots were drawn, and how to get them
+    failed_rows: int = 0  # rows the last run gave up on (failed.jsonl): not in the tables; a rerun computes them
+
+
+def failed_note(n: int) -> str:
+    """What the report says of `n` failed rows ('' for none)."""
+    if not n:
+        return ""
+    return (f"{n} row(s) could not be computed in the last run (their worker died too often; see {FAILED}): "
+            "the tables leave them out, and rerunning the same bench command computes them.")  # fmt: skip
 
 
 def write_report(results_dir: str | Path) -> ReportFiles:
@@ -311,6 +320,8 @@ def write_report(results_dir: str | Path) -> ReportFiles:
     drawn = can_plot()
     plots = plot(summary, out) if drawn else []
     md, page = out / "report.md", out / "report.html"
-    md.write_text(render_markdown(summary, plots), encoding="utf-8")
+    failed = len(read_jsonl(out / FAILED))
+    note = f"\n> {failed_note(failed)}\n" if failed else ""
+    md.write_text(render_markdown(summary, plots) + note, encoding="utf-8")
     page.write_text(render_html(summary, plots), encoding="utf-8")
-    return ReportFiles(md, page, plots, summary, None if drawn else PLOTS_SKIPPED)
+    return ReportFiles(md, page, plots, summary, None if drawn else PLOTS_SKIPPED, failed)

@@ -1,6 +1,6 @@
 """The files of a results directory: results.jsonl (one row per answer), costs.jsonl (one row per cost pass),
-config.json (the run identity and the grid) and bench.lock; rows are appended and flushed one by one, and the keys
-below say which rows a rerun may skip.
+config.json (the run identity and the grid), bench.lock and failed.jsonl (rows the last run gave up on); rows are
+appended and flushed one by one, and the keys below say which rows a rerun may skip.
 
 Reading is strict: every line must be a JSON object holding the fields its key needs. The one exception is a cut last
 line (no newline at its end, not valid JSON): what a hard kill in the middle of a write leaves. It is dropped with a
@@ -23,6 +23,8 @@ logger = logging.getLogger("kvsqueeze")
 
 RESULTS, COSTS, CONFIG, LOCK = "results.jsonl", "costs.jsonl", "config.json", "bench.lock"
 SUPERSEDED = "superseded.jsonl"  # rows of dataset questions that were edited since they were computed
+# rows the last run could not compute (their worker died too often): the base row plus `error`; rerun to retry them
+FAILED = "failed.jsonl"
 NONE = "none"  # the method name of the uncompressed baseline (run once, at ratio 0)
 Row = dict[str, Any]  # one line of results.jsonl or costs.jsonl
 

@@ -32,8 +32,11 @@ EXAMPLES = """examples:
   kvsqueeze bench --methods none,knorm,tova --ratios 0.25,0.5 --tasks niah_single,vt --lengths 1024,2048
   kvsqueeze bench --dataset mine.jsonl --methods none,snapkv --option snapkv.window=16
   kvsqueeze bench --budget-policy adakv --methods knorm,expected_attention --chunk-size 512 -q
-  kvsqueeze bench --dtype bfloat16 --new-run     the default suite again in bfloat16, next to the float32 run"""
-IMPORTS = ["torch", "transformers", "kvsqueeze.bench.runner", "kvsqueeze.bench.report", "kvsqueeze.loading"]
+  kvsqueeze bench --dtype bfloat16 --new-run     the default suite again in bfloat16, next to the float32 run
+  kvsqueeze bench --executor ray --actors 2 --actor-threads 1      on 2 Ray actors on this machine
+  kvsqueeze bench --executor ray --ray-address HEAD:6379 --device cuda   on a Ray cluster, one GPU per actor"""
+IMPORTS = ["torch", "transformers", "kvsqueeze.bench.runner", "kvsqueeze.bench.report", "kvsqueeze.bench.ray_executor",
+           "kvsqueeze.loading"]  # fmt: skip
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -110,6 +113,21 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "empty or holds this very run, so rerunning the same command resumes there",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--executor",
+        choices=["serial", "ray"],
+        default="serial",
+        help="who computes the grid: this process (serial) or Ray actors, each loading the model once (needs "
+        "pip install 'kvsqueeze[ray]'); not part of the run: either one resumes the other's folder",
+    )
+    p.add_argument("--ray-address", default=None, help="with --executor ray: a running cluster to join (default: "
+                   "start Ray on this machine)")  # fmt: skip
+    p.add_argument("--actors", type=positive, default=None, help="with --executor ray: how many actors (default: one "
+                   "per GPU with --device cuda, else 2)")  # fmt: skip
+    p.add_argument("--actor-threads", type=positive, default=None, help="with --executor ray: torch threads (and Ray "
+                   "CPUs) per CPU actor (default: the smallest node's cores // actors)")  # fmt: skip
+    p.add_argument("--retries", type=int, default=2, help="with --executor ray: how many times a unit whose actor "
+                   "died runs again before its rows go to failed.jsonl")  # fmt: skip
 
 
 def _bench_config(args: argparse.Namespace) -> Any:
@@ -158,6 +176,20 @@ def _default_out(config: Any, model: str) -> Path:
     return Path("results") / "bench" / f"custom-{hashlib.sha1(doc.encode()).hexdigest()[:8]}"
 
 
+def _ray_options(args: argparse.Namespace) -> Any:
+    """The RayOptions of --executor ray (None for a serial run); the Ray options without it are a mistake."""
+    from kvsqueeze.bench.ray_executor import RayOptions, import_ray
+
+    given = [f for f, v in (("--ray-address", args.ray_address), ("--actors", args.actors),
+                            ("--actor-threads", args.actor_threads)) if v is not None]  # fmt: skip
+    if args.executor != "ray":
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --executor ray")
+        return None
+    import_ray()  # ModuleNotFoundError saying how to install Ray, before the model loads
+    return RayOptions(address=args.ray_address, actors=args.actors, threads=args.actor_threads, retries=args.retries)
+
+
 def run(args: argparse.Namespace) -> int:
     from kvsqueeze.bench.folder import check_settings, settings_identity
     from kvsqueeze.bench.results import RESULTS
@@ -165,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     from kvsqueeze.loading import DEFAULT_MODEL
 
     config = _bench_config(args)  # bad names, values and dataset files fail here, before the model loads
+    ray = _ray_options(args)  # so do the Ray options, and a missing Ray
     model_name = args.model or DEFAULT_MODEL
     out = args.out or _default_out(config, model_name)
     if not args.new_run:  # a folder of another run is refused now; the model's own fields are checked once loaded
@@ -173,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("Running the %s suite into %s ...", config.name, out)
     progress = not args.no_progress and args.log_level <= logging.INFO
     try:
-        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=progress, new_run=args.new_run)
+        run = run_bench(model, tokenizer, config, out, model_name=model_name, progress=progress, new_run=args.new_run,
+                        executor=args.executor, ray=ray)  # fmt: skip
     except BenchInterrupted as err:
         print(f"kvsqueeze: interrupted; finished rows are in {err.run.out_dir / RESULTS}: rerun the same command to "
               "resume.", file=sys.stderr)  # fmt: skip
@@ -182,5 +216,7 @@ def run(args: argparse.Namespace) -> int:
         print("kvsqueeze: interrupted before any row was computed.", file=sys.stderr)
         return 130
     logger.info("%d rows computed, %d already there.", run.computed_rows, run.skipped_rows)
+    if run.failed_rows:
+        logger.warning("%d rows failed (see failed.jsonl); rerun the same command to compute them.", run.failed_rows)
     write_and_print_report(run.out_dir)
     return 0

@@ -1,0 +1,97 @@
+"""Wall time of a benchmark grid run serially against the same grid on Ray actors (`kvsqueeze bench --executor ray`).
+
+Each run is a fresh `kvsqueeze bench` process writing into a fresh folder, timed end to end (model load, Ray start,
+every row, the report), so the Ray figure includes what Ray costs. Runs are interleaved (serial, Ray, Ray, serial,
+...) so that a slow phase of the machine does not land on one executor only. The serial run uses torch's default
+threads (every core); the Ray run uses `--actors` actors of `--actor-threads` threads each. Both write the same rows;
+the script counts the rows whose prediction or score differs from the first run's (other thread counts sum floats
+in another order, which can flip a greedy token).
+
+Run it alone on the machine (other jobs change the times):
+    .venv/bin/python benchmarks/bench_ray.py                 # the default suite, twice each way
+    .venv/bin/python benchmarks/bench_ray.py --quick         # a tiny grid, once each way: checks that it works
+Writes benchmarks/results/bench_ray.json and .md (with --quick: only prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvsqueeze.bench.results import RESULTS, read_jsonl, row_key
+
+RESULTS_DIR = Path(__file__).parent / "results"
+QUICK = ["--methods", "none,knorm", "--ratios", "0.5", "--tasks", "passkey", "--lengths", "256", "--samples", "2"]
+
+
+def bench(out: Path, grid: list[str], extra: list[str]) -> float:
+    """Seconds one `kvsqueeze bench` process takes, end to end."""
+    command = [sys.executable, "-m", "kvsqueeze", "bench", "--out", str(out), "--no-progress", "-q", *grid, *extra]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # the report table: not needed here
+    return time.perf_counter() - start
+
+
+def answers(out: Path) -> dict[tuple, tuple]:
+    """Each row's prediction and score, by row key (the run id is the same for both executors)."""
+    return {row_key(r): (r["prediction"], r["score"]) for r in read_jsonl(out / RESULTS)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny grid, once each way, nothing written")
+    parser.add_argument("--rounds", type=int, default=None, help="runs per executor (default: 2, 1 with --quick)")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--actor-threads", type=int, default=1)
+    args = parser.parse_args()
+    grid = QUICK if args.quick else []  # [] = the default suite
+    rounds = args.rounds or (1 if args.quick else 2)
+    ray = ["--executor", "ray", "--actors", str(args.actors), "--actor-threads", str(args.actor_threads)]
+    times: dict[str, list[float]] = {"serial": [], "ray": []}
+    reference: dict[tuple, tuple] | None = None
+    differ: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            order = ["serial", "ray"] if i % 2 == 0 else ["ray", "serial"]
+            for name in order:
+                out = Path(tmp) / f"{name}-{i}"
+                seconds = bench(out, grid, ray if name == "ray" else [])
+                times[name].append(seconds)
+                got = answers(out)
+                reference = reference or got
+                if got.keys() != reference.keys():
+                    raise SystemExit(f"{name} run {i} wrote other rows than the first run")
+                differ[f"{name}-{i}"] = sum(got[k] != reference[k] for k in got)
+                print(
+                    f"round {i} {name}: {seconds:.1f} s, {len(got)} rows, {differ[f'{name}-{i}']} differ from the "
+                    "first run's",
+                    flush=True,
+                )
+    best = {name: min(values) for name, values in times.items()}
+    ratio = best["serial"] / best["ray"]
+    print(f"best of {rounds}: serial {best['serial']:.1f} s, ray {best['ray']:.1f} s, speed-up {ratio:.2f}x")
+    if args.quick:
+        return
+    record = {"grid": "default suite", "rounds": rounds, "actors": args.actors, "actor_threads": args.actor_threads,
+              "seconds": times, "best": best, "speedup": ratio, "rows": len(reference or {}), "rows_differing": differ,
+              "machine": f"{platform.processor() or platform.machine()}, {platform.system()}"}  # fmt: skip
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "bench_ray.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["# The default suite, serial against Ray", "",
+             f"{args.actors} Ray actors of {args.actor_threads} thread(s) each against one serial process (torch's "
+             f"default threads); wall time end to end, {rounds} interleaved runs each, best shown.", "",
+             "| executor | seconds (each run) | best |", "|---|---|---|",
+             *(f"| {n} | {', '.join(f'{s:.1f}' for s in times[n])} | {best[n]:.1f} |" for n in times), "",
+             f"Speed-up (best serial / best Ray): {ratio:.2f}x. Every run wrote the same {record['rows']} rows; rows "
+             f"whose answer differs from the first run's: {differ}."]  # fmt: skip
+    (RESULTS_DIR / "bench_ray.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
