@@ -35,6 +35,7 @@ from kvsqueeze.bench.dataset import dataset_hash, load_dataset
 from kvsqueeze.bench.folder import identity_id, open_folder, run_identity, versions, write_config
 from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.bench.metrics import score
+from kvsqueeze.bench.recordings import RecordingStore
 from kvsqueeze.bench.results import (
     COSTS,
     NONE,
@@ -377,25 +378,34 @@ def run_bench(
     model_name: str | None = None,
     progress: bool = True,
     new_run: bool = False,
+    recordings: RecordingStore | None = None,
 ) -> BenchRun:
     """Run the grid with an already-loaded model, appending rows to out_dir/results.jsonl (resumable). A folder that
     holds another run (other model, dtype, settings ...) is refused with what differs (ResultsError), unless
     `new_run`, which writes into the first of OUT-2, OUT-3, ... that is empty or holds this run (BenchRun.out_dir).
-    A folder another bench is writing into raises FolderBusyError. Ctrl-C raises BenchInterrupted."""
+    A folder another bench is writing into raises FolderBusyError. Ctrl-C raises BenchInterrupted. `recordings`: a
+    store of recorded prefills shared with other calls (`bench.recordings`), so a context is prefilled once in all."""
     name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
     units = plan_units(model, tokenizer, config)  # bad inputs fail here, before the folder is touched
     identity = run_identity(model, tokenizer, config, name)
     with open_folder(out_dir, identity, new_run) as out:
         run = BenchRun(out_dir=out, versions=versions(), run_id=identity_id(identity))
         try:
-            _run_units(model, tokenizer, config, units, run, progress, identity)
+            _run_units(model, tokenizer, config, units, run, progress, identity, recordings)
         except KeyboardInterrupt:
             raise BenchInterrupted(run) from None
     return run
 
 
 def _run_units(
-    model: Any, tokenizer: Any, config: BenchConfig, units: list[Unit], run: BenchRun, progress: bool, identity: dict
+    model: Any,
+    tokenizer: Any,
+    config: BenchConfig,
+    units: list[Unit],
+    run: BenchRun,
+    progress: bool,
+    identity: dict,
+    recordings: RecordingStore | None = None,
 ) -> None:
     out, cells = run.out_dir, config.cells()
     found, cost_rows = read_run(out, run.run_id)
@@ -407,6 +417,7 @@ def _run_units(
                        "versions": run.versions, "datasets": datasets})  # fmt: skip
     done = {row_key(r) for r in rows}
     ctx = _RunContext(model, tokenizer, config, name, run, {cost_key(c): c for c in cost_rows})
+    ctx.recordings = recordings
     total = len(config.kv_bits) * sum(
         len(u.question_indices) for u in units for c in cells if cell_query_aware(config, c[1]) == u.query_aware
     )
@@ -454,6 +465,7 @@ class _RunContext:
         self.name, self.run, self.costs = name, run, costs
         self.device = next(model.parameters()).device
         self.recording: Recording | None = None
+        self.recordings: RecordingStore | None = None  # recordings shared with other runs
         self.warm = False
         self.warmed_methods: set[str] = set()
 
@@ -560,9 +572,13 @@ class _RunContext:
     def _from_recording(self, unit: Unit, method: Method | None, quant: QuantSpec | None) -> tuple[list[str], int, int]:
         """Answer from a compressed copy of the unit's full-precision recording, quantized after compression (the
         methods scored full-precision keys, as in a real run). Bytes before: the uncompressed full-precision cache."""
+        if self.recording is None and self.recordings is not None:
+            self.recording = self.recordings.get(unit.context_ids)
         if self.recording is None:
             self.recording = _record(self.model, unit.context_ids)
             self.run.prefills += 1
+            if self.recordings is not None:
+                self.recordings.put(unit.context_ids, self.recording)
         cache, log = compress_recording(self.recording, method)
         before = log.kv_bytes_before if log.bytes_before else cache_stats(cache).kv_bytes
         if quant is not None:
