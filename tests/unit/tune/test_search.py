@@ -47,7 +47,13 @@ def test_any_monotone_threshold_is_found_in_log_probes(n: int, data: st.DataObje
 
 @pytest.mark.parametrize(
     ("grid", "message"),
-    [([], "empty"), ([0.5, 0.3], "increasing"), ([0.0, 0.5], "baseline"), ([0.5, 1.0], "ratio"), ([0.2, 0.2], "increasing")],
+    [
+        ([], "empty"),
+        ([0.5, 0.3], "increasing"),
+        ([0.0, 0.5], "baseline"),
+        ([0.5, 1.0], "ratio"),
+        ([0.2, 0.2], "increasing"),
+    ],
 )
 def test_bad_grids_are_refused(grid: list[float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
