@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvsqueeze.bench.frontier import MIB, Point, pareto_frontier
 from kvsqueeze.bench.report import markdown_table
-from kvsqueeze.tune.runner import Probe, TuneResult
+from kvsqueeze.tuning.runner import Probe, TuneResult
 
 REPORT_FILE = "tune_report.md"
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from kvsqueeze.bench.results import RESULTS
-from kvsqueeze.tune import TUNE_FILE, TuneSpec, read_choice, tune
-from kvsqueeze.tune.report import REPORT_FILE, write_tune_report
-from kvsqueeze.tune.runner import Probe, choose, meets
-from kvsqueeze.tune.search import SearchResult
+from kvsqueeze.tuning import TUNE_FILE, TuneSpec, read_choice, tune
+from kvsqueeze.tuning.report import REPORT_FILE, write_tune_report
+from kvsqueeze.tuning.runner import Probe, choose, meets
+from kvsqueeze.tuning.search import SearchResult
 from tests.unit.bench.runner_fakes import Interrupt
 
 pytestmark = pytest.mark.usefixtures("fakes")

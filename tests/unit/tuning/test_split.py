@@ -8,7 +8,7 @@ import pytest
 
 from kvsqueeze.bench.dataset import load_dataset
 from kvsqueeze.bench.tasks import Sample
-from kvsqueeze.tune.split import split_samples, write_split
+from kvsqueeze.tuning.split import split_samples, write_split
 
 
 def samples(n: int) -> list[Sample]:

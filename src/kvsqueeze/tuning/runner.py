@@ -26,9 +26,9 @@ from kvsqueeze.bench.statistics import Interval, PairedTest, paired_test, score_
 from kvsqueeze.bench.tasks import Sample, get_task
 from kvsqueeze.methods import get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES
-from kvsqueeze.tune.config import TUNE_FILE, TuneChoice, write_choice
-from kvsqueeze.tune.search import SearchResult, check_grid, linear_grid, search
-from kvsqueeze.tune.split import HELDOUT_SPLIT, TUNE_SPLIT, split_samples, write_split
+from kvsqueeze.tuning.config import TUNE_FILE, TuneChoice, write_choice
+from kvsqueeze.tuning.search import SearchResult, check_grid, linear_grid, search
+from kvsqueeze.tuning.split import HELDOUT_SPLIT, TUNE_SPLIT, split_samples, write_split
 from kvsqueeze.validation import check_float, check_int
 
 logger = logging.getLogger("kvsqueeze")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvsqueeze.tune.search import check_grid, linear_grid, max_evaluations, search
+from kvsqueeze.tuning.search import check_grid, linear_grid, max_evaluations, search
 
 GRID = linear_grid()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsqueeze.tune.config import TuneChoice, read_choice, write_choice
+from kvsqueeze.tuning.config import TuneChoice, read_choice, write_choice
 
 
 def test_round_trip(tmp_path: Path) -> None:
