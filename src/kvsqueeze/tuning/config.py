@@ -63,6 +63,7 @@ class TuneChoice:
 
 def write_choice(choice: TuneChoice, path: str | Path) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(choice.as_json(), indent=2, default=str) + "\n")
     return path
 

@@ -56,9 +56,9 @@ def render(result: TuneResult) -> str:
                   f"{' (significant)' if t.significant else ''}."]  # fmt: skip
     f = result.forwards
     lines += ["", "## Cost", "",
-              f"The search needs {result.search_forwards} model passes on the tune part (one prefill per context, "
-              f"then per probe one cost pass and one answer pass per question); the full grid of "
-              f"{len(result.searches)} candidates x ratios would need {result.grid_forwards}.",
+              f"The search needs {result.search_forwards} model passes on the tune part (counted as one prefill per "
+              f"context, then per probe one real run for time and memory and one answer per question); the full "
+              f"grid of {len(result.searches)} candidates x ratios would need {result.grid_forwards}.",
               f"Run in this call (resumed rows not counted): {f.prefills} shared prefills, {f.cost_passes} cost "
               f"passes, {f.answers} answers.", ""]  # fmt: skip
     return "\n".join(lines)
