@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kvsqueeze.bench.results import RESULTS
+from kvsqueeze.bench.statistics import Interval
 from kvsqueeze.tuning import TUNE_FILE, TuneSpec, read_choice, tune
 from kvsqueeze.tuning.report import REPORT_FILE, write_tune_report
 from kvsqueeze.tuning.runner import Probe, choose, meets
@@ -72,8 +73,6 @@ def test_interrupted_tune_keeps_rows_and_resumes(llama: tuple[Any, Any], tmp_pat
 
 
 def probe(score: float, low: float, kv: float, method: str = "m") -> Probe:
-    from kvsqueeze.bench.statistics import Interval
-
     return Probe(method, 0.5, [score], ["c"], score, Interval(low, 1.0, "wilson"), kv)
 
 
