@@ -13,12 +13,14 @@ REPORT_FILE = "tune_report.md"
 
 
 def _scored(p: Probe) -> str:
+    if p.error is not None:
+        return f"cannot run: {p.error}"
     return f"{100 * p.score:.1f} [{100 * p.interval.low:.1f}, {100 * p.interval.high:.1f}] (n={len(p.scores)})"
 
 
 def probe_points(result: TuneResult) -> list[Point]:
     return [Point(m, m, r, None, p.kv_bytes, p.score, p.interval) for m, s in result.searches.items()
-            for r, p, _ in s.probes]  # fmt: skip
+            for r, p, _ in s.probes if p.error is None]  # fmt: skip
 
 
 def render(result: TuneResult) -> str:

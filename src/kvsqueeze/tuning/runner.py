@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from kvsqueeze.bench.dataset import dataset_hash, load_dataset
 from kvsqueeze.bench.recordings import RecordingStore
-from kvsqueeze.bench.results import NONE, read_run
+from kvsqueeze.bench.results import NONE, ResultsError, read_run
 from kvsqueeze.bench.runner import BenchConfig, run_bench
 from kvsqueeze.bench.statistics import Interval, PairedTest, paired_test, score_interval
 from kvsqueeze.bench.tasks import Sample, get_task
@@ -108,6 +109,7 @@ class Probe:
     score: float
     interval: Interval
     kv_bytes: float
+    error: str | None = None  # why the method cannot run at this ratio on this data (then it does not meet the target)
 
 
 @dataclass
@@ -158,7 +160,17 @@ class _Evaluator:
 
     def __call__(self, method: str, ratio: float, dataset: Path) -> Probe:
         config = self.spec.bench_config(method, ratio, dataset)
-        run = run_bench(self.model, self.tokenizer, config, self.out, self.name, self.progress, recordings=self.store)
+        try:
+            run = run_bench(self.model, self.tokenizer, config, self.out, self.name, self.progress,
+                            recordings=self.store)  # fmt: skip
+        except ResultsError:  # the folder holds another run, or is busy: the user's to resolve
+            raise
+        except ValueError as err:  # e.g. a budget too small for the method's protected tokens at this ratio
+            if method == NONE:
+                raise
+            logger.warning("tune: %s at %.2f cannot run on %s (%s); counted as not meeting the target", method, ratio,
+                           dataset.stem, err)  # fmt: skip
+            return Probe(method, ratio, [], [], 0.0, Interval(0.0, 0.0, "none"), math.inf, error=str(err))
         self.forwards.prefills += run.prefills
         self.forwards.cost_passes += run.cost_passes
         self.forwards.answers += run.computed_rows
@@ -215,7 +227,7 @@ def tune(
 
 def meets(probe: Probe, threshold: float) -> bool:
     """Whether the lower bound of the probe's 95% interval reaches the threshold."""
-    return probe.interval.low >= threshold - 1e-12
+    return probe.error is None and probe.interval.low >= threshold - 1e-12
 
 
 def choose(searches: dict[str, SearchResult[Probe]]) -> Probe | None:

@@ -58,6 +58,16 @@ def test_no_candidate_meets_an_unreachable_target(llama: tuple[Any, Any], tmp_pa
     assert "No candidate met the target" in write_tune_report(result).read_text()
 
 
+def test_a_method_that_cannot_run_at_a_ratio_does_not_meet_it(llama: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = llama
+    # SnapKV protects a 64-token window: on ~50-token contexts no ratio leaves room for it
+    result = tune(model, tok, spec(methods=("snapkv",)), tmp_path, progress=False)
+    probes = result.searches["snapkv"].probes
+    assert result.choice is None and [r for r, _, _ in probes] == [0.5, 0.25]
+    assert all(p.error is not None and "protected" in p.error and not ok for _, p, ok in probes)
+    assert "cannot run:" in write_tune_report(result).read_text()
+
+
 def test_interrupted_tune_keeps_rows_and_resumes(llama: tuple[Any, Any], tmp_path: Path) -> None:
     model, tok = llama
     Interrupt.after = 4 * 3  # the method's warm-up and a few compressions, then Ctrl-C
