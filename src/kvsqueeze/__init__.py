@@ -35,6 +35,8 @@ _EXPORTS = {
     "load_cache": "kvsqueeze.cachefile",
     "get_adapter": "kvsqueeze.models",
     "register_pipeline": "kvsqueeze.hf_pipeline",
+    "tune": "kvsqueeze.tuning",
+    "TuneSpec": "kvsqueeze.tuning",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from kvsqueeze.models import get_adapter
     from kvsqueeze.pipeline import GenerateOutput, GenerationStats, generate
     from kvsqueeze.press import compress
+    from kvsqueeze.tuning import TuneSpec, tune
 
 
 def __getattr__(name: str) -> Any:

@@ -35,6 +35,7 @@ import kvsqueeze as kvs
 from kvsqueeze.bench.dataset import load_dataset
 from kvsqueeze.cli import build_parser, main
 from kvsqueeze.methods import METHODS
+from kvsqueeze.tuning import TuneChoice, write_choice
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
@@ -208,6 +209,8 @@ def test_command_lines_pass_the_cli_checks(
     (tmp_path / "mine.jsonl").write_text(
         json.dumps({"context": "The code is 4127.", "question": "What is the code?", "answers": ["4127"]}) + "\n"
     )
+    write_choice(TuneChoice("knorm", 0.5), tmp_path / "tune.json")  # --config: a file `kvsqueeze tune` wrote
+    write_choice(TuneChoice("knorm", 0.5), tmp_path / "results" / "tune" / "default" / "tune.json")
     missing = str(tmp_path / "no-model-here")
     targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(encoding="utf-8"), re.M)
     for words in command_lines(page):

@@ -35,6 +35,7 @@ from kvsqueeze.bench.dataset import dataset_hash
 from kvsqueeze.bench.executors import EXECUTORS, Executor, SerialExecutor
 from kvsqueeze.bench.folder import identity_id, open_folder, run_identity, versions, write_config
 from kvsqueeze.bench.ray_executor import RayExecutor, RayOptions
+from kvsqueeze.bench.recordings import RecordingStore
 from kvsqueeze.bench.results import cost_key, read_run, row_key, supersede
 from kvsqueeze.bench.units import Unit, cell_query_aware, plan_units
 from kvsqueeze.bench.work import Evaluator, RunLabels, plan_work
@@ -65,6 +66,7 @@ def run_bench(
     executor: str = "serial",
     ray: RayOptions | None = None,
     model_spec: ModelSpec | None = None,
+    recordings: RecordingStore | None = None,
 ) -> BenchRun:
     """Run the grid with an already-loaded model, appending rows to out_dir/results.jsonl (resumable). A folder that
     holds another run (other model, dtype, settings ...) is refused with what differs (ResultsError), unless
@@ -73,13 +75,16 @@ def run_bench(
 
     `executor="ray"` computes the units on Ray actors (`ray`: RayOptions, e.g. a cluster's address and the number of
     actors), each loading the model by `model_spec` (default: `ModelSpec.of(model, model_name)`, the driver's model
-    loaded again by its name). The executor is not part of the run: either one resumes the other's folder."""
+    loaded again by its name). The executor is not part of the run: either one resumes the other's folder.
+
+    `recordings`: a store of recorded prefills shared with other calls (`bench.recordings`), so that a context is
+    prefilled once in all (serial runs only: Ray actors record their own)."""
     check_choice("executor", executor, EXECUTORS)
     name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
     units = plan_units(model, tokenizer, config)  # bad inputs fail here, before the folder is touched
     identity = run_identity(model, tokenizer, config, name)
     labels = RunLabels(identity_id(identity), name, versions())
-    runner: Executor = SerialExecutor(Evaluator(model, tokenizer, config, labels))
+    runner: Executor = SerialExecutor(Evaluator(model, tokenizer, config, labels, recordings))
     if executor == "ray":
         spec = model_spec or ModelSpec.of(model, name)
         runner = RayExecutor(spec, config, labels, identity, ray or RayOptions())

@@ -24,6 +24,7 @@ import torch
 from kvsqueeze.bench.config import BenchConfig
 from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.bench.metrics import score
+from kvsqueeze.bench.recordings import RecordingStore
 from kvsqueeze.bench.results import NONE, Row, cost_key, row_key
 from kvsqueeze.bench.units import Unit, cell_query_aware, with_question
 from kvsqueeze.cache import KVCache
@@ -134,8 +135,16 @@ def replan(config: BenchConfig, labels: RunLabels, work: WorkUnit, done: set[tup
 class Evaluator:
     """Computes work units with one loaded model (what a serial run's driver and each Ray actor hold)."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: BenchConfig, labels: RunLabels) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: BenchConfig,
+        labels: RunLabels,
+        recordings: RecordingStore | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.config, self.labels = model, tokenizer, config, labels
+        self.recordings = recordings  # recorded prefills shared with other runs (the tuner's probes), if any
         self.cells = config.cells()
         self.device = next(model.parameters()).device
         self.recording: Recording | None = None
@@ -168,9 +177,13 @@ class Evaluator:
                 yield Event("cost", self._cost_row(unit, method, quant, rows[0], out.stats, mem.peak_bytes))
                 predictions, before, after = list(out.answers), out.stats.kv_bytes_before, out.stats.kv_bytes_after
             elif method is None or (method.shared_prefill and not self.config.forward_time):
+                if self.recording is None and self.recordings is not None:
+                    self.recording = self.recordings.get(unit.context_ids)
                 if self.recording is None:
                     self.recording = _record(self.model, unit.context_ids)
                     yield Event("prefill", {})
+                    if self.recordings is not None:
+                        self.recordings.put(unit.context_ids, self.recording)
                 predictions, before, after = self._from_recording(unit, method, quant)
             else:
                 out = self._generate(unit, method, quant)

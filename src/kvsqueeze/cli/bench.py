@@ -23,6 +23,7 @@ from kvsqueeze.cli.arguments import (
 )
 from kvsqueeze.cli.logs import logger
 from kvsqueeze.cli.report import write_and_print_report
+from kvsqueeze.cli.tuned import add_config_argument, apply_to_bench
 
 EXAMPLES = """examples:
   kvsqueeze bench
@@ -128,11 +129,14 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "CPUs) per CPU actor (default: the smallest node's cores // actors)")  # fmt: skip
     p.add_argument("--retries", type=int, default=2, help="with --executor ray: how many times a unit whose actor "
                    "died runs again before its rows go to failed.jsonl")  # fmt: skip
+    add_config_argument(p)
 
 
 def _bench_config(args: argparse.Namespace) -> Any:
     from kvsqueeze.bench.runner import default_config
 
+    if args.config is not None:
+        apply_to_bench(args)
     grid = {"methods": args.methods, "ratios": args.ratios, "tasks": args.tasks, "lengths": args.lengths,
             "samples": args.samples, "seed": args.seed}  # fmt: skip
     forward = {"budget_policy": args.budget_policy, "chunk_size": args.chunk_size, "decode_target": args.decode_target}

@@ -21,6 +21,7 @@ from kvsqueeze.cli.arguments import (
 )
 from kvsqueeze.cli.files import check_input_file, check_output_file, read_text_file
 from kvsqueeze.cli.logs import logger
+from kvsqueeze.cli.tuned import add_config_argument, apply_to_generate
 
 EXAMPLES = """examples:
   kvsqueeze generate --example
@@ -97,6 +98,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--decode-every", type=positive, default=32, help="... every K new tokens")
     p.add_argument("--save-cache", type=Path, default=None, help="save the compressed context (safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON document with answers and stats")
+    add_config_argument(p)
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -104,6 +106,11 @@ def fill_defaults(args: argparse.Namespace) -> None:
     with --load-cache, where giving them is refused)."""
     if args.compare is None:
         args.compare = args.example
+    if args.load_cache is None and args.config is None:  # with --config: filled in `run`, from the file
+        fill_method_defaults(args)
+
+
+def fill_method_defaults(args: argparse.Namespace) -> None:
     if args.load_cache is None:
         for name, value in GENERATE_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -143,7 +150,7 @@ def _generate_method(args: argparse.Namespace) -> Any:
 
 
 # what only compressing a context sets: meaningless with --load-cache, whose context was compressed when it was saved
-_COMPRESSION_ONLY = ("method", "ratio", "option", "budget_policy", "chunk_size", "save_cache", "kv_bits")
+_COMPRESSION_ONLY = ("method", "ratio", "option", "budget_policy", "chunk_size", "save_cache", "kv_bits", "config")
 
 
 def _refuse_with_load_cache(args: argparse.Namespace) -> None:
@@ -181,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
     if args.load_cache:
         _refuse_with_load_cache(args)
         return _answer_saved(args)
+    if args.config is not None:
+        apply_to_generate(args)
+        fill_method_defaults(args)
     context, questions, prefix = _generate_inputs(args)
     method = _generate_method(args)
     sampling = _sampling(args)

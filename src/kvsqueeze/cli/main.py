@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from types import ModuleType
 
 from kvsqueeze import __version__
-from kvsqueeze.cli import bench, calibrate, generate, listing, report, serve
+from kvsqueeze.cli import bench, calibrate, generate, listing, report, serve, tune
 from kvsqueeze.cli.arguments import HelpFormatter, logging_options, model_options
 from kvsqueeze.cli.logs import configure_logging, logger
 
@@ -23,6 +23,7 @@ _MAIN_EXAMPLES = """examples:
   kvsqueeze list                     the compression methods and their options
   kvsqueeze bench                    the default benchmark suite; report in results/bench/default
   kvsqueeze bench -v                 the same, with debug messages (-v/-q go before or after the subcommand)
+  kvsqueeze tune --dataset mine.jsonl  the most compression that keeps 95% of the score on your data (tune.json)
   kvsqueeze serve                    an OpenAI-compatible server at http://127.0.0.1:8000/v1
   kvsqueeze COMMAND --help           the options of one command, with their defaults and examples"""
 
@@ -38,8 +39,9 @@ COMMANDS: dict[str, ModuleType] = {
     "bench": bench,
     "serve": serve,
     "report": report,
+    "tune": tune,
 }
-LOADS_MODEL = {"generate", "calibrate", "bench", "serve"}
+LOADS_MODEL = {"generate", "calibrate", "bench", "serve", "tune"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,257 @@
+"""Glue: tune a compression configuration on the user's data through the benchmark.
+
+The samples (built-in tasks at given lengths, or the user's dataset files) are split into a tune part and a
+held-out part (`split`), each written into the tune folder as a dataset file. Every evaluation is a small
+`bench.run_bench` of one (method, ratio, kv_bits) cell over one part, into the tune folder: rows land in its
+resumable results.jsonl (an interrupted tune reruns the same searches, answered from the rows already there), and one
+`RecordingStore` is shared by all calls, so each context is prefilled once in all. For each candidate method `search`
+finds the highest ratio whose score's 95% interval lies at or above the target (lower bound >= threshold); the
+candidate point holding the fewest KV bytes is chosen and evaluated on the held-out part against no compression.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvsqueeze.bench.dataset import dataset_hash, load_dataset
+from kvsqueeze.bench.recordings import RecordingStore
+from kvsqueeze.bench.results import NONE, ResultsError, read_run
+from kvsqueeze.bench.runner import BenchConfig, run_bench
+from kvsqueeze.bench.statistics import Interval, PairedTest, paired_test, score_interval
+from kvsqueeze.bench.tasks import Sample, get_task
+from kvsqueeze.methods import get_method, list_methods
+from kvsqueeze.methods.registry import BUDGET_POLICIES
+from kvsqueeze.tuning.config import TUNE_FILE, TuneChoice, write_choice
+from kvsqueeze.tuning.search import SearchResult, check_grid, linear_grid, search
+from kvsqueeze.tuning.split import HELDOUT_SPLIT, TUNE_SPLIT, split_samples, write_split
+from kvsqueeze.validation import check_float, check_int
+
+logger = logging.getLogger("kvsqueeze")
+
+DEFAULT_CANDIDATES = ("expected_attention", "knorm", "qfilters", "tova", "snapkv")
+
+
+@dataclass
+class TuneSpec:
+    """What to tune on and for. `target`: the share of the uncompressed score to keep (on the tune part);
+    `target_score`: an absolute score in [0, 1] instead (overrides `target` when given)."""
+
+    tasks: tuple[str, ...] = ()
+    lengths: tuple[int, ...] = ()
+    samples: int = 20
+    seed: int = 0
+    datasets: tuple[str, ...] = ()
+    target: float = 0.95
+    target_score: float | None = None
+    methods: tuple[str, ...] = DEFAULT_CANDIDATES
+    grid: tuple[float, ...] = field(default_factory=linear_grid)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget_policy: str | None = None
+    kv_bits: int | None = None
+    tune_fraction: float = 0.5
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        self.tasks, self.lengths, self.datasets = tuple(self.tasks), tuple(self.lengths), tuple(map(str, self.datasets))
+        self.methods = tuple(m.strip().lower().replace("-", "_") for m in self.methods)
+        if self.methods == DEFAULT_CANDIDATES:
+            self.methods = tuple(m for m in DEFAULT_CANDIDATES if m in list_methods())
+        for m in self.methods:
+            if m not in list_methods():
+                raise ValueError(f"unknown method {m!r}; known: {', '.join(list_methods())}")
+        if not self.methods:
+            raise ValueError("give at least one candidate method")
+        self.grid = check_grid(self.grid)
+        check_float("target", self.target, 0.0, 1.0, low_open=True)
+        if self.target_score is not None:
+            check_float("target_score", self.target_score, 0.0, 1.0)
+        check_int("samples", self.samples, 1)
+        if self.budget_policy is not None and self.budget_policy not in BUDGET_POLICIES:
+            raise ValueError(
+                f"unknown budget policy {self.budget_policy!r}; known: {', '.join(sorted(BUDGET_POLICIES))}"
+            )
+        if self.kv_bits in (16, 32):
+            self.kv_bits = None
+        if not self.tasks and not self.datasets:
+            raise ValueError("give built-in tasks (with lengths) or a dataset file to tune on")
+        if self.tasks and not self.lengths:
+            raise ValueError("tasks need at least one context length")
+        for method, opts in self.options.items():
+            if method not in self.methods:
+                raise ValueError(f"options given for {method!r}, which is not among the methods {list(self.methods)}")
+            get_method(method, ratio=self.grid[0], **opts)  # unknown or bad options fail now, naming them
+
+    def bench_config(self, method: str, ratio: float, dataset: Path) -> BenchConfig:
+        """The one-cell benchmark of `method` at `ratio` ('none': uncompressed) on `dataset`."""
+        return BenchConfig(
+            methods=(method,), ratios=() if method == NONE else (ratio,), datasets=(str(dataset),),
+            options={method: self.options[method]} if method in self.options else {}, seed=self.seed,
+            budget_policy=self.budget_policy, kv_bits=(None if method == NONE else self.kv_bits,),
+            max_new_tokens=self.max_new_tokens, name="tune",
+        )  # fmt: skip
+
+
+@dataclass
+class Probe:
+    """One evaluated cell on one part: its per-question scores (ordered by question content), their mean and 95%
+    interval, and the mean KV bytes kept."""
+
+    method: str
+    ratio: float
+    scores: list[float]
+    contents: list[str]
+    score: float
+    interval: Interval
+    kv_bytes: float
+    error: str | None = None  # why the method cannot run at this ratio on this data (then it does not meet the target)
+
+
+@dataclass
+class Forwards:
+    """Model passes a tune ran in this call, from the benchmark's counters: shared prefills (recordings), cost passes
+    (one real prefill + compression + answer per cell) and answered rows (one answer pass each)."""
+
+    prefills: int = 0
+    cost_passes: int = 0
+    answers: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prefills + self.cost_passes + self.answers
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    threshold: float
+    baseline: Probe
+    searches: dict[str, SearchResult[Probe]]
+    choice: TuneChoice | None
+    heldout_baseline: Probe | None
+    heldout: Probe | None
+    paired: PairedTest | None
+    forwards: Forwards
+    search_forwards: int  # passes the searches need on the tune part (counted from the probes, resumed or not)
+    grid_forwards: int  # what the full grid of candidates x ratios would need on the same part
+    tune_questions: int
+    heldout_questions: int
+    config_path: Path | None = None
+
+
+def collect_samples(tokenizer: Any, spec: TuneSpec) -> list[Sample]:
+    out = [
+        s for t in spec.tasks for n in spec.lengths for s in get_task(t).samples(tokenizer, n, spec.samples, spec.seed)
+    ]
+    for path in spec.datasets:
+        out += load_dataset(path)
+    return out
+
+
+class _Evaluator:
+    def __init__(self, model: Any, tokenizer: Any, spec: TuneSpec, out: Path, name: str | None, progress: bool) -> None:
+        self.model, self.tokenizer, self.spec, self.out, self.name = model, tokenizer, spec, out, name
+        self.progress, self.store, self.forwards = progress, RecordingStore(), Forwards()
+
+    def __call__(self, method: str, ratio: float, dataset: Path) -> Probe:
+        config = self.spec.bench_config(method, ratio, dataset)
+        try:
+            run = run_bench(self.model, self.tokenizer, config, self.out, self.name, self.progress,
+                            recordings=self.store)  # fmt: skip
+        except ResultsError:  # the folder holds another run, or is busy: the user's to resolve
+            raise
+        except ValueError as err:  # e.g. a budget too small for the method's protected tokens at this ratio
+            if method == NONE:
+                raise
+            logger.warning("tune: %s at %.2f cannot run on %s (%s); counted as not meeting the target", method, ratio,
+                           dataset.stem, err)  # fmt: skip
+            return Probe(method, ratio, [], [], 0.0, Interval(0.0, 0.0, "none"), math.inf, error=str(err))
+        self.forwards.prefills += run.prefills
+        self.forwards.cost_passes += run.cost_passes
+        self.forwards.answers += run.computed_rows
+        label, _, _ = config.cells()[0]
+        bits = config.kv_bits[0]
+        rows, _ = read_run(self.out, run.run_id)
+        cell = (f"dataset:{dataset.stem}", label, config.cells()[0][2], bits)
+        mine = sorted((r for r in rows if (r["group"], r["method_name"], r["ratio"], r.get("kv_bits")) == cell),
+                      key=lambda r: r["content"])  # fmt: skip
+        scores = [float(r["score"]) for r in mine]
+        probe = Probe(method, ratio, scores, [r["content"] for r in mine], sum(scores) / len(scores),
+                      score_interval([scores]), sum(r["kv_bytes_after"] for r in mine) / len(mine))  # fmt: skip
+        logger.info("tune: %s at %.2f on %s: %.3f [%.3f, %.3f]", method, ratio, dataset.stem, probe.score,
+                    probe.interval.low, probe.interval.high)  # fmt: skip
+        return probe
+
+
+def tune(
+    model: Any,
+    tokenizer: Any,
+    spec: TuneSpec,
+    out_dir: str | Path,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """Search, choose, check on held-out data, and write tune.json and tune_report.md into `out_dir`."""
+    out = Path(out_dir)
+    tune_part, held_part = split_samples(collect_samples(tokenizer, spec), spec.tune_fraction, spec.seed)
+    tune_path, held_path = (
+        write_split(tune_part, out / f"{TUNE_SPLIT}.jsonl"),
+        write_split(held_part, out / f"{HELDOUT_SPLIT}.jsonl"),
+    )
+    evaluate = _Evaluator(model, tokenizer, spec, out, model_name, progress)
+    baseline = evaluate(NONE, 0.0, tune_path)
+    threshold = spec.target_score if spec.target_score is not None else spec.target * baseline.score
+    searches = {m: search(spec.grid, functools.partial(evaluate, m, dataset=tune_path),
+                          functools.partial(meets, threshold=threshold)) for m in spec.methods}  # fmt: skip
+    best = choose(searches)
+    n_q, n_ctx = len(baseline.scores), len(tune_part)
+    probes = sum(s.evaluations for s in searches.values())
+    result = TuneResult(out, threshold, baseline, searches, None, None, None, None, evaluate.forwards,
+                        n_ctx + (probes + 1) * (1 + n_q), n_ctx + (len(spec.methods) * len(spec.grid) + 1) * (1 + n_q),
+                        n_q, sum(len(s.questions) for s in held_part))  # fmt: skip
+    if best is not None:
+        result.heldout_baseline = evaluate(NONE, 0.0, held_path)
+        result.heldout = evaluate(best.method, best.ratio, held_path)
+        result.paired = paired_test(result.heldout_baseline.scores, result.heldout.scores)
+        origin = provenance(spec, result, model_name, [tune_path, held_path])
+        result.choice = TuneChoice(best.method, best.ratio, spec.options.get(best.method, {}), spec.budget_policy,
+                                   spec.kv_bits, origin)  # fmt: skip
+        result.config_path = write_choice(result.choice, out / TUNE_FILE)
+    return result
+
+
+def meets(probe: Probe, threshold: float) -> bool:
+    """Whether the lower bound of the probe's 95% interval reaches the threshold."""
+    return probe.error is None and probe.interval.low >= threshold - 1e-12
+
+
+def choose(searches: dict[str, SearchResult[Probe]]) -> Probe | None:
+    """Of each method's best point, the one holding the fewest KV bytes (then the higher score, then the first)."""
+    bests = [p for s in searches.values() for r, p, ok in s.probes if ok and r == s.best]
+    return min(bests, key=lambda p: (p.kv_bytes, -p.score)) if bests else None
+
+
+def provenance(spec: TuneSpec, result: TuneResult, model: str | None, splits: Sequence[Path]) -> dict[str, Any]:
+    def described(p: Probe | None) -> dict[str, Any] | None:
+        if p is None:
+            return None
+        return {"score": p.score, "interval": [p.interval.low, p.interval.high], "questions": len(p.scores),
+                "kv_bytes": p.kv_bytes}  # fmt: skip
+
+    chosen = choose(result.searches)
+    return {
+        "target": spec.target if spec.target_score is None else None, "target_score": spec.target_score,
+        "threshold": result.threshold, "model": model, "tasks": list(spec.tasks), "lengths": list(spec.lengths),
+        "samples": spec.samples, "seed": spec.seed, "datasets": {d: dataset_hash(d) for d in spec.datasets},
+        "splits": {p.stem: dataset_hash(p) for p in splits}, "candidates": list(spec.methods), "grid": list(spec.grid),
+        "tune": described(chosen), "tune_uncompressed": described(result.baseline),
+        "heldout": described(result.heldout), "heldout_uncompressed": described(result.heldout_baseline),
+        "heldout_paired": None if result.paired is None else {"test": result.paired.test,
+                                                              "difference": result.paired.difference,
+                                                              "p_value": result.paired.p_value},
+    }  # fmt: skip
