@@ -11,12 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from tests.tiny import tiny_model, tiny_tokenizer
+from tests.unit.bench.runner_fakes import register_fakes
 
 torch.set_num_threads(2)
 
@@ -75,3 +77,15 @@ def tokenizer_no_template() -> PreTrainedTokenizerFast:
 def make_model() -> Callable[..., PreTrainedModel]:
     """The `tiny_model(family, seed=0, **config_overrides)` factory: every call builds a fresh model."""
     return tiny_model
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's fake task and methods (`tests/unit/bench/runner_fakes.py`), registered for this test."""
+    register_fakes(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[Any, Any]:
+    """A tiny random Llama and its tokenizer, shared by a test module."""
+    return tiny_model("llama"), tiny_tokenizer()

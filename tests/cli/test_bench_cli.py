@@ -15,12 +15,9 @@ from kvsqueeze.bench.results import RESULTS
 from kvsqueeze.cli import main
 from tests.cli.run_cli import SRC
 from tests.unit.bench.report_rows import write_results
-from tests.unit.bench.runner_fakes import Interrupt, register_fakes
+from tests.unit.bench.runner_fakes import Interrupt
 
-
-@pytest.fixture(autouse=True)
-def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    register_fakes(monkeypatch)
+pytestmark = pytest.mark.usefixtures("fakes")
 
 
 def _bench(model_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -11,12 +11,8 @@ import pytest
 from kvsqueeze.bench.results import RESULTS
 from kvsqueeze.cli import main
 from kvsqueeze.tuning import TUNE_FILE, TuneChoice, read_choice, write_choice
-from tests.unit.bench.runner_fakes import register_fakes
 
-
-@pytest.fixture(autouse=True)
-def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    register_fakes(monkeypatch)
+pytestmark = pytest.mark.usefixtures("fakes")
 
 
 def _tune(model_dir: Path, out: Path, *extra: str) -> list[str]:

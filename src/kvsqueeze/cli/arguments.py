@@ -179,3 +179,9 @@ def budget_policies() -> list[str]:
     from kvsqueeze.methods.registry import BUDGET_POLICIES
 
     return sorted(BUDGET_POLICIES)
+
+
+def add_quant_layout_options(p: argparse.ArgumentParser) -> None:
+    """--kv-group-size and --kv-residual: how a quantized cache is laid out (with --kv-bits)."""
+    p.add_argument("--kv-group-size", type=int, default=32, help="with --kv-bits: values sharing a scale and zero")
+    p.add_argument("--kv-residual", type=int, default=64, help="with --kv-bits: newest tokens kept in full precision")

@@ -11,6 +11,7 @@ from typing import Any
 
 from kvsqueeze.cli.arguments import (
     add_parser,
+    add_quant_layout_options,
     budget_policies,
     kv_bits_list,
     lengths,
@@ -97,8 +98,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="comma-separated bits: every cell also runs with its kept keys/values quantized to each (8, 4, 2; 16 or "
         "none = full precision); default: full precision only",
     )
-    p.add_argument("--kv-group-size", type=int, default=32, help="with --kv-bits: values sharing a scale and zero")
-    p.add_argument("--kv-residual", type=int, default=64, help="with --kv-bits: newest tokens kept in full precision")
+    add_quant_layout_options(p)
     p.add_argument(
         "--out",
         type=Path,

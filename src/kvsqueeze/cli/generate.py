@@ -13,6 +13,7 @@ from kvsqueeze.cli.arguments import (
     GENERATE_DEFAULTS,
     OPTION_HELP,
     add_parser,
+    add_quant_layout_options,
     budget_policies,
     load_from_args,
     parse_option,
@@ -92,8 +93,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--stop", action="append", default=[], help="a string that ends an answer (repeatable)")
     p.add_argument("--chunk-size", type=positive, default=None, help="prefill the context in chunks of N tokens")
     p.add_argument("--kv-bits", type=int, default=None, help="also quantize the kept keys/values to 8, 4 or 2 bits")
-    p.add_argument("--kv-group-size", type=int, default=32, help="with --kv-bits: values sharing a scale and zero")
-    p.add_argument("--kv-residual", type=int, default=64, help="with --kv-bits: newest tokens kept in full precision")
+    add_quant_layout_options(p)
     p.add_argument("--decode-target", type=positive, default=None, help="while answering, compress to N tokens")
     p.add_argument("--decode-every", type=positive, default=32, help="... every K new tokens")
     p.add_argument("--save-cache", type=Path, default=None, help="save the compressed context (safetensors)")

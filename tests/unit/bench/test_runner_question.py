@@ -12,12 +12,7 @@ from kvsqueeze.methods.finch import Finch
 from kvsqueeze.pipeline import generate_encoded
 from kvsqueeze.prompts import encode_query_aware, question_token_count
 from tests.tiny import tiny_model, tiny_tokenizer
-from tests.unit.bench.runner_fakes import FakeTask, register_fakes
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    register_fakes(monkeypatch)
+from tests.unit.bench.runner_fakes import FakeTask
 
 
 def test_finch_compresses_each_question_with_its_context(fakes, tmp_path: Path) -> None:
