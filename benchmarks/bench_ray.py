@@ -10,6 +10,8 @@ in another order, which can flip a greedy token).
 Run it alone on the machine (other jobs change the times):
     .venv/bin/python benchmarks/bench_ray.py                 # the default suite, twice each way
     .venv/bin/python benchmarks/bench_ray.py --quick         # a tiny grid, once each way: checks that it works
+    .venv/bin/python benchmarks/bench_ray.py --grid "--methods none,knorm,expected_attention --ratios 0.5 --tasks
+        passkey,niah_single --samples 4"                     # a smaller grid than the default suite
 Writes benchmarks/results/bench_ray.json and .md (with --quick: only prints).
 """
 
@@ -49,8 +51,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="runs per executor (default: 2, 1 with --quick)")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--actor-threads", type=int, default=1)
+    parser.add_argument(
+        "--grid",
+        default=None,
+        help="bench options choosing a smaller grid than the default suite, "
+        "e.g. '--methods none,knorm --tasks passkey --samples 4' (recorded with the results)",
+    )
     args = parser.parse_args()
-    grid = QUICK if args.quick else []  # [] = the default suite
+    grid = QUICK if args.quick else (args.grid.split() if args.grid else [])  # [] = the default suite
     rounds = args.rounds or (1 if args.quick else 2)
     ray = ["--executor", "ray", "--actors", str(args.actors), "--actor-threads", str(args.actor_threads)]
     times: dict[str, list[float]] = {"serial": [], "ray": []}
@@ -78,12 +86,13 @@ def main() -> None:
     print(f"best of {rounds}: serial {best['serial']:.1f} s, ray {best['ray']:.1f} s, speed-up {ratio:.2f}x")
     if args.quick:
         return
-    record = {"grid": "default suite", "rounds": rounds, "actors": args.actors, "actor_threads": args.actor_threads,
+    record = {"grid": args.grid or "default suite", "rounds": rounds, "actors": args.actors,
+              "actor_threads": args.actor_threads,
               "seconds": times, "best": best, "speedup": ratio, "rows": len(reference or {}), "rows_differing": differ,
               "machine": f"{platform.processor() or platform.machine()}, {platform.system()}"}  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "bench_ray.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["# The default suite, serial against Ray", "",
+    lines = [f"# {args.grid or 'The default suite'}: serial against Ray", "",
              f"{args.actors} Ray actors of {args.actor_threads} thread(s) each against one serial process (torch's "
              f"default threads); wall time end to end, {rounds} interleaved runs each, best shown.", "",
              "| executor | seconds (each run) | best |", "|---|---|---|",
