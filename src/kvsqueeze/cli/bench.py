@@ -133,7 +133,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _bench_config(args: argparse.Namespace) -> Any:
-    from kvsqueeze.bench.runner import default_config
+    from kvsqueeze.bench.config import default_config
 
     if args.config is not None:
         apply_to_bench(args)
@@ -170,7 +170,7 @@ def _default_out(config: Any, model: str) -> Path:
     import dataclasses
     import hashlib
 
-    from kvsqueeze.bench.runner import SUITES
+    from kvsqueeze.bench.config import SUITES
 
     if config.name in SUITES and config.max_new_tokens is None:
         return Path("results") / "bench" / config.name

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvsqueeze.bench.config import BenchConfig
 from kvsqueeze.bench.dataset import dataset_hash, load_dataset
 from kvsqueeze.bench.recordings import RecordingStore
 from kvsqueeze.bench.results import NONE, ResultsError, read_run
-from kvsqueeze.bench.runner import BenchConfig, run_bench
+from kvsqueeze.bench.runner import run_bench
 from kvsqueeze.bench.statistics import Interval, PairedTest, paired_test, score_interval
 from kvsqueeze.bench.tasks import Sample, get_task
 from kvsqueeze.methods import get_method, list_methods
