@@ -27,16 +27,12 @@ from kvsqueeze import __version__
 from kvsqueeze.atomic import write_atomic
 from kvsqueeze.cache import KVCache
 from kvsqueeze.checksum import tensors_digest
-from kvsqueeze.fingerprint import model_fingerprint
+from kvsqueeze.fingerprint import model_fingerprint, model_name
 from kvsqueeze.methods.base import Method
 from kvsqueeze.models import get_adapter
 
 FORMAT = "kvsqueeze-cache/2"  # /2: a checksum of the tensor data in the metadata
 _METADATA = ("format", "kvsqueeze_version", "model", "fingerprint", "method", "ratio", "seen", "extra", "checksum")
-
-
-def model_name(model: Any) -> str:
-    return str(getattr(model.config, "_name_or_path", "") or getattr(model.config, "model_type", "?"))
 
 
 @dataclass

@@ -79,3 +79,9 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(param.shape)}:{len(samples)}".encode())
         digest.update(samples)
     return digest.hexdigest()[:24]
+
+
+def model_name(model: Any) -> str:
+    """A model's name for people: what it was loaded by (a short name, a folder, a hub id), else its model type."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)

@@ -67,3 +67,9 @@ def test_generate_config_sets_budget_policy_and_bits(model_dir: Path, tmp_path: 
     doc = json.loads(capsys.readouterr().out)
     assert "adakv" in doc["method"].lower() and "ratio=0.5" in doc["method"]
     assert doc["stats"]["kv_bits"] == 8
+
+
+def test_tune_ray_options_need_the_ray_executor(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(_tune(model_dir, tmp_path, "--actor-threads", "1")) == 2
+    assert "--actor-threads only apply with --executor ray" in capsys.readouterr().err
+    assert not (tmp_path / RESULTS).exists()

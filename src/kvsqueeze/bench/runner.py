@@ -22,6 +22,7 @@ actors) and `writer` (the driver alone writes rows, as they arrive, whichever ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -34,12 +35,13 @@ from kvsqueeze.bench.config import SUITES, BenchConfig, default_config
 from kvsqueeze.bench.dataset import dataset_hash
 from kvsqueeze.bench.executors import EXECUTORS, Executor, SerialExecutor
 from kvsqueeze.bench.folder import identity_id, open_folder, run_identity, versions, write_config
-from kvsqueeze.bench.ray_executor import RayExecutor, RayOptions
+from kvsqueeze.bench.ray_executor import RayExecutor, RayOptions, RayPool
 from kvsqueeze.bench.recordings import RecordingStore
 from kvsqueeze.bench.results import cost_key, read_run, row_key, supersede
 from kvsqueeze.bench.units import Unit, cell_query_aware, plan_units
 from kvsqueeze.bench.work import Evaluator, RunLabels, plan_work
 from kvsqueeze.bench.writer import BenchRun, RowWriter
+from kvsqueeze.fingerprint import model_name as display_name
 from kvsqueeze.loading import ModelSpec
 from kvsqueeze.validation import check_choice
 
@@ -67,6 +69,7 @@ def run_bench(
     ray: RayOptions | None = None,
     model_spec: ModelSpec | None = None,
     recordings: RecordingStore | None = None,
+    ray_pool: RayPool | None = None,
 ) -> BenchRun:
     """Run the grid with an already-loaded model, appending rows to out_dir/results.jsonl (resumable). A folder that
     holds another run (other model, dtype, settings ...) is refused with what differs (ResultsError), unless
@@ -78,17 +81,20 @@ def run_bench(
     loaded again by its name). The executor is not part of the run: either one resumes the other's folder.
 
     `recordings`: a store of recorded prefills shared with other calls (`bench.recordings`), so that a context is
-    prefilled once in all (serial runs only: Ray actors record their own)."""
+    prefilled once in all (serial runs only: Ray actors record their own). `ray_pool`: Ray actors kept across calls
+    (for `executor="ray"`; it replaces `ray` and `model_spec`, and the caller closes it)."""
     check_choice("executor", executor, EXECUTORS)
-    name = model_name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+    name = model_name or display_name(model)
     units = plan_units(model, tokenizer, config)  # bad inputs fail here, before the folder is touched
     identity = run_identity(model, tokenizer, config, name)
     labels = RunLabels(identity_id(identity), name, versions())
     runner: Executor = SerialExecutor(Evaluator(model, tokenizer, config, labels, recordings))
-    if executor == "ray":
-        spec = model_spec or ModelSpec.of(model, name)
-        runner = RayExecutor(spec, config, labels, identity, ray or RayOptions())
-    with open_folder(out_dir, identity, new_run) as out:
+    own_pool = None  # a pool for this call alone, closed at its end
+    if executor == "ray":  # Ray is imported here: a missing Ray fails before the folder is touched
+        pool = ray_pool or RayPool(model_spec or ModelSpec.of(model, name), ray)
+        own_pool = None if ray_pool else pool
+        runner = RayExecutor(pool, config, labels, identity)
+    with open_folder(out_dir, identity, new_run) as out, own_pool or contextlib.nullcontext():
         run = BenchRun(out_dir=out, versions=labels.versions, run_id=labels.run)
         try:
             _run_units(config, units, run, progress, identity, labels, runner)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from kvsqueeze import __version__
 from kvsqueeze.atomic import write_atomic, write_text_atomic
 from kvsqueeze.checksum import tensors_digest
-from kvsqueeze.fingerprint import model_fingerprint
+from kvsqueeze.fingerprint import model_fingerprint, model_name
 from kvsqueeze.locking import file_lock
 from kvsqueeze.paths import cache_subdir
 
@@ -217,10 +217,6 @@ def remove_temporary(path: Path) -> list[Path]:
         p.unlink(missing_ok=True)
         logger.debug("Removed %s, left by an interrupted calibration save", p)
     return stale
-
-
-def model_name(model: nn.Module) -> str:
-    return str(getattr(model, "name_or_path", "") or type(model).__name__)
 
 
 def calibrated(

@@ -185,3 +185,36 @@ def add_quant_layout_options(p: argparse.ArgumentParser) -> None:
     """--kv-group-size and --kv-residual: how a quantized cache is laid out (with --kv-bits)."""
     p.add_argument("--kv-group-size", type=int, default=32, help="with --kv-bits: values sharing a scale and zero")
     p.add_argument("--kv-residual", type=int, default=64, help="with --kv-bits: newest tokens kept in full precision")
+
+
+def add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--executor serial|ray and the Ray options (bench, tune); `what`: what the executor computes."""
+    p.add_argument(
+        "--executor",
+        choices=["serial", "ray"],
+        default="serial",
+        help=f"who computes the {what}: this process (serial) or Ray actors, each loading the model once (needs "
+        "pip install 'kvsqueeze[ray]'); not part of the run: either one resumes the other's folder",
+    )
+    p.add_argument("--ray-address", default=None, help="with --executor ray: a running cluster to join (default: "
+                   "start Ray on this machine)")  # fmt: skip
+    p.add_argument("--actors", type=positive, default=None, help="with --executor ray: how many actors (default: one "
+                   "per GPU with --device cuda, else 2)")  # fmt: skip
+    p.add_argument("--actor-threads", type=positive, default=None, help="with --executor ray: torch threads (and Ray "
+                   "CPUs) per CPU actor (default: the smallest node's cores // actors)")  # fmt: skip
+    p.add_argument("--retries", type=int, default=2, help="with --executor ray: how many times a unit whose actor "
+                   "died runs again before its rows go to failed.jsonl")  # fmt: skip
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """The RayOptions of --executor ray (None for a serial run); the Ray options without it are a mistake."""
+    from kvsqueeze.bench.ray_executor import RayOptions, import_ray
+
+    given = [f for f, v in (("--ray-address", args.ray_address), ("--actors", args.actors),
+                            ("--actor-threads", args.actor_threads)) if v is not None]  # fmt: skip
+    if args.executor != "ray":
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --executor ray")
+        return None
+    import_ray()  # ModuleNotFoundError saying how to install Ray, before the model loads
+    return RayOptions(address=args.ray_address, actors=args.actors, threads=args.actor_threads, retries=args.retries)

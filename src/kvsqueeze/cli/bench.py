@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsqueeze.cli.arguments import (
+    add_executor_options,
     add_parser,
     add_quant_layout_options,
     budget_policies,
@@ -20,6 +21,7 @@ from kvsqueeze.cli.arguments import (
     names,
     positive,
     ratios,
+    ray_options,
     task_option,
 )
 from kvsqueeze.cli.logs import logger
@@ -114,21 +116,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "empty or holds this very run, so rerunning the same command resumes there",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument(
-        "--executor",
-        choices=["serial", "ray"],
-        default="serial",
-        help="who computes the grid: this process (serial) or Ray actors, each loading the model once (needs "
-        "pip install 'kvsqueeze[ray]'); not part of the run: either one resumes the other's folder",
-    )
-    p.add_argument("--ray-address", default=None, help="with --executor ray: a running cluster to join (default: "
-                   "start Ray on this machine)")  # fmt: skip
-    p.add_argument("--actors", type=positive, default=None, help="with --executor ray: how many actors (default: one "
-                   "per GPU with --device cuda, else 2)")  # fmt: skip
-    p.add_argument("--actor-threads", type=positive, default=None, help="with --executor ray: torch threads (and Ray "
-                   "CPUs) per CPU actor (default: the smallest node's cores // actors)")  # fmt: skip
-    p.add_argument("--retries", type=int, default=2, help="with --executor ray: how many times a unit whose actor "
-                   "died runs again before its rows go to failed.jsonl")  # fmt: skip
+    add_executor_options(p, "grid")
     add_config_argument(p)
 
 
@@ -180,20 +168,6 @@ def _default_out(config: Any, model: str) -> Path:
     return Path("results") / "bench" / f"custom-{hashlib.sha1(doc.encode()).hexdigest()[:8]}"
 
 
-def _ray_options(args: argparse.Namespace) -> Any:
-    """The RayOptions of --executor ray (None for a serial run); the Ray options without it are a mistake."""
-    from kvsqueeze.bench.ray_executor import RayOptions, import_ray
-
-    given = [f for f, v in (("--ray-address", args.ray_address), ("--actors", args.actors),
-                            ("--actor-threads", args.actor_threads)) if v is not None]  # fmt: skip
-    if args.executor != "ray":
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply with --executor ray")
-        return None
-    import_ray()  # ModuleNotFoundError saying how to install Ray, before the model loads
-    return RayOptions(address=args.ray_address, actors=args.actors, threads=args.actor_threads, retries=args.retries)
-
-
 def run(args: argparse.Namespace) -> int:
     from kvsqueeze.bench.folder import check_settings, settings_identity
     from kvsqueeze.bench.results import RESULTS
@@ -201,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from kvsqueeze.loading import DEFAULT_MODEL
 
     config = _bench_config(args)  # bad names, values and dataset files fail here, before the model loads
-    ray = _ray_options(args)  # so do the Ray options, and a missing Ray
+    ray = ray_options(args)  # so do the Ray options, and a missing Ray
     model_name = args.model or DEFAULT_MODEL
     out = args.out or _default_out(config, model_name)
     if not args.new_run:  # a folder of another run is refused now; the model's own fields are checked once loaded

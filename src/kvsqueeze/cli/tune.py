@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsqueeze.cli.arguments import (
+    add_executor_options,
     add_parser,
     budget_policies,
     lengths,
@@ -17,6 +18,7 @@ from kvsqueeze.cli.arguments import (
     names,
     positive,
     ratios,
+    ray_options,
 )
 from kvsqueeze.cli.logs import logger
 
@@ -24,10 +26,11 @@ EXAMPLES = """examples:
   kvsqueeze tune --dataset mine.jsonl                       keep 95% of the uncompressed score on your data
   kvsqueeze tune --tasks passkey,niah_single --lengths 1024 --samples 40 --target 0.95
   kvsqueeze tune --dataset mine.jsonl --target-score 0.8 --methods knorm,tova --grid 0.25,0.5,0.75
+  kvsqueeze tune --dataset mine.jsonl --executor ray --actors 2 --actor-threads 1   probes on 2 Ray actors
   kvsqueeze generate --config results/tune/default/tune.json --context-file doc.txt --question "..."
   kvsqueeze bench --config results/tune/default/tune.json --dataset other.jsonl"""
 IMPORTS = ["torch", "transformers", "kvsqueeze.tuning", "kvsqueeze.tuning.report", "kvsqueeze.bench.report",
-           "kvsqueeze.loading"]  # fmt: skip
+           "kvsqueeze.loading", "kvsqueeze.bench.ray_executor"]  # fmt: skip
 DEFAULT_TASKS = ["niah_single", "niah_multikey", "niah_multiquery", "passkey"]
 
 
@@ -61,6 +64,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-new-tokens", type=positive, default=None, help="override each sample's own")
     p.add_argument("--out", type=Path, default=Path("results") / "tune" / "default", help="the tune folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_executor_options(p, "probes")
 
 
 def tune_spec(args: argparse.Namespace) -> Any:
@@ -85,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
     from kvsqueeze.tuning.report import render, write_tune_report
 
     spec = tune_spec(args)  # bad values fail here, before the model loads
+    ray = ray_options(args)  # so do the Ray options, and a missing Ray
     model, tokenizer = load_from_args(args)
     progress = not args.no_progress and args.log_level <= logging.INFO
     try:
-        result = tune(model, tokenizer, spec, args.out, model_name=args.model or DEFAULT_MODEL, progress=progress)
+        result = tune(model, tokenizer, spec, args.out, model_name=args.model or DEFAULT_MODEL, progress=progress,
+                      executor=args.executor, ray=ray)  # fmt: skip
     except KeyboardInterrupt:
         print(f"kvsqueeze: interrupted; finished rows are kept in {args.out}: rerun the same command to resume.",
               file=sys.stderr)  # fmt: skip

@@ -11,6 +11,7 @@ candidate point holding the fewest KV bytes is chosen and evaluated on the held-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -21,17 +22,21 @@ from typing import Any
 
 from kvsqueeze.bench.config import BenchConfig
 from kvsqueeze.bench.dataset import dataset_hash, load_dataset
-from kvsqueeze.bench.recordings import RecordingStore
+from kvsqueeze.bench.executors import EXECUTORS
+from kvsqueeze.bench.ray_executor import RayOptions, RayPool
+from kvsqueeze.bench.recordings import DEFAULT_MAX_BYTES, RecordingStore
 from kvsqueeze.bench.results import NONE, ResultsError, read_run
 from kvsqueeze.bench.runner import run_bench
 from kvsqueeze.bench.statistics import Interval, PairedTest, paired_test, score_interval
 from kvsqueeze.bench.tasks import Sample, get_task
+from kvsqueeze.fingerprint import model_name as display_name
+from kvsqueeze.loading import ModelSpec
 from kvsqueeze.methods import get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES
 from kvsqueeze.tuning.config import TUNE_FILE, TuneChoice, write_choice
 from kvsqueeze.tuning.search import SearchResult, check_grid, linear_grid, search
 from kvsqueeze.tuning.split import HELDOUT_SPLIT, TUNE_SPLIT, split_samples, write_split
-from kvsqueeze.validation import check_float, check_int
+from kvsqueeze.validation import check_choice, check_float, check_int
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -155,15 +160,18 @@ def collect_samples(tokenizer: Any, spec: TuneSpec) -> list[Sample]:
 
 
 class _Evaluator:
-    def __init__(self, model: Any, tokenizer: Any, spec: TuneSpec, out: Path, name: str | None, progress: bool) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, spec: TuneSpec, out: Path, name: str | None, progress: bool,
+        pool: RayPool | None,
+    ) -> None:  # fmt: skip
         self.model, self.tokenizer, self.spec, self.out, self.name = model, tokenizer, spec, out, name
-        self.progress, self.store, self.forwards = progress, RecordingStore(), Forwards()
+        self.progress, self.store, self.forwards, self.pool = progress, RecordingStore(), Forwards(), pool
 
     def __call__(self, method: str, ratio: float, dataset: Path) -> Probe:
         config = self.spec.bench_config(method, ratio, dataset)
+        on = {"executor": "ray", "ray_pool": self.pool} if self.pool else {"recordings": self.store}
         try:
-            run = run_bench(self.model, self.tokenizer, config, self.out, self.name, self.progress,
-                            recordings=self.store)  # fmt: skip
+            run = run_bench(self.model, self.tokenizer, config, self.out, self.name, self.progress, **on)
         except ResultsError:  # the folder holds another run, or is busy: the user's to resolve
             raise
         except ValueError as err:  # e.g. a budget too small for the method's protected tokens at this ratio
@@ -196,15 +204,34 @@ def tune(
     out_dir: str | Path,
     model_name: str | None = None,
     progress: bool = True,
+    executor: str = "serial",
+    ray: RayOptions | None = None,
+    model_spec: ModelSpec | None = None,
 ) -> TuneResult:
-    """Search, choose, check on held-out data, and write tune.json and tune_report.md into `out_dir`."""
-    out = Path(out_dir)
+    """Search, choose, check on held-out data, and write tune.json and tune_report.md into `out_dir`.
+
+    `executor="ray"`: every probe's contexts are computed by one set of Ray actors kept for the whole tune (`ray`:
+    their RayOptions; `model_spec`: how they load the model, by default the driver's model by `model_name`), each
+    keeping the prefills it recorded, as the serial tune keeps them in this process."""
+    check_choice("executor", executor, EXECUTORS)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if executor == "ray":
+            spec_ = model_spec or ModelSpec.of(model, model_name or display_name(model))
+            pool = stack.enter_context(RayPool(spec_, ray, recording_bytes=DEFAULT_MAX_BYTES))
+        return _tune(model, tokenizer, spec, Path(out_dir), model_name, progress, pool)
+
+
+def _tune(
+    model: Any, tokenizer: Any, spec: TuneSpec, out: Path, model_name: str | None, progress: bool,
+    pool: RayPool | None,
+) -> TuneResult:  # fmt: skip
     tune_part, held_part = split_samples(collect_samples(tokenizer, spec), spec.tune_fraction, spec.seed)
     tune_path, held_path = (
         write_split(tune_part, out / f"{TUNE_SPLIT}.jsonl"),
         write_split(held_part, out / f"{HELDOUT_SPLIT}.jsonl"),
     )
-    evaluate = _Evaluator(model, tokenizer, spec, out, model_name, progress)
+    evaluate = _Evaluator(model, tokenizer, spec, out, model_name, progress, pool)
     baseline = evaluate(NONE, 0.0, tune_path)
     threshold = spec.target_score if spec.target_score is not None else spec.target * baseline.score
     searches = {m: search(spec.grid, functools.partial(evaluate, m, dataset=tune_path),
