@@ -12,14 +12,18 @@ Run it alone on the machine (other jobs change the times):
     .venv/bin/python benchmarks/bench_ray.py --quick         # a tiny grid, once each way: checks that it works
     .venv/bin/python benchmarks/bench_ray.py --grid "--methods none,knorm,expected_attention --ratios 0.5 --tasks
         passkey,niah_single --samples 4"                     # a smaller grid than the default suite
-Writes benchmarks/results/bench_ray.json and .md (with --quick: only prints).
+Writes benchmarks/results/<--save>.json and .md (default bench_ray; with --quick: only prints). A serial run also
+logs how long each work unit took; the script replays those unit times in plan order on 1, 2, 4 and 8 workers (how
+the Ray executor hands units out), an estimate of what more actors would give at the same per-unit speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,15 +33,27 @@ from pathlib import Path
 from kvsqueeze.bench.results import RESULTS, read_jsonl, row_key
 
 RESULTS_DIR = Path(__file__).parent / "results"
+UNIT_LINE = re.compile(r"work unit \d+ \((?P<group>[^,]+), (?P<tokens>\d+) tokens, \d+ jobs\) took (?P<s>[0-9.]+) s")
 QUICK = ["--methods", "none,knorm", "--ratios", "0.5", "--tasks", "passkey", "--lengths", "256", "--samples", "2"]
 
 
-def bench(out: Path, grid: list[str], extra: list[str]) -> float:
-    """Seconds one `kvsqueeze bench` process takes, end to end."""
-    command = [sys.executable, "-m", "kvsqueeze", "bench", "--out", str(out), "--no-progress", "-q", *grid, *extra]
+def bench(out: Path, grid: list[str], extra: list[str]) -> tuple[float, list[float]]:
+    """(seconds one `kvsqueeze bench` process takes end to end, the seconds of each work unit in plan order: a serial
+    run logs them at debug level; a Ray run gives none)."""
+    command = [sys.executable, "-m", "kvsqueeze", "bench", "--out", str(out), "--no-progress", "-v", *grid, *extra]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # the report table: not needed here
-    return time.perf_counter() - start
+    done = subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    return seconds, [float(m["s"]) for m in UNIT_LINE.finditer(done.stderr)]
+
+
+def makespan(units: list[float], workers: int) -> float:
+    """Wall time of `units` (seconds each, in plan order) handed in that order to whichever of `workers` frees first,
+    as the Ray executor hands them out."""
+    free = [0.0] * workers
+    for seconds in units:
+        heapq.heappush(free, heapq.heappop(free) + seconds)
+    return max(free)
 
 
 def answers(out: Path) -> dict[tuple, tuple]:
@@ -51,6 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="runs per executor (default: 2, 1 with --quick)")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--actor-threads", type=int, default=1)
+    parser.add_argument("--save", default="bench_ray", help="file stem of the results in benchmarks/results")
     parser.add_argument(
         "--grid",
         default=None,
@@ -64,12 +81,14 @@ def main() -> None:
     times: dict[str, list[float]] = {"serial": [], "ray": []}
     reference: dict[tuple, tuple] | None = None
     differ: dict[str, int] = {}
+    units: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
             order = ["serial", "ray"] if i % 2 == 0 else ["ray", "serial"]
             for name in order:
                 out = Path(tmp) / f"{name}-{i}"
-                seconds = bench(out, grid, ray if name == "ray" else [])
+                seconds, unit_seconds = bench(out, grid, ray if name == "ray" else [])
+                units = units or unit_seconds
                 times[name].append(seconds)
                 got = answers(out)
                 reference = reference or got
@@ -84,22 +103,41 @@ def main() -> None:
     best = {name: min(values) for name, values in times.items()}
     ratio = best["serial"] / best["ray"]
     print(f"best of {rounds}: serial {best['serial']:.1f} s, ray {best['ray']:.1f} s, speed-up {ratio:.2f}x")
+    schedule = {n: makespan(units, n) for n in (1, 2, 4, 8)}
+    if units:
+        print(
+            f"{len(units)} work units, {sum(units):.1f} s of unit time serially (longest {max(units):.1f} s); "
+            "handed out in plan order: " + ", ".join(f"{n} workers {s:.1f} s" for n, s in schedule.items())
+        )
     if args.quick:
         return
     record = {"grid": args.grid or "default suite", "rounds": rounds, "actors": args.actors,
               "actor_threads": args.actor_threads,
               "seconds": times, "best": best, "speedup": ratio, "rows": len(reference or {}), "rows_differing": differ,
+              "unit_seconds": units, "schedule_seconds": schedule,
               "machine": f"{platform.processor() or platform.machine()}, {platform.system()}"}  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "bench_ray.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# {args.grid or 'The default suite'}: serial against Ray", "",
-             f"{args.actors} Ray actors of {args.actor_threads} thread(s) each against one serial process (torch's "
-             f"default threads); wall time end to end, {rounds} interleaved runs each, best shown.", "",
-             "| executor | seconds (each run) | best |", "|---|---|---|",
-             *(f"| {n} | {', '.join(f'{s:.1f}' for s in times[n])} | {best[n]:.1f} |" for n in times), "",
-             f"Speed-up (best serial / best Ray): {ratio:.2f}x. Every run wrote the same {record['rows']} rows; rows "
-             f"whose answer differs from the first run's: {differ}."]  # fmt: skip
-    (RESULTS_DIR / "bench_ray.md").write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / f"{args.save}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        f"# {args.grid or 'The default suite'}: serial against Ray",
+        "",
+        f"{args.actors} Ray actors of {args.actor_threads} thread(s) each against one serial process (torch's "
+        f"default threads); wall time end to end, {rounds} interleaved runs each, best shown.",
+        "",
+        "| executor | seconds (each run) | best |",
+        "|---|---|---|",
+        *(f"| {n} | {', '.join(f'{s:.1f}' for s in times[n])} | {best[n]:.1f} |" for n in times),
+        "",
+        f"Speed-up (best serial / best Ray): {ratio:.2f}x. Every run wrote the same {record['rows']} rows; rows "
+        f"whose answer differs from the first run's: {differ}.",
+        "",
+        f"Work units of the first serial run: {len(units)}, {sum(units):.1f} s in all, the longest "
+        f"{max(units, default=0):.1f} s. Handed out in plan order to whichever worker frees first (as the Ray "
+        "executor does), at the serial run's per-unit speed: "
+        + ", ".join(f"{n} worker(s) {t:.1f} s ({schedule[1] / t:.2f}x)" for n, t in schedule.items() if t)
+        + ".",
+    ]
+    (RESULTS_DIR / f"{args.save}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ resumes a Ray run's folder and the other way round).
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Protocol
 
 from kvsqueeze.bench.work import Evaluator, WorkUnit
 from kvsqueeze.bench.writer import RowWriter
+
+logger = logging.getLogger("kvsqueeze")
 
 EXECUTORS = ("serial", "ray")
 
@@ -30,5 +34,8 @@ class SerialExecutor:
 
     def run(self, work: list[WorkUnit], writer: RowWriter) -> None:
         for unit in work:
+            start = time.perf_counter()
             for event in self.evaluator.evaluate(unit):
                 writer.take(event)
+            logger.debug("work unit %d (%s, %d tokens, %d jobs) took %.3f s", unit.index, unit.unit.group,
+                         len(unit.unit.context_ids), len(unit.jobs), time.perf_counter() - start)  # fmt: skip
