@@ -24,7 +24,7 @@ from torch import Tensor
 from kvsqueeze.cache import KVCache
 from kvsqueeze.methods.base import Method
 from kvsqueeze.press import compress
-from kvsqueeze.validation import check_float, check_int
+from kvsqueeze.validation import check_bool, check_float, check_int
 
 FinishReason = Literal["stop", "length"]
 _SEED_LIMIT = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
@@ -37,7 +37,9 @@ class Sampling:
     max_new_tokens: at most this many tokens are generated; temperature: 0 picks the most likely token (greedy),
     higher flattens the distribution; top_p: sample only from the smallest set of tokens whose probabilities add up
     to top_p; stop: strings that end the answer (the answer stops before the first one); seed: the same seed gives
-    the same tokens (None: a fresh random seed).
+    the same tokens (None: a fresh random seed); ignore_eos: go on past end-of-sequence tokens (they are kept as
+    ordinary tokens) until max_new_tokens or a stop string, as benchmarks of decoding speed want (vLLM's option of the
+    same name).
     """
 
     max_new_tokens: int = 32
@@ -45,12 +47,14 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_float("temperature", self.temperature, 0.0, 100.0, note="0 = greedy")
         check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         check_int("seed", self.seed, 0, _SEED_LIMIT, none_ok=True)
+        check_bool("ignore_eos", self.ignore_eos)
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -245,7 +249,7 @@ class Decoding:
         self.question_texts = question_texts
         self.samplings = _samplings(sampling, len(rows))
         eos = eos_ids(model, tokenizer)
-        self.streams = [TextStream(tokenizer, eos, s.stop) for s in self.samplings]
+        self.streams = [TextStream(tokenizer, set() if s.ignore_eos else eos, s.stop) for s in self.samplings]
         self.seconds = 0.0  # from the question forward to the last token, once iterated
 
     @torch.no_grad()

@@ -297,13 +297,19 @@ class KVLayer(DynamicLayer):
 
     # -- copies, snapshots and files
     def select_rows(self, rows: Tensor) -> KVLayer:
-        """A copy of this layer holding the given batch rows (indices may repeat)."""
+        """A copy of this layer holding the given batch rows (indices may repeat). When `rows` are all the rows in
+        order, the copy shares this layer's storage instead of copying it: storages are immutable (every verb returns
+        a new one), so what the copy appends or prunes never reaches this layer."""
         new = KVLayer(self.sliding_window, self.quant)
         new.total_seen = self.total_seen
         if self.storage is not None and self.seen is not None:
             new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
             rows = rows.to(self.storage.positions.device)
-            new.storage, new.seen = self.storage.select_rows(rows), self.seen[rows]
+            every = rows.numel() == self.seen.shape[0] and bool(
+                (rows == torch.arange(rows.numel(), device=rows.device)).all()
+            )
+            new.storage = self.storage if every else self.storage.select_rows(rows)
+            new.seen = self.seen[rows]
             new.thin = None if self.thin is None else self.thin.select_rows(rows)
         return new
 

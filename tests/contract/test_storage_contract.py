@@ -32,6 +32,17 @@ def dense(seed: int = 0, t: int = T) -> LayerStorage:
     return DenseStorage(keys, values, positions)
 
 
+def decoded(seed: int = 0, t: int = T) -> LayerStorage:
+    """The dense content with its last two slots appended one at a time, as decode steps append them: a storage whose
+    tensors are views of buffers with room after the last slot (`dense.Spare`)."""
+    keys, values, positions, _ = _content(seed, t)
+    storage: LayerStorage = DenseStorage(keys[:, :, :-2], values[:, :, :-2], positions[..., :-2])
+    for i in (t - 2, t - 1):
+        storage, _ = storage.append(keys[:, :, i : i + 1], values[:, :, i : i + 1], positions[..., i : i + 1])
+    assert isinstance(storage, DenseStorage) and storage.spare is not None
+    return storage
+
+
 def ragged(seed: int = 0, t: int = T) -> LayerStorage:
     keys, values, positions, counts = _content(seed, t)
     every = torch.arange(t).expand(B, H, t)
@@ -48,6 +59,7 @@ def quantized2(seed: int = 0, t: int = T) -> LayerStorage:  # from a ragged layo
 
 LAYOUTS: dict[str, Callable[..., LayerStorage]] = {
     "dense": dense,
+    "dense_decoded": decoded,
     "ragged": ragged,
     "quantized8": quantized8,
     "quantized2": quantized2,
@@ -135,6 +147,23 @@ def test_append_adds_real_tokens_to_every_head_of_their_row(make):
             added = [(int(p), new_k[b, h, i].tolist(), new_v[b, h, i].tolist()) for i, p in enumerate(new_pos[b, h])]
             assert after[b][h] == before[b][h] + [x for x in added if x[0] >= 0]
     assert _real(storage) == before  # immutable: the old storage is a snapshot
+
+
+def test_one_token_appends_from_one_storage_never_see_each_other(make):
+    """Decode steps append one token per row; two appends from the same storage (a snapshot decoded twice) give two
+    independent storages, and the first one's token does not show up in the second's or in the original."""
+    storage = make()
+    before = _real(storage)
+    pos = torch.full((B, H, 1), 200, dtype=torch.int32)
+    first, _ = storage.append(torch.ones(B, H, 1, D), torch.ones(B, H, 1, D), pos)
+    second, _ = storage.append(torch.full((B, H, 1, D), 2.0), torch.full((B, H, 1, D), 2.0), pos)
+    third, _ = first.append(torch.full((B, H, 1, D), 3.0), torch.full((B, H, 1, D), 3.0), pos + 1)
+    assert _real(storage) == before
+    for grown, tail in ((first, [1.0]), (second, [2.0]), (third, [1.0, 3.0])):
+        got = _real(grown)
+        for b in range(B):
+            for h in range(H):
+                assert [k[0] for _, k, _ in got[b][h][len(before[b][h]) :]] == tail
 
 
 def test_prune_keeps_exactly_the_plan(make, tol):

@@ -113,6 +113,22 @@ def test_cache_stats_metadata_and_kept(make_model):
 # --- rows -------------------------------------------------------------------------------------------------------------
 
 
+def test_selecting_every_row_in_order_shares_the_storages(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(20, batch=2), cache, kvs.get_method("knorm", ratio=0.5), torch.ones(2, 20, dtype=torch.long))
+    copy = cache.select_rows(torch.tensor([0, 1]))
+    assert all(a.storage is b.storage for a, b in zip(cache.kv_layers(), copy.kv_layers(), strict=True))
+    original = [layer.view() for layer in cache.kv_layers()]
+    with torch.no_grad(), kvs.attach(model):
+        for _ in range(3):  # decode steps append to the copy (one token per row: into the room of its storage)
+            model(ids_of(1, batch=2), past_key_values=copy)
+    assert copy.real_tokens_seen().tolist() == [23, 23] and cache.real_tokens_seen().tolist() == [20, 20]
+    for layer, before in zip(cache.kv_layers(), original, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(layer.view(), before, strict=True))
+    assert cache.select_rows(torch.tensor([1, 0])).layer(0).storage is not cache.layer(0).storage
+
+
 def test_select_rows_copies(make_model):
     model = make_model("llama")
     cache = KVCache(model.config)

@@ -227,3 +227,19 @@ def test_the_end_token_finishes_with_stop() -> None:
     assert s.push(TOKENIZER.eos_token_id) == "" and s.finish_reason == "stop" and s.steps == len(ids) + 1
     with pytest.raises(ValueError, match="this answer is finished"):
         s.push(5)
+
+
+def test_ignore_eos_goes_on_past_the_end_token(model: Any, tokenizer: Any) -> None:
+    cache, texts = compressed(model, tokenizer)
+    first = answer(model, tokenizer, cache, [0], texts[:1], Sampling(max_new_tokens=1)).tokens[0][0]
+    before = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = first  # the model's first greedy token now ends the answer
+    try:
+        stopped = answer(model, tokenizer, cache, [0], texts[:1], Sampling(max_new_tokens=5))
+        went_on = answer(model, tokenizer, cache, [0], texts[:1], Sampling(max_new_tokens=5, ignore_eos=True))
+    finally:
+        model.generation_config.eos_token_id = before
+    assert stopped.finish_reasons == ["stop"] and stopped.tokens == [[]] and stopped.steps == 1
+    assert went_on.finish_reasons == ["length"] and went_on.steps == 5 and went_on.tokens[0][0] == first
+    with pytest.raises(ValueError, match="ignore_eos must be True or False"):
+        Sampling(ignore_eos="yes")  # type: ignore[arg-type]

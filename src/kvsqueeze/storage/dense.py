@@ -5,12 +5,23 @@
 
 Uniform budgets fill every slot, so the stored tensors are exactly what was kept and `view()` costs nothing. When a
 plan keeps different counts per row or head, `prune(..., ragged=True)` moves the layer to the ragged layout instead.
+
+Appending one token per row right after another such append (a decode step; the first one after a prefill or a
+pruning, like a one-token chunk, is copied as any append) writes it into room kept after the last slot (`Spare`:
+buffers with FIRST_ROOM more slots, copied into buffers with twice the room, up to ROOM, once full) instead of copying
+the whole layer into a new tensor as `torch.cat` does (and transformers' DynamicCache with it): a step then writes one
+slot instead of reading and writing the whole layer and allocating a new tensor for it. The storage's tensors are
+views of the first slots of those buffers. Storages stay immutable values: an append writes only slots past every
+existing storage's last one, and a second append from the same storage (a fork: a snapshot put back, a row decoded
+twice) finds those slots taken and copies instead. The room is memory the layer holds, so it counts in the layer's
+bytes: at most ROOM slots, and no more than about the steps decoded since the last copy or pruning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from dataclasses import replace as replaced
 from types import MappingProxyType
 
 import torch
@@ -28,7 +39,36 @@ from kvsqueeze.storage.base import (
 )
 from kvsqueeze.storage.ragged import RaggedStorage
 
-__all__ = ["DenseStorage"]
+__all__ = ["FIRST_ROOM", "ROOM", "DenseStorage", "Spare"]
+
+FIRST_ROOM, ROOM = 8, 128  # slots of room after the last one: 8 at first, doubled each time it fills, at most 128
+
+
+@dataclass
+class Spare:
+    """Buffers holding a dense layer's slots and room for more after them, shared by the storages appended one from
+    another: keys (B, H, C, D), values (B, H, C, Dv), positions (B, H, C); `used`: slots written so far (a storage may
+    append in place only when it ends exactly there)."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    used: int
+    room: int  # the empty slots it was made with
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[-1]
+
+    @classmethod
+    def around(cls, stored: DenseStorage, room: int) -> Spare:
+        """New buffers holding `stored`'s slots, then `room` empty ones."""
+        b, h, t = stored.positions.shape
+        keys = stored.keys.new_empty(b, h, t + room, stored.keys.shape[-1])
+        values = stored.values.new_empty(b, h, t + room, stored.values.shape[-1])
+        positions = stored.positions.new_full((b, h, t + room), -1)
+        keys[:, :, :t], values[:, :, :t], positions[:, :, :t] = stored.keys, stored.values, stored.positions
+        return cls(keys, values, positions, t, room)
 
 
 @dataclass(frozen=True)
@@ -39,6 +79,8 @@ class DenseStorage(FullPrecision):
     values: Tensor  # (B, H, T, Dv)
     positions: Tensor  # (B, H, T) int32
     slot_state: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))  # name -> (B, H, T)
+    spare: Spare | None = None  # the buffers keys/values/positions are the first slots of, with room after them
+    decoding: bool = False  # made by a one-token append: the next one-token append is a decode step and gets room
 
     is_ragged = False
 
@@ -72,12 +114,28 @@ class DenseStorage(FullPrecision):
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[DenseStorage, StepView]:
         b, h, q, _ = keys.shape
+        t = self.width()
+        if (
+            t > 0 and q == 1 and self.decoding and not self.slot_state
+        ):  # a decode step: into the room after the last slot
+            spare = self.spare
+            if spare is None or spare.used != t:  # the first decode step, or a fork: copy, with a little room
+                spare = Spare.around(self, FIRST_ROOM)
+            elif t + q > spare.capacity:  # the room is full: copy, with twice the room (a long decode copies rarely)
+                spare = Spare.around(self, min(ROOM, 2 * spare.room))
+            end = t + q
+            spare.keys[:, :, t:end], spare.values[:, :, t:end], spare.positions[:, :, t:end] = keys, values, positions
+            spare.used = end
+            stored = DenseStorage(spare.keys[:, :, :end], spare.values[:, :, :end], spare.positions[:, :, :end],
+                                  spare=spare, decoding=True)  # fmt: skip
+            return stored, stored.view()
         state = {name: torch.cat([s, s.new_zeros(b, h, q)], dim=-1) for name, s in self.slot_state.items()}
         stored = DenseStorage(
             torch.cat([self.keys, keys], dim=-2),
             torch.cat([self.values, values], dim=-2),
             torch.cat([self.positions, positions.to(torch.int32)], dim=-1),
             MappingProxyType(state),
+            decoding=q == 1,
         )
         return stored, stored.view()
 
@@ -159,10 +217,20 @@ class DenseStorage(FullPrecision):
         return stored
 
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> DenseStorage:
-        return replace(self, **fields)  # type: ignore[arg-type]
+        if self.spare is None or set(fields) <= {"slot_state"}:
+            return replaced(self, **fields)  # type: ignore[arg-type]
+        # new tensors are not views of the buffers: the storage no longer appends into them
+        return replaced(self, spare=None, decoding=False, **fields)  # type: ignore[arg-type]
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held, the room after the last slot included."""
+        if self.spare is None:
+            return super().nbytes()
+        return sum(t.numel() * t.element_size() for t in (self.spare.keys, self.spare.values))
 
     def padding_slots(self) -> int:
         return int((self.positions < 0).sum())
 
     def to_tensors(self) -> dict[str, Tensor]:
-        return {"keys": self.keys, "values": self.values, "positions": self.positions}
+        parts = {"keys": self.keys, "values": self.values, "positions": self.positions}
+        return {name: t.contiguous() for name, t in parts.items()}  # views of the buffers with room: copies of them
