@@ -28,6 +28,7 @@ instead of the embedded model (nothing is downloaded). Writes benchmarks/results
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -106,9 +107,13 @@ Marks = list[tuple[int, float]]  # (tokens generated so far, when)
 
 
 def run_transformers(model: Any, prompt: torch.Tensor, new: int) -> tuple[Marks, list[int]]:
+    """model.generate with no end-of-sequence token: it runs to `new` tokens taking every argmax, the end token too,
+    as kvsqueeze's ignore_eos does (min_new_tokens would forbid the end token instead and change the tokens)."""
     clock = StepClock(prompt.device)
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                         max_new_tokens=new, min_new_tokens=new, streamer=clock, pad_token_id=0)  # fmt: skip
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.do_sample, config.max_new_tokens, config.pad_token_id = None, False, new, 0
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                         streamer=clock)  # fmt: skip
     return clock.marks, out[0, prompt.shape[1] :].tolist()
 
 
@@ -147,6 +152,11 @@ def passkey_unit(model: Any, tok: Any, length: int) -> Unit:
     return plan_units(model, tok, config)[0]
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens two generations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -175,7 +185,7 @@ def report(runs: dict[tuple[int, str], list[dict[str, Any]]], setup: dict[str, A
             versus_none = f"{speed / median(none, 'decode_tok_s'):.2f}" if none and ratio else "-"
             w = setup["weight_bytes"]
             bound = f"{(w + kv) / (w + kv * (1 - ratio)):.2f}" if ratio else "-"
-            equal = sum(a == b for a, b in zip(rows[0]["tokens"], base[0]["tokens"], strict=False))
+            equal = common_prefix(rows[0]["tokens"], base[0]["tokens"])
             base_peak = median(base, "peak_bytes")
             lines.append(
                 f"| {rows[0]['context_tokens']} | {path} | {ttft:.2f} | {speed:.1f} | "
@@ -197,7 +207,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quick", action="store_true", help="256 tokens, 8 new, 1 repetition; nothing written")
     parser.add_argument("--save", default="generate_speed", help="file stem in benchmarks/results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the saved .json")
     args = parser.parse_args()
+    if args.report_only:
+        record = json.loads((RESULTS_DIR / f"{args.save}.json").read_text())
+        saved = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in record["runs"].items()}
+        (RESULTS_DIR / f"{args.save}.md").write_text(
+            report(saved, record["setup"], list(dict.fromkeys(p for _, p in saved)))
+        )
+        return
     if args.quick:
         args.lengths, args.new_tokens, args.reps = [256], 8, 1
     dtype = getattr(torch, args.dtype)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from tests.tiny import tiny_model, tiny_tokenizer
+from kvsqueeze.loading import load_model
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 from tests.unit.bench.runner_fakes import register_fakes
 
 torch.set_num_threads(2)
@@ -89,3 +90,29 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
 def llama() -> tuple[Any, Any]:
     """A tiny random Llama and its tokenizer, shared by a test module."""
     return tiny_model("llama"), tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """A real local Ray of 2 CPUs for a test module (Ray, an optional extra, is imported by the tests that use it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
+    """(path, model, tokenizer): a tiny Llama saved on disk and loaded from there, as Ray actors load it by name."""
+    path = str(save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama"))
+    return (path, *load_model(path))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """This process on one torch thread, as each Ray actor is: the same float sums, so the same greedy answers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

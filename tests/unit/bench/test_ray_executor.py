@@ -1,5 +1,5 @@
 """The Ray executor on a real local Ray (2 CPUs, started once for the module): the same rows as a serial run, an actor
-killed mid-run, a Ray run interrupted and finished serially. The actors load a tiny random Llama saved on disk, by
+killed mid-run, a Ray run interrupted and finished serially. The actors load a tiny random Llama saved_llama on disk, by
 its path, as they would load a real model by name."""
 
 from __future__ import annotations
@@ -8,13 +8,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
-import torch
 
 from kvsqueeze.bench.config import BenchConfig
 from kvsqueeze.bench.folder import identity_id, run_identity
@@ -22,33 +20,8 @@ from kvsqueeze.bench.ray_executor import ACTOR_PREFIX, RayOptions
 from kvsqueeze.bench.report import write_report
 from kvsqueeze.bench.results import COSTS, FAILED, RESULTS, read_jsonl, row_key
 from kvsqueeze.bench.runner import BenchInterrupted, run_bench
-from kvsqueeze.loading import load_model
-from tests.tiny import save_tiny
 
 COMPUTED = ("prediction", "score", "kv_bytes_before", "kv_bytes_after")  # what must match; timings may not
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
-    """(path, model, tokenizer): a tiny Llama saved on disk and loaded from there, as the actors load it."""
-    path = str(save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama"))
-    return (path, *load_model(path))
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """This process on one torch thread, as each actor is: the same float sums, so the same greedy answers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(samples: int = 3) -> BenchConfig:
@@ -87,8 +60,8 @@ def _kill_an_actor(run_prefix: str) -> Callable[[], None]:
     return kill
 
 
-def test_ray_gives_the_rows_of_a_serial_run(ray_session, saved, one_thread, tmp_path: Path) -> None:
-    path, model, tok = saved
+def test_ray_gives_the_rows_of_a_serial_run(ray_session, saved_llama, one_thread, tmp_path: Path) -> None:
+    path, model, tok = saved_llama
     serial = run_bench(model, tok, _config(), tmp_path / "serial", model_name=path, progress=False)
     on_ray = run_bench(model, tok, _config(), tmp_path / "ray", model_name=path, progress=False, executor="ray",
                        ray=RayOptions(actors=2, threads=1))  # fmt: skip
@@ -101,8 +74,8 @@ def test_ray_gives_the_rows_of_a_serial_run(ray_session, saved, one_thread, tmp_
     assert not ray.util.list_named_actors()  # the run's actors are gone
 
 
-def test_an_actor_killed_mid_run_loses_no_row(ray_session, saved, tmp_path: Path) -> None:
-    path, model, tok = saved
+def test_an_actor_killed_mid_run_loses_no_row(ray_session, saved_llama, tmp_path: Path) -> None:
+    path, model, tok = saved_llama
     config = _config(samples=8)
     run_id = identity_id(run_identity(model, tok, config, path))
     killer = _when_rows(tmp_path / "ray", 2, _kill_an_actor(f"{ACTOR_PREFIX}-{run_id}-"))
@@ -115,8 +88,8 @@ def test_an_actor_killed_mid_run_loses_no_row(ray_session, saved, tmp_path: Path
     assert not (tmp_path / "ray" / FAILED).exists()
 
 
-def test_interrupted_ray_run_finishes_serially_once_per_row(ray_session, saved, tmp_path: Path) -> None:
-    path, model, tok = saved
+def test_interrupted_ray_run_finishes_serially_once_per_row(ray_session, saved_llama, tmp_path: Path) -> None:
+    path, model, tok = saved_llama
     config = _config(samples=8)
     interrupter = _when_rows(tmp_path, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(BenchInterrupted) as caught:
@@ -132,8 +105,10 @@ def test_interrupted_ray_run_finishes_serially_once_per_row(ray_session, saved, 
     assert len(keys) == len(set(keys)) == 8 * 5
 
 
-def test_a_unit_out_of_retries_becomes_failed_rows_that_a_rerun_computes(ray_session, saved, tmp_path: Path) -> None:
-    path, model, tok = saved
+def test_a_unit_out_of_retries_becomes_failed_rows_that_a_rerun_computes(
+    ray_session, saved_llama, tmp_path: Path
+) -> None:
+    path, model, tok = saved_llama
     config = _config(samples=8)
     run_id = identity_id(run_identity(model, tok, config, path))
     killer = _when_rows(tmp_path, 2, _kill_an_actor(f"{ACTOR_PREFIX}-{run_id}-"))

@@ -3,42 +3,16 @@ the actors across probes, and a probe that fails in an actor leaving the actors 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import ray
-import torch
 
 from kvsqueeze.bench.ray_executor import RayOptions
 from kvsqueeze.bench.results import RESULTS, read_jsonl, row_key
-from kvsqueeze.loading import load_model
 from kvsqueeze.tuning import TuneSpec, tune
-from tests.tiny import save_tiny
 
 COMPUTED = ("prediction", "score", "kv_bytes_before", "kv_bytes_after")
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Any]:
-    path = str(save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama"))
-    return (path, *load_model(path))
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each actor runs: the same float sums, so the same greedy answers
-    yield
-    torch.set_num_threads(before)
 
 
 def spec(**kw: Any) -> TuneSpec:
@@ -51,8 +25,8 @@ def _rows(out: Path) -> dict[tuple, tuple]:
     return {row_key(r): tuple(r[k] for k in COMPUTED) for r in read_jsonl(out / RESULTS)}
 
 
-def test_a_ray_tune_gives_the_serial_choice_and_rows(ray_session, saved, one_thread, tmp_path: Path) -> None:
-    path, model, tok = saved
+def test_a_ray_tune_gives_the_serial_choice_and_rows(ray_session, saved_llama, one_thread, tmp_path: Path) -> None:
+    path, model, tok = saved_llama
     serial = tune(model, tok, spec(), tmp_path / "serial", model_name=path, progress=False)
     on_ray = tune(model, tok, spec(), tmp_path / "ray", model_name=path, progress=False, executor="ray",
                   ray=RayOptions(actors=2, threads=1))  # fmt: skip
@@ -75,8 +49,8 @@ def test_a_ray_tune_gives_the_serial_choice_and_rows(ray_session, saved, one_thr
     assert not ray.util.list_named_actors()  # the tune's actors are gone
 
 
-def test_a_probe_failing_in_an_actor_leaves_the_pool_working(ray_session, saved, tmp_path: Path) -> None:
-    path, model, tok = saved
+def test_a_probe_failing_in_an_actor_leaves_the_pool_working(ray_session, saved_llama, tmp_path: Path) -> None:
+    path, model, tok = saved_llama
     # SnapKV protects its 120-token window: on 160-token contexts ratio 0.5 leaves no room for it (the probe fails in
     # an actor); the next candidate's probes still run on the same actors
     odd = spec(methods=("snapkv", "knorm"), options={"snapkv": {"window": 120}})
