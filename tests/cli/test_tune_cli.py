@@ -73,3 +73,20 @@ def test_tune_ray_options_need_the_ray_executor(model_dir: Path, tmp_path: Path,
     assert main(_tune(model_dir, tmp_path, "--actor-threads", "1")) == 2
     assert "--actor-threads only apply with --executor ray" in capsys.readouterr().err
     assert not (tmp_path / RESULTS).exists()
+
+
+def test_a_chunk_size_in_the_config_reaches_bench(model_dir: Path, tmp_path: Path) -> None:
+    path = write_choice(TuneChoice("knorm", 0.5, chunk_size=16), tmp_path / "tune.json")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(model_dir), "--tasks", "fake", "--lengths", "40", "--samples", "1",
+                 "--config", str(path), "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    assert {r.get("chunk_size") for r in rows if r["method_name"] == "knorm"} == {16}
+
+
+def test_chunk_sizes_flag(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(_tune(model_dir, tmp_path, "--methods", "knorm", "--chunk-sizes", "none,16")) == 0
+    assert "knorm (chunks of 16)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        main(_tune(model_dir, tmp_path / "b", "--chunk-sizes", "none,zero"))
+    assert bad.value.code == 2 and "expected a positive integer, got 'zero'" in capsys.readouterr().err

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   kvsqueeze tune --dataset mine.jsonl                       keep 95% of the uncompressed score on your data
   kvsqueeze tune --tasks passkey,niah_single --lengths 1024 --samples 40 --target 0.95
   kvsqueeze tune --dataset mine.jsonl --target-score 0.8 --methods knorm,tova --grid 0.25,0.5,0.75
+  kvsqueeze tune --dataset mine.jsonl --methods knorm --chunk-sizes none,512   one-shot and chunked prefill
   kvsqueeze tune --dataset mine.jsonl --executor ray --actors 2 --actor-threads 1   probes on 2 Ray actors
   kvsqueeze generate --config results/tune/default/tune.json --context-file doc.txt --question "..."
   kvsqueeze bench --config results/tune/default/tune.json --dataset other.jsonl"""
@@ -60,11 +61,23 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--option", action="append", default=[], type=method_option, help="METHOD.KEY=VALUE")
     p.add_argument("--budget-policy", choices=budget_policies(), default=None, help="wrap every candidate in it")
     p.add_argument("--kv-bits", type=int, default=None, help="quantize the kept keys/values to 8, 4 or 2 bits")
+    p.add_argument("--chunk-sizes", type=chunk_sizes, default=None, help="prefill chunk sizes to try as candidates "
+                   "beside each method, 'none' for one forward (e.g. none,512,1024; default: one forward)")  # fmt: skip
     p.add_argument("--tune-fraction", type=float, default=0.5, help="share of the samples tuned on; the rest: held out")
     p.add_argument("--max-new-tokens", type=positive, default=None, help="override each sample's own")
     p.add_argument("--out", type=Path, default=Path("results") / "tune" / "default", help="the tune folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_executor_options(p, "probes")
+
+
+def chunk_sizes(text: str) -> list[int | None]:
+    """'none,512' -> [None, 512]."""
+    out: list[int | None] = []
+    for item in filter(None, (t.strip().lower() for t in text.split(","))):
+        out.append(None if item == "none" else positive(item))
+    if not out:
+        raise argparse.ArgumentTypeError("give chunk sizes, e.g. none,512")
+    return out
 
 
 def tune_spec(args: argparse.Namespace) -> Any:
@@ -74,7 +87,9 @@ def tune_spec(args: argparse.Namespace) -> Any:
     options: dict[str, dict[str, Any]] = {}
     for method, key, value in args.option:
         options.setdefault(method, {})[key] = value
-    extra = {"grid": tuple(args.grid)} if args.grid else {}
+    extra: dict[str, Any] = {"grid": tuple(args.grid)} if args.grid else {}
+    if args.chunk_sizes:
+        extra["chunk_sizes"] = tuple(args.chunk_sizes)
     return TuneSpec(tasks=tuple(tasks), lengths=tuple(args.lengths or ([1024] if tasks else [])), samples=args.samples,
                     seed=args.seed, datasets=tuple(args.dataset), target=args.target, target_score=args.target_score,
                     methods=tuple(args.methods or DEFAULT_CANDIDATES), options=options,

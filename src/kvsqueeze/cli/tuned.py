@@ -7,7 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-CONFIG_HELP = "a tune.json written by `kvsqueeze tune`: its method, ratio, options, budget policy and kv_bits, each "
+CONFIG_HELP = (
+    "a tune.json written by `kvsqueeze tune`: its method, ratio, options, budget policy, kv_bits and chunk size, each "
+)
 CONFIG_HELP += "overridden by the matching flag when given"
 
 
@@ -22,7 +24,8 @@ def read_config(path: Path) -> Any:
 
 
 def apply_to_generate(args: argparse.Namespace) -> None:
-    """Fill generate's --method, --ratio, --option, --budget-policy and --kv-bits from --config where not given."""
+    """Fill generate's --method, --ratio, --option, --budget-policy, --kv-bits and --chunk-size from --config where not
+    given."""
     choice = read_config(args.config)
     same_method = args.method is None or args.method.strip().lower().replace("-", "_") == choice.method
     args.method = choice.method if args.method is None else args.method
@@ -31,6 +34,7 @@ def apply_to_generate(args: argparse.Namespace) -> None:
         args.option = [*choice.options.items(), *args.option]
         args.budget_policy = args.budget_policy or choice.budget_policy
     args.kv_bits = choice.kv_bits if args.kv_bits is None else args.kv_bits
+    args.chunk_size = choice.chunk_size if args.chunk_size is None else args.chunk_size
 
 
 def apply_to_bench(args: argparse.Namespace) -> None:
@@ -43,3 +47,4 @@ def apply_to_bench(args: argparse.Namespace) -> None:
     args.budget_policy = args.budget_policy or choice.budget_policy
     if args.kv_bits is None and choice.kv_bits is not None:
         args.kv_bits = [choice.kv_bits]
+    args.chunk_size = choice.chunk_size if args.chunk_size is None else args.chunk_size

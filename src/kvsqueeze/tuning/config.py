@@ -2,9 +2,10 @@
 `bench --config` read back.
 
     {"kvsqueeze_tune": 1, "method": "knorm", "ratio": 0.5, "options": {}, "budget_policy": null, "kv_bits": null,
-     "provenance": {...}}
+     "chunk_size": null, "provenance": {...}}
 
-`method`, `ratio`, `options`, `budget_policy` and `kv_bits` say how to compress; `provenance` (free-form) says where
+`method`, `ratio`, `options`, `budget_policy`, `kv_bits` and `chunk_size` (the prefill's chunk size; null or absent:
+one forward) say how to compress; `provenance` (free-form) says where
 they came from: the target, the scores and intervals, the model and the dataset's hash. Reading a file checks every
 field and names the bad one, the file and the values allowed.
 """
@@ -20,16 +21,17 @@ from kvsqueeze.atomic import write_text_atomic
 from kvsqueeze.methods import get_method, list_methods
 from kvsqueeze.methods.registry import BUDGET_POLICIES
 from kvsqueeze.quantization import quant_spec
-from kvsqueeze.validation import check_ratio
+from kvsqueeze.validation import check_int, check_ratio
 
 FORMAT = 1  # the value of the "kvsqueeze_tune" field this version writes and reads
 TUNE_FILE = "tune.json"
-_FIELDS = ("kvsqueeze_tune", "method", "ratio", "options", "budget_policy", "kv_bits", "provenance")
+_FIELDS = ("kvsqueeze_tune", "method", "ratio", "options", "budget_policy", "kv_bits", "chunk_size", "provenance")
 
 
 @dataclass
 class TuneChoice:
-    """A compression configuration: method name, ratio, the method's options, budget policy and KV bits."""
+    """A compression configuration: method name, ratio, the method's options, budget policy, KV bits and the prefill's
+    chunk size."""
 
     method: str
     ratio: float
@@ -37,6 +39,7 @@ class TuneChoice:
     budget_policy: str | None = None
     kv_bits: int | None = None  # None: full precision
     provenance: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int | None = None  # None: the context prefilled in one forward
 
     def __post_init__(self) -> None:
         self.method = str(self.method).strip().lower().replace("-", "_")
@@ -53,12 +56,13 @@ class TuneChoice:
         if self.kv_bits in (16, 32):
             self.kv_bits = None
         quant_spec(self.kv_bits)  # ValueError naming the allowed bits
+        check_int("chunk_size", self.chunk_size, 1, none_ok=True, note="context tokens per prefill forward")
         get_method(self.method, ratio=self.ratio, **self.options)  # bad options fail here, naming them
 
     def as_json(self) -> dict[str, Any]:
         fields = {"method": self.method, "ratio": self.ratio, "options": self.options}
         return {"kvsqueeze_tune": FORMAT, **fields, "budget_policy": self.budget_policy, "kv_bits": self.kv_bits,
-                "provenance": self.provenance}  # fmt: skip
+                "chunk_size": self.chunk_size, "provenance": self.provenance}  # fmt: skip
 
 
 def write_choice(choice: TuneChoice, path: str | Path) -> Path:
@@ -90,6 +94,6 @@ def read_choice(path: str | Path) -> TuneChoice:
         raise ValueError(f"tune config {str(path)!r}: unknown fields {unknown}; allowed: {list(_FIELDS)}")
     try:
         return TuneChoice(data["method"], data["ratio"], data.get("options") or {}, data.get("budget_policy"),
-                          data.get("kv_bits"), data.get("provenance") or {})  # fmt: skip
+                          data.get("kv_bits"), data.get("provenance") or {}, data.get("chunk_size"))  # fmt: skip
     except (TypeError, ValueError) as err:
         raise ValueError(f"tune config {str(path)!r}: {err}") from None

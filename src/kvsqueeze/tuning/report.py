@@ -52,7 +52,9 @@ def render(result: TuneResult) -> str:
         lines.append("No candidate met the target on the tune part; no tune.json was written.")
     else:
         c, t = result.choice, result.paired
-        lines += [f"`{c.method}` at ratio {c.ratio:.2f} (budget policy {c.budget_policy}, kv_bits {c.kv_bits}).", "",
+        chunks = "one forward" if c.chunk_size is None else f"chunks of {c.chunk_size}"
+        lines += [f"`{c.method}` at ratio {c.ratio:.2f} (budget policy {c.budget_policy}, kv_bits {c.kv_bits}, "
+                  f"prefill in {chunks}).", "",
                   f"Held out: {_scored(result.heldout)} against uncompressed {_scored(result.heldout_baseline)}; "
                   f"paired {t.test} test: {t.better} better, {t.worse} worse, p = {t.p_value:.3g}"
                   f"{' (significant)' if t.significant else ''}."]  # fmt: skip

@@ -62,6 +62,7 @@ class TuneSpec:
     kv_bits: int | None = None
     tune_fraction: float = 0.5
     max_new_tokens: int | None = None
+    chunk_sizes: tuple[int | None, ...] = (None,)  # prefill chunk sizes to try (None: the context in one forward)
 
     def __post_init__(self) -> None:
         self.tasks, self.lengths, self.datasets = tuple(self.tasks), tuple(self.lengths), tuple(map(str, self.datasets))
@@ -78,6 +79,11 @@ class TuneSpec:
         if self.target_score is not None:
             check_float("target_score", self.target_score, 0.0, 1.0)
         check_int("samples", self.samples, 1)
+        self.chunk_sizes = tuple(dict.fromkeys(self.chunk_sizes))
+        if not self.chunk_sizes:
+            raise ValueError("give at least one chunk size (None: the context in one forward)")
+        for size in self.chunk_sizes:
+            check_int("chunk size", size, 1, none_ok=True, note="context tokens per prefill forward; None: one")
         if self.budget_policy is not None and self.budget_policy not in BUDGET_POLICIES:
             raise ValueError(
                 f"unknown budget policy {self.budget_policy!r}; known: {', '.join(sorted(BUDGET_POLICIES))}"
@@ -93,13 +99,18 @@ class TuneSpec:
                 raise ValueError(f"options given for {method!r}, which is not among the methods {list(self.methods)}")
             get_method(method, ratio=self.grid[0], **opts)  # unknown or bad options fail now, naming them
 
-    def bench_config(self, method: str, ratio: float, dataset: Path) -> BenchConfig:
-        """The one-cell benchmark of `method` at `ratio` ('none': uncompressed) on `dataset`."""
+    def candidates(self) -> list[tuple[str, int | None]]:
+        """(method, chunk size) of every candidate, methods first."""
+        return [(m, c) for m in self.methods for c in self.chunk_sizes]
+
+    def bench_config(self, method: str, ratio: float, dataset: Path, chunk_size: int | None = None) -> BenchConfig:
+        """The one-cell benchmark of `method` at `ratio` ('none': uncompressed) on `dataset`, its context prefilled
+        in chunks of `chunk_size` tokens (None: in one forward)."""
         return BenchConfig(
             methods=(method,), ratios=() if method == NONE else (ratio,), datasets=(str(dataset),),
             options={method: self.options[method]} if method in self.options else {}, seed=self.seed,
             budget_policy=self.budget_policy, kv_bits=(None if method == NONE else self.kv_bits,),
-            max_new_tokens=self.max_new_tokens, name="tune",
+            max_new_tokens=self.max_new_tokens, name="tune", chunk_size=None if method == NONE else chunk_size,
         )  # fmt: skip
 
 
@@ -116,6 +127,7 @@ class Probe:
     interval: Interval
     kv_bytes: float
     error: str | None = None  # why the method cannot run at this ratio on this data (then it does not meet the target)
+    chunk_size: int | None = None  # the prefill's chunk size (None: one forward)
 
 
 @dataclass
@@ -167,11 +179,12 @@ class _Evaluator:
         self.model, self.tokenizer, self.spec, self.out, self.name = model, tokenizer, spec, out, name
         self.progress, self.store, self.forwards, self.pool = progress, RecordingStore(), Forwards(), pool
 
-    def __call__(self, method: str, ratio: float, dataset: Path) -> Probe:
-        config = self.spec.bench_config(method, ratio, dataset)
+    def __call__(self, method: str, ratio: float, dataset: Path, chunk_size: int | None = None) -> Probe:
+        config = self.spec.bench_config(method, ratio, dataset, chunk_size)
         on = {"executor": "ray", "ray_pool": self.pool} if self.pool else {"recordings": self.store}
         try:
-            run = run_bench(self.model, self.tokenizer, config, self.out, self.name, self.progress, **on)
+            run = run_bench(self.model, self.tokenizer, config, probe_folder(self.out, chunk_size), self.name,
+                            self.progress, **on)  # fmt: skip
         except ResultsError:  # the folder holds another run, or is busy: the user's to resolve
             raise
         except ValueError as err:  # e.g. a budget too small for the method's protected tokens at this ratio
@@ -179,19 +192,20 @@ class _Evaluator:
                 raise
             logger.warning("tune: %s at %.2f cannot run on %s (%s); counted as not meeting the target", method, ratio,
                            dataset.stem, err)  # fmt: skip
-            return Probe(method, ratio, [], [], 0.0, Interval(0.0, 0.0, "none"), math.inf, error=str(err))
+            return Probe(method, ratio, [], [], 0.0, Interval(0.0, 0.0, "none"), math.inf, str(err), chunk_size)
         self.forwards.prefills += run.prefills
         self.forwards.cost_passes += run.cost_passes
         self.forwards.answers += run.computed_rows
         label, _, _ = config.cells()[0]
         bits = config.kv_bits[0]
-        rows, _ = read_run(self.out, run.run_id)
+        rows, _ = read_run(run.out_dir, run.run_id)
         cell = (f"dataset:{dataset.stem}", label, config.cells()[0][2], bits)
         mine = sorted((r for r in rows if (r["group"], r["method_name"], r["ratio"], r.get("kv_bits")) == cell),
                       key=lambda r: r["content"])  # fmt: skip
         scores = [float(r["score"]) for r in mine]
         probe = Probe(method, ratio, scores, [r["content"] for r in mine], sum(scores) / len(scores),
-                      score_interval([scores]), sum(r["kv_bytes_after"] for r in mine) / len(mine))  # fmt: skip
+                      score_interval([scores]), sum(r["kv_bytes_after"] for r in mine) / len(mine),
+                      chunk_size=chunk_size)  # fmt: skip
         logger.info("tune: %s at %.2f on %s: %.3f [%.3f, %.3f]", method, ratio, dataset.stem, probe.score,
                     probe.interval.low, probe.interval.high)  # fmt: skip
         return probe
@@ -234,23 +248,38 @@ def _tune(
     evaluate = _Evaluator(model, tokenizer, spec, out, model_name, progress, pool)
     baseline = evaluate(NONE, 0.0, tune_path)
     threshold = spec.target_score if spec.target_score is not None else spec.target * baseline.score
-    searches = {m: search(spec.grid, functools.partial(evaluate, m, dataset=tune_path),
-                          functools.partial(meets, threshold=threshold)) for m in spec.methods}  # fmt: skip
+    searches = {candidate_label(m, c, spec): search(spec.grid, functools.partial(evaluate, m, dataset=tune_path,
+                                                                                chunk_size=c),
+                                                    functools.partial(meets, threshold=threshold))
+                for m, c in spec.candidates()}  # fmt: skip
     best = choose(searches)
     n_q, n_ctx = len(baseline.scores), len(tune_part)
     probes = sum(s.evaluations for s in searches.values())
     result = TuneResult(out, threshold, baseline, searches, None, None, None, None, evaluate.forwards,
-                        n_ctx + (probes + 1) * (1 + n_q), n_ctx + (len(spec.methods) * len(spec.grid) + 1) * (1 + n_q),
+                        n_ctx + (probes + 1) * (1 + n_q), n_ctx + (len(searches) * len(spec.grid) + 1) * (1 + n_q),
                         n_q, sum(len(s.questions) for s in held_part))  # fmt: skip
     if best is not None:
         result.heldout_baseline = evaluate(NONE, 0.0, held_path)
-        result.heldout = evaluate(best.method, best.ratio, held_path)
+        result.heldout = evaluate(best.method, best.ratio, held_path, best.chunk_size)
         result.paired = paired_test(result.heldout_baseline.scores, result.heldout.scores)
         origin = provenance(spec, result, model_name, [tune_path, held_path])
         result.choice = TuneChoice(best.method, best.ratio, spec.options.get(best.method, {}), spec.budget_policy,
-                                   spec.kv_bits, origin)  # fmt: skip
+                                   spec.kv_bits, origin, best.chunk_size)  # fmt: skip
         result.config_path = write_choice(result.choice, out / TUNE_FILE)
     return result
+
+
+def probe_folder(out: Path, chunk_size: int | None) -> Path:
+    """Where a probe's benchmark rows go: the tune folder, or for chunked prefill (another benchmark run: the chunk
+    size is part of a run's identity) its subfolder chunks-N."""
+    return out if chunk_size is None else out / f"chunks-{chunk_size}"
+
+
+def candidate_label(method: str, chunk_size: int | None, spec: TuneSpec) -> str:
+    """A candidate's name in the searches and the report: the method, with its chunk size when several are tried."""
+    if spec.chunk_sizes == (None,):
+        return method
+    return f"{method} (chunks of {chunk_size})" if chunk_size is not None else f"{method} (one forward)"
 
 
 def meets(probe: Probe, threshold: float) -> bool:
@@ -276,7 +305,8 @@ def provenance(spec: TuneSpec, result: TuneResult, model: str | None, splits: Se
         "target": spec.target if spec.target_score is None else None, "target_score": spec.target_score,
         "threshold": result.threshold, "model": model, "tasks": list(spec.tasks), "lengths": list(spec.lengths),
         "samples": spec.samples, "seed": spec.seed, "datasets": {d: dataset_hash(d) for d in spec.datasets},
-        "splits": {p.stem: dataset_hash(p) for p in splits}, "candidates": list(spec.methods), "grid": list(spec.grid),
+        "chunk_sizes": list(spec.chunk_sizes), "splits": {p.stem: dataset_hash(p) for p in splits},
+        "candidates": list(result.searches), "grid": list(spec.grid),
         "tune": described(chosen), "tune_uncompressed": described(result.baseline),
         "heldout": described(result.heldout), "heldout_uncompressed": described(result.heldout_baseline),
         "heldout_paired": None if result.paired is None else {"test": result.paired.test,

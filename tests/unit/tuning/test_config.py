@@ -11,9 +11,9 @@ from kvsqueeze.tuning.config import TuneChoice, read_choice, write_choice
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    choice = TuneChoice("knorm", 0.5, {}, "adakv", 4, {"target": 0.95})
+    choice = TuneChoice("knorm", 0.5, {}, "adakv", 4, {"target": 0.95}, chunk_size=512)
     back = read_choice(write_choice(choice, tmp_path / "tune.json"))
-    assert back == choice
+    assert back == choice and back.chunk_size == 512
     assert TuneChoice("KNorm", 0.5, kv_bits=16).kv_bits is None and TuneChoice("KNorm", 0.5).method == "knorm"
 
 
@@ -33,6 +33,10 @@ def bad(tmp_path: Path, data: object) -> Path:
         ({"kvsqueeze_tune": 1, "method": "knorm", "ratio": 0.5, "budget_policy": "x"}, "unknown budget policy 'x'"),
         ({"kvsqueeze_tune": 1, "method": "knorm", "ratio": 0.5, "kv_bits": 5}, "5"),
         ({"kvsqueeze_tune": 1, "method": "knorm", "ratio": 0.5, "extra": 1}, r"unknown fields \['extra'\]"),
+        (
+            {"kvsqueeze_tune": 1, "method": "knorm", "ratio": 0.5, "chunk_size": 0},
+            "chunk_size must be an integer >= 1 or None",
+        ),
         ({"method": "knorm", "ratio": 0.5}, "'kvsqueeze_tune' must be 1"),
         ([1, 2], "expected a JSON object"),
     ],

@@ -104,3 +104,18 @@ def test_bad_specs_name_the_problem() -> None:
         spec(options={"snapkv": {}})
     with pytest.raises(ValueError, match="dataset"):
         TuneSpec(methods=("knorm",))
+
+
+def test_chunk_sizes_are_candidates_of_their_own(llama: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tok = llama
+    result = tune(model, tok, spec(methods=("knorm",), chunk_sizes=(None, 16)), tmp_path, progress=False)
+    assert list(result.searches) == ["knorm (one forward)", "knorm (chunks of 16)"]
+    chunked = result.searches["knorm (chunks of 16)"]
+    assert chunked.evaluations == 2 and all(p.chunk_size == 16 for _, p, _ in chunked.probes)
+    rows = [json.loads(line) for line in (tmp_path / "chunks-16" / RESULTS).read_text().splitlines()]
+    assert rows and all(r["chunk_size"] == 16 for r in rows)  # a run of its own: the chunk size is in its identity
+    assert result.choice is not None and result.choice.chunk_size in (None, 16)
+    assert read_choice(tmp_path / TUNE_FILE).chunk_size == result.choice.chunk_size
+    assert "prefill in" in write_tune_report(result).read_text()
+    with pytest.raises(ValueError, match="chunk size must be"):
+        spec(chunk_sizes=(0,))
