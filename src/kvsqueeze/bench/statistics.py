@@ -9,6 +9,8 @@
 - `mcnemar`: the exact McNemar test, a two-sided binomial test on the discordant pairs of two 0/1 scorings of the
   same questions; `sign_flip`: a paired permutation test of the mean difference (exact up to 16 non-zero
   differences, else Monte Carlo with a fixed seed); `paired_test` picks the one that applies;
+- `kept_share`: the share of a baseline's score another scoring of the same questions keeps, with a paired
+  bootstrap interval (what "keeps 95% of the uncompressed score" is decided on);
 - `mcnemar_power`: how likely the exact McNemar test finds a given paired difference with n questions (to size a
   suite).
 
@@ -186,6 +188,37 @@ def paired_test(baseline: Sequence[float], other: Sequence[float], seed: int = 0
     binary = is_binary(baseline) and is_binary(other)
     p = mcnemar(better, worse) if binary else sign_flip(diffs, seed=seed)
     return PairedTest("mcnemar" if binary else "sign-flip", len(diffs), sum(diffs) / len(diffs), better, worse, p)
+
+
+def kept_share(
+    baseline: Sequence[float], other: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, Interval]:
+    """(mean(other) / mean(baseline), its percentile bootstrap interval): the questions, paired (same order), are
+    resampled with replacement `resamples` times from a generator seeded with `seed`. Pairing makes the interval much
+    narrower than comparing two separate intervals: questions both scorings answer alike do not add to it. A baseline
+    scoring 0 everywhere keeps everything (share 1). The interval is of a ratio, so it may pass 1."""
+    if len(baseline) != len(other) or not baseline:
+        raise ValueError(f"need the same non-zero number of scores on both sides, got {len(baseline)} and {len(other)}")
+    check_int("resamples", resamples, 100, 10_000_000)
+    check_int("seed", seed, 0)
+    _z(level)
+    base, mine = np.asarray(baseline, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if base.sum() == 0:
+        return 1.0, Interval(1.0, 1.0, "paired-bootstrap")
+
+    def share(b: np.ndarray, o: np.ndarray) -> np.ndarray:
+        safe = np.where(b > 0, b, 1.0)
+        return np.where(b > 0, o / safe, np.where(o > 0, np.inf, 1.0))
+
+    point = float(share(base.sum(keepdims=True), mine.sum(keepdims=True))[0])
+    rng, out = np.random.default_rng(seed), np.empty(resamples)
+    step = max(1, _CHUNK // base.size)
+    for start in range(0, resamples, step):
+        idx = rng.integers(0, base.size, size=(min(step, resamples - start), base.size))
+        out[start : start + idx.shape[0]] = share(base[idx].sum(axis=1), mine[idx].sum(axis=1))
+    tail = (1 - level) / 2
+    low, high = np.quantile(out, [tail, 1 - tail], method="inverted_cdf")  # no interpolation: a share may be inf
+    return point, Interval(float(low), float(high), "paired-bootstrap")
 
 
 def _log_binom_pmf(k: int, n: int, p: float) -> float:

@@ -18,6 +18,13 @@ def _scored(p: Probe) -> str:
     return f"{100 * p.score:.1f} [{100 * p.interval.low:.1f}, {100 * p.interval.high:.1f}] (n={len(p.scores)})"
 
 
+def _kept(p: Probe) -> str:
+    if p.kept is None:
+        return "-"
+    share, interval = p.kept
+    return f"{100 * share:.1f} [{100 * interval.low:.1f}, {100 * interval.high:.1f}]"
+
+
 def probe_points(result: TuneResult) -> list[Point]:
     return [Point(m, m, r, None, p.kv_bytes, p.score, p.interval) for m, s in result.searches.items()
             for r, p, _ in s.probes if p.error is None]  # fmt: skip
@@ -25,17 +32,17 @@ def probe_points(result: TuneResult) -> list[Point]:
 
 def render(result: TuneResult) -> str:
     base = result.baseline
+    relative = result.target is not None
+    rule = (f"the lower bound of the 95% paired interval of the share of the uncompressed score it keeps on the same "
+            f"questions is at least {100 * result.target:.1f}%" if result.target is not None else
+            f"the lower bound of its score's 95% interval is at least {100 * result.threshold:.1f}")  # fmt: skip
     lines = ["# kvsqueeze tune", "",
              f"Tuned on {result.tune_questions} questions, reported on {result.heldout_questions} held-out ones. "
-             f"Uncompressed on the tune part: {_scored(base)}; a point meets the target when the lower bound of its "
-             f"95% interval is at least {100 * result.threshold:.1f}.", ""]  # fmt: skip
-    rows = [[m, f"{r:.2f}", f"{p.kv_bytes / MIB:.2f}", _scored(p), "yes" if ok else "no"]
-            for m, s in result.searches.items() for r, p, ok in s.probes]  # fmt: skip
-    lines += [
-        "## Probes (tune part)",
-        "",
-        markdown_table(["method", "ratio", "KV MiB", "score % [95%]", "meets"], rows),
-    ]
+             f"Uncompressed on the tune part: {_scored(base)}; a point meets the target when {rule}.", ""]  # fmt: skip
+    rows = [[m, f"{r:.2f}", f"{p.kv_bytes / MIB:.2f}", _scored(p), *([_kept(p)] if relative else []),
+             "yes" if ok else "no"] for m, s in result.searches.items() for r, p, ok in s.probes]  # fmt: skip
+    head = ["method", "ratio", "KV MiB", "score % [95%]", *(["kept % [95%]"] if relative else []), "meets"]
+    lines += ["## Probes (tune part)", "", markdown_table(head, rows)]
     frontier = pareto_frontier(probe_points(result))
     rows = [[p.method, f"{p.ratio:.2f}", f"{p.kv_bytes / MIB:.2f}", f"{100 * p.score:.1f}"] for p in frontier]
     lines += [
@@ -55,7 +62,8 @@ def render(result: TuneResult) -> str:
         chunks = "one forward" if c.chunk_size is None else f"chunks of {c.chunk_size}"
         lines += [f"`{c.method}` at ratio {c.ratio:.2f} (budget policy {c.budget_policy}, kv_bits {c.kv_bits}, "
                   f"prefill in {chunks}).", "",
-                  f"Held out: {_scored(result.heldout)} against uncompressed {_scored(result.heldout_baseline)}; "
+                  f"Held out: {_scored(result.heldout)} against uncompressed {_scored(result.heldout_baseline)}"
+                  f"{f' (kept {_kept(result.heldout)} %)' if result.heldout.kept else ''}; "
                   f"paired {t.test} test: {t.better} better, {t.worse} worse, p = {t.p_value:.3g}"
                   f"{' (significant)' if t.significant else ''}."]  # fmt: skip
     f = result.forwards

@@ -5,7 +5,10 @@ held-out part (`split`), each written into the tune folder as a dataset file. Ev
 `bench.run_bench` of one (method, ratio, kv_bits) cell over one part, into the tune folder: rows land in its
 resumable results.jsonl (an interrupted tune reruns the same searches, answered from the rows already there), and one
 `RecordingStore` is shared by all calls, so each context is prefilled once in all. For each candidate method `search`
-finds the highest ratio whose score's 95% interval lies at or above the target (lower bound >= threshold); the
+finds the highest ratio that meets the target: with `target` (a share of the uncompressed score), the lower bound of the
+95% paired bootstrap interval of the share it keeps of the uncompressed score on the same questions
+(`statistics.kept_share`) is at least the target; with `target_score`, the lower bound of its score's own 95% interval
+is at least that score. The
 candidate point holding the fewest KV bytes is chosen and evaluated on the held-out part against no compression.
 """
 
@@ -15,7 +18,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from kvsqueeze.bench.ray_executor import RayOptions, RayPool
 from kvsqueeze.bench.recordings import DEFAULT_MAX_BYTES, RecordingStore
 from kvsqueeze.bench.results import NONE, ResultsError, read_run
 from kvsqueeze.bench.runner import run_bench
-from kvsqueeze.bench.statistics import Interval, PairedTest, paired_test, score_interval
+from kvsqueeze.bench.statistics import Interval, PairedTest, kept_share, paired_test, score_interval
 from kvsqueeze.bench.tasks import Sample, get_task
 from kvsqueeze.fingerprint import model_name as display_name
 from kvsqueeze.loading import ModelSpec
@@ -128,6 +131,7 @@ class Probe:
     kv_bytes: float
     error: str | None = None  # why the method cannot run at this ratio on this data (then it does not meet the target)
     chunk_size: int | None = None  # the prefill's chunk size (None: one forward)
+    kept: tuple[float, Interval] | None = None  # the share of the uncompressed score kept, with its paired interval
 
 
 @dataclass
@@ -160,6 +164,7 @@ class TuneResult:
     tune_questions: int
     heldout_questions: int
     config_path: Path | None = None
+    target: float | None = None  # the share of the uncompressed score to keep (None: an absolute target score)
 
 
 def collect_samples(tokenizer: Any, spec: TuneSpec) -> list[Sample]:
@@ -248,9 +253,11 @@ def _tune(
     evaluate = _Evaluator(model, tokenizer, spec, out, model_name, progress, pool)
     baseline = evaluate(NONE, 0.0, tune_path)
     threshold = spec.target_score if spec.target_score is not None else spec.target * baseline.score
+    passes: Callable[[Probe], bool] = functools.partial(meets, threshold=threshold)
+    if spec.target_score is None:
+        passes = functools.partial(keeps, baseline=baseline, target=spec.target)
     searches = {candidate_label(m, c, spec): search(spec.grid, functools.partial(evaluate, m, dataset=tune_path,
-                                                                                chunk_size=c),
-                                                    functools.partial(meets, threshold=threshold))
+                                                                                chunk_size=c), passes)
                 for m, c in spec.candidates()}  # fmt: skip
     best = choose(searches)
     n_q, n_ctx = len(baseline.scores), len(tune_part)
@@ -258,10 +265,12 @@ def _tune(
     result = TuneResult(out, threshold, baseline, searches, None, None, None, None, evaluate.forwards,
                         n_ctx + (probes + 1) * (1 + n_q), n_ctx + (len(searches) * len(spec.grid) + 1) * (1 + n_q),
                         n_q, sum(len(s.questions) for s in held_part))  # fmt: skip
+    result.target = spec.target if spec.target_score is None else None
     if best is not None:
         result.heldout_baseline = evaluate(NONE, 0.0, held_path)
         result.heldout = evaluate(best.method, best.ratio, held_path, best.chunk_size)
         result.paired = paired_test(result.heldout_baseline.scores, result.heldout.scores)
+        keeps(result.heldout, result.heldout_baseline, spec.target)  # its kept share, for the report
         origin = provenance(spec, result, model_name, [tune_path, held_path])
         result.choice = TuneChoice(best.method, best.ratio, spec.options.get(best.method, {}), spec.budget_policy,
                                    spec.kv_bits, origin, best.chunk_size)  # fmt: skip
@@ -283,8 +292,21 @@ def candidate_label(method: str, chunk_size: int | None, spec: TuneSpec) -> str:
 
 
 def meets(probe: Probe, threshold: float) -> bool:
-    """Whether the lower bound of the probe's 95% interval reaches the threshold."""
+    """Whether the lower bound of the probe's 95% interval reaches the threshold (an absolute target score)."""
     return probe.error is None and probe.interval.low >= threshold - 1e-12
+
+
+def keeps(probe: Probe, baseline: Probe, target: float) -> bool:
+    """Whether the probe keeps at least `target` of the baseline's score on the same questions: the lower bound of
+    the paired bootstrap interval of the share kept (`statistics.kept_share`, set as `probe.kept`) reaches it."""
+    if probe.error is not None:
+        return False
+    base = dict(zip(baseline.contents, baseline.scores, strict=True))
+    missing = [c for c in probe.contents if c not in base]
+    if missing:
+        raise ValueError(f"{len(missing)} questions of {probe.method} at {probe.ratio} have no uncompressed score")
+    probe.kept = kept_share([base[c] for c in probe.contents], probe.scores)
+    return probe.kept[1].low >= target - 1e-12
 
 
 def choose(searches: dict[str, SearchResult[Probe]]) -> Probe | None:
@@ -297,8 +319,9 @@ def provenance(spec: TuneSpec, result: TuneResult, model: str | None, splits: Se
     def described(p: Probe | None) -> dict[str, Any] | None:
         if p is None:
             return None
+        kept = None if p.kept is None else {"share": p.kept[0], "interval": [p.kept[1].low, p.kept[1].high]}
         return {"score": p.score, "interval": [p.interval.low, p.interval.high], "questions": len(p.scores),
-                "kv_bytes": p.kv_bytes}  # fmt: skip
+                "kv_bytes": p.kv_bytes, "kept": kept}  # fmt: skip
 
     chosen = choose(result.searches)
     return {

@@ -8,11 +8,14 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvsqueeze.bench.statistics import (
     Interval,
     bootstrap,
     combined,
+    kept_share,
     mcnemar,
     mcnemar_power,
     paired_test,
@@ -196,3 +199,28 @@ def test_mcnemar_power_closed_forms() -> None:
     assert mcnemar_power(96, 0.20, 0.05) > mcnemar_power(48, 0.20, 0.05)  # more questions, more power
     with pytest.raises(ValueError, match="p_worse"):
         mcnemar_power(10, 0.7, 0.5)
+
+
+def test_kept_share_is_paired() -> None:
+    base = [1.0] * 80 + [0.0] * 20
+    other = [1.0] * 76 + [0.0] * 24  # loses 4 of the 80 the baseline answered
+    share, interval = kept_share(base, other)
+    assert share == pytest.approx(0.95) and interval.low < 0.95 < interval.high <= 1.0
+    # unpaired, the two 95% Wilson intervals of 0.80 and 0.76 overlap widely; paired, the interval is tight
+    assert interval.high - interval.low < 0.1
+    assert kept_share(base, base)[1] == Interval(1.0, 1.0, "paired-bootstrap")
+    assert kept_share([0.0, 0.0], [1.0, 0.0]) == (1.0, Interval(1.0, 1.0, "paired-bootstrap"))
+    with pytest.raises(ValueError, match="same non-zero number"):
+        kept_share([1.0], [1.0, 0.0])
+
+
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from([0.0, 0.5, 1.0])), min_size=1, max_size=60))
+@settings(max_examples=40, deadline=None)
+def test_kept_share_interval_is_ordered_and_respects_dominance(pairs: list[tuple[float, float]]) -> None:
+    base, other = [b for b, _ in pairs], [o for _, o in pairs]
+    share, interval = kept_share(base, other, resamples=200)
+    assert 0.0 <= interval.low <= interval.high and share >= 0.0
+    if all(o >= b for b, o in pairs):  # every resample keeps at least all of the baseline's score
+        assert interval.low >= 1.0 and share >= 1.0
+    if all(o <= b for b, o in pairs) and sum(base) > 0:
+        assert interval.high <= 1.0 and share <= 1.0

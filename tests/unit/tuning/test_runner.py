@@ -12,7 +12,7 @@ from kvsqueeze.bench.results import RESULTS
 from kvsqueeze.bench.statistics import Interval
 from kvsqueeze.tuning import TUNE_FILE, TuneSpec, read_choice, tune
 from kvsqueeze.tuning.report import REPORT_FILE, write_tune_report
-from kvsqueeze.tuning.runner import Probe, choose, meets
+from kvsqueeze.tuning.runner import Probe, choose, keeps, meets
 from kvsqueeze.tuning.search import SearchResult
 from tests.unit.bench.runner_fakes import Interrupt
 
@@ -119,3 +119,22 @@ def test_chunk_sizes_are_candidates_of_their_own(llama: tuple[Any, Any], tmp_pat
     assert "prefill in" in write_tune_report(result).read_text()
     with pytest.raises(ValueError, match="chunk size must be"):
         spec(chunk_sizes=(0,))
+
+
+def test_keeps_decides_on_the_paired_share_of_the_uncompressed_score() -> None:
+    contents = [f"q{i}" for i in range(200)]
+    base = probe(0.9, 0.85, 0.0, "none")
+    base.contents, base.scores = contents, [1.0] * 180 + [0.0] * 20
+    same = probe(0.9, 0.85, 0.0)
+    same.contents, same.scores = list(reversed(contents)), list(reversed(base.scores))  # paired by content
+    assert keeps(same, base, 0.95) and same.kept is not None and same.kept[0] == 1.0
+    worse = probe(0.6, 0.5, 0.0)
+    worse.contents, worse.scores = contents, [1.0] * 120 + [0.0] * 80
+    assert not keeps(worse, base, 0.95) and worse.kept is not None and worse.kept[1].high < 0.95
+    broken = probe(0.0, 0.0, 0.0)
+    broken.error = "cannot run"
+    assert not keeps(broken, base, 0.5)
+    stray = probe(0.9, 0.85, 0.0)
+    stray.contents, stray.scores = ["elsewhere"], [1.0]
+    with pytest.raises(ValueError, match="no uncompressed score"):
+        keeps(stray, base, 0.95)
