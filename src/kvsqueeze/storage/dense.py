@@ -115,9 +115,8 @@ class DenseStorage(FullPrecision):
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[DenseStorage, StepView]:
         b, h, q, _ = keys.shape
         t = self.width()
-        if (
-            t > 0 and q == 1 and self.decoding and not self.slot_state
-        ):  # a decode step: into the room after the last slot
+        decode_step = t > 0 and q == 1 and self.decoding and not self.slot_state
+        if decode_step:  # into the room after the last slot
             spare = self.spare
             if spare is None or spare.used != t:  # the first decode step, or a fork: copy, with a little room
                 spare = Spare.around(self, FIRST_ROOM)
