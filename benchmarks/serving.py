@@ -11,8 +11,9 @@ user message, greedy):
   * `hit, uncompressed`: that document again (a prefix cache that keeps every token, as vLLM's does);
 - memory per document: the KV bytes a cached context holds (`POST /v1/contexts`, measured from its storages), and the
   server process's resident memory before and after the documents were cached;
-- throughput over one cached document: 1, 4 and 16 clients at once (threads), each sending `--requests` requests
-  of `--max-tokens` tokens; generated tokens per second over the wall time, and each request's latency.
+- throughput over one cached document: the same `--requests` requests of `--max-tokens` tokens sent by 1 client one
+  after another, then split between 4 and 16 clients sending at once (threads); generated tokens per second over the
+  wall time, its ratio to 1 client's, each request's latency and time to first token (p50, p95).
 
 The server runs with `--max-batch 16` so that 16 clients share one batch. Run it alone on the machine: every figure is
 a wall time.
@@ -157,8 +158,19 @@ def context_bytes(server: Server, doc: Sample, compression: dict[str, Any]) -> d
     return {k: body[k] for k in ("tokens", "kv_bytes_before", "kv_bytes_after", "found")}
 
 
-def throughput(server: Server, doc: Sample, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
-    """`clients` threads, each sending `per_client` requests over the (cached) document at once."""
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q / 100
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def throughput(server: Server, doc: Sample, clients: int, total: int, max_tokens: int) -> dict[str, Any]:
+    """`clients` threads sending `total` requests over the (cached) document between them, each client one request
+    after another (1 client: the same requests sequentially)."""
+    per_client = total // clients
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -180,6 +192,7 @@ def throughput(server: Server, doc: Sample, clients: int, per_client: int, max_t
         "clients": clients, "requests": len(results), "wall_seconds": wall, "generated_tokens": tokens,
         "tokens_per_second": tokens / wall, "requests_per_second": len(results) / wall,
         "median_latency": median([r["seconds"] for r in results]), "median_ttft": median([r["ttft"] for r in results]),
+        "p95_ttft": percentile([r["ttft"] for r in results], 95), "ttfts": [r["ttft"] for r in results],
         "hits": sum(r["context_cache"] == "memory" for r in results),
     }  # fmt: skip
 
@@ -233,12 +246,18 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Throughput over one cached document (knorm 0.5)",
         "",
-        "| clients | requests | generated tokens/s | requests/s | median latency (s) | median TTFT (s) | hits |",
-        "|---|---|---|---|---|---|---|",
+        f"The same {doc['throughput'][0]['requests']} requests ({s['max_tokens']} new tokens each) sent by 1 client "
+        "one after another, then split between more clients sending at once.",
+        "",
+        "| clients | requests | generated tokens/s | vs 1 client | requests/s | median latency (s) | TTFT p50 (s) "
+        "| TTFT p95 (s) | hits |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    alone = doc["throughput"][0]["tokens_per_second"]
     for t in doc["throughput"]:
         lines.append(f"| {t['clients']} | {t['requests']} | {t['tokens_per_second']:.1f} | "
-                     f"{t['requests_per_second']:.2f} | {t['median_latency']:.2f} | {t['median_ttft']:.2f} | "
+                     f"{t['tokens_per_second'] / alone:.2f}x | {t['requests_per_second']:.2f} | "
+                     f"{t['median_latency']:.2f} | {t['median_ttft']:.2f} | {t['p95_ttft']:.2f} | "
                      f"{t['hits']}/{t['requests']} |")  # fmt: skip
     lines += ["", f"Server metrics at the end: `{json.dumps(doc['metrics'])}`", ""]
     return "\n".join(lines)
@@ -249,7 +268,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=6000, help="document length in tokens")
     parser.add_argument("--repeats", type=int, default=3, help="fresh documents per TTFT kind")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client in the throughput runs")
+    parser.add_argument("--requests", type=int, default=32, help="requests per throughput run, split between clients")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")
     parser.add_argument("--out", type=Path, default=OUT / "serving")
     args = parser.parse_args()
@@ -279,7 +298,7 @@ def main() -> None:
     doc = {
         "settings": {
             "model": DEFAULT_MODEL, "tokens": args.tokens, "context_tokens": len(tokenizer(docs[0].context).input_ids),
-            "repeats": args.repeats, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+            "repeats": args.repeats, "max_tokens": args.max_tokens, "throughput_requests": args.requests,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "command": "PYTHONPATH=src .venv/bin/python benchmarks/serving.py " + " ".join(sys.argv[1:]),
         },

@@ -11,7 +11,8 @@ Because these names are unknown to transformers' mask registry, the model skips 
 and the whole decision is made here. Pad queries attend to themselves only, so no row is fully masked (no NaNs).
 
 A layer storing thin keys (D' < D key channels, `cache.py`) is attended with the matching channels of the queries,
-scaled by 1/sqrt(D) as the model would (`_thin_queries`).
+scaled by 1/sqrt(D) as the model would (`_thin_queries`). A layer whose rows read shared prefixes (`storage/shared.py`)
+is attended by `prefix_attention`: the keys transformers hands over are then the rows' own slots only.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvsqueeze import step
+from kvsqueeze import prefix_attention, step
 from kvsqueeze.layer import KVLayer
+from kvsqueeze.storage.shared import SharedStorage
 
 BACKENDS = ("sdpa", "eager")
 PREFIX = "kvsqueeze_"  # kvsqueeze's attention functions are registered as PREFIX + backend
@@ -122,6 +124,21 @@ def _thin_queries(layer: KVLayer | None, query: Tensor, scaling: float | None) -
     return layer.gather_query_channels(query), scaling if scaling is not None else query.shape[-1] ** -0.5
 
 
+def _shared_forward(layer: KVLayer | None, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | str | None,
+                    scaling: float | None, softcap: float | None) -> Tensor | None:  # fmt: skip
+    """(B, q, H_q, Dv) attention of a layer whose rows read shared prefixes; None for any other layer."""
+    if layer is None or not isinstance(layer.storage, SharedStorage):
+        return None
+    if isinstance(mask, str):  # "causal": the own slots are the new tokens only
+        q_len = query.shape[-2]
+        mask = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()[None, None]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    prefixes = layer.storage.prefix_rows()
+    out = prefix_attention.attend(query, prefixes, key, value, mask, scale, softcap)
+    layer.finish_step()
+    return out.transpose(1, 2).contiguous()
+
+
 def expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
     """Per-KV-head masks (B, H_kv, q, T) -> per-query-head (B, H_q, q, T); broadcastable masks pass through."""
     if mask.dim() == 4 and mask.shape[1] not in (1, n_q_heads):
@@ -145,6 +162,9 @@ def _sdpa_forward(
         return out, None
     mask, layer = _mask_for(query, key, attention_mask)
     query, scaling = _thin_queries(layer, query, scaling)
+    shared = _shared_forward(layer, query, key, value, mask, scaling, None)
+    if shared is not None:
+        return shared, None
     is_causal = isinstance(mask, str)
     attn_mask = None if isinstance(mask, str) or mask is None else expand_heads(mask, query.shape[1])
     out = F.scaled_dot_product_attention(
@@ -172,9 +192,12 @@ def _eager_forward(
     dropout: float = 0.0,
     softcap: float | None = None,
     **kwargs,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     mask, layer = _mask_for(query, key, attention_mask)
     query, scaling = _thin_queries(layer, query, scaling)
+    shared = _shared_forward(layer, query, key, value, mask, scaling, softcap)
+    if shared is not None:
+        return shared, None  # no weights: they are never formed over the prefixes
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)

@@ -1,7 +1,10 @@
 """Continuous batching: a decoder whose rows join and leave between steps, each over its own compressed context.
 
 `BatchDecoder` holds the rows being answered in one batch cache (`KVCache.concat_rows`): rows of different contexts,
-lengths, methods and layouts side by side, each continuing at its own positions. A server drives it:
+lengths, methods and layouts side by side, each continuing at its own positions. A row is a fork of its context
+(`KVCache.fork`): it reads the context's tokens where they are and holds only its question and answer, so the rows
+over one context cost one copy of it, each step reads it once for all of them (`prefix_attention`), and rows join
+and leave by copying their own tokens only. A server drives it:
 
     decoder = BatchDecoder(model, tokenizer)
     row = decoder.add(context_cache, question_text, Sampling(max_new_tokens=64))   # between two steps
@@ -12,8 +15,9 @@ lengths, methods and layouts side by side, each continuing at its own positions.
 `step()` advances every row by one token:
 1. rows removed since the last step leave the batch (before the forward, so they cost nothing more);
 2. one forward of every running row's last token over the batch cache picks each row's next token;
-3. each row added since the last step runs its question forward alone, over its own copy of its context row, which
-   picks its first token: a question of several tokens never shares a forward with the others' one-token steps;
+3. the rows added since the last step run their questions in one forward of their own (left-padded, over their
+   forks joined), which picks their first tokens: a question of several tokens never shares a forward with the
+   running rows' one-token steps;
 4. rows that finished leave the batch and the new rows join it.
 
 A row's answer does not depend on the rows beside it: attention reads each row's own slots (`attention.py`), sampled
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 
 from kvsqueeze.cache import KVCache
-from kvsqueeze.generation import Delta, Sampling, TextStream, choose_tokens, encode, eos_ids, generator_for
+from kvsqueeze.generation import Delta, Sampling, TextStream, choose_tokens, encode, eos_ids, generator_for, left_pad
 from kvsqueeze.methods.base import Method
 from kvsqueeze.press import compress
 from kvsqueeze.validation import check_int
@@ -85,7 +89,7 @@ class BatchDecoder:
         return None if not others else others[0].concat_problem(cache)
 
     def add(self, cache: KVCache, question_text: str, sampling: Sampling | int = 32, row: int = 0) -> int:
-        """Answer `question_text` over row `row` of `cache` (copied: the cache is left as it is); returns the new row's
+        """Answer `question_text` over row `row` of `cache` (forked: the cache is left as it is); returns the new row's
         id, which its deltas carry. The row starts at the next `step`. `sampling`: a Sampling, or an int (greedy with
         that max_new_tokens). A ValueError when the question is empty or the cache's rows cannot join the batch."""
         if isinstance(sampling, int) and not isinstance(sampling, bool):
@@ -99,7 +103,9 @@ class BatchDecoder:
         problem = self.problem(cache)
         if problem is not None:
             raise ValueError(f"these rows cannot join the batch: {problem}")
-        own = cache.select_rows(torch.tensor([row], device=cache.device))
+        # a fork reads the context where it is (one copy for every row over it); a decoding-time method prunes the
+        # rows as it goes, so its rows are copies
+        own = cache.fork(row) if self.decode is None else cache.select_rows(torch.tensor([row], device=cache.device))
         stream = TextStream(self.tokenizer, self.eos, sampling.stop)
         new = Row(self._next_id, sampling, generator_for(sampling, self.device), stream, question, own)
         self._next_id += 1
@@ -123,10 +129,10 @@ class BatchDecoder:
     def step(self) -> list[Delta]:
         """Advance every row by one token (see the module docstring); the deltas of the rows whose text grew or that
         finished, a finished row's last delta carrying its finish reason."""
-        self._regroup([])
+        self._regroup([], None)
         deltas = self._decode_running()
-        started = self._start_waiting(deltas)
-        self._regroup(started)
+        started, cache = self._start_waiting(deltas)
+        self._regroup(started, cache)
         return deltas
 
     def _decode_running(self) -> list[Delta]:
@@ -142,16 +148,25 @@ class BatchDecoder:
             self._push(row, token, deltas)
         return deltas
 
-    def _start_waiting(self, deltas: list[Delta]) -> list[Row]:
-        """Each waiting row's question forward, alone over its own cache: its first token. Returns the rows started."""
+    def _start_waiting(self, deltas: list[Delta]) -> tuple[list[Row], KVCache | None]:
+        """The waiting rows' question forward, over their own caches joined: their first tokens. Returns the rows
+        started and their cache."""
         started, self._waiting = self._waiting, []
-        for row in started:
-            assert row.cache is not None
-            ids = torch.tensor([row.question], device=self.device)
-            with compress(self.model, self.decode):
-                out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True, logits_to_keep=1)
-            self._push(row, int(choose_tokens(out.logits[:, -1], [row.sampling], [row.generator])[0]), deltas)
-        return started
+        if not started:
+            return [], None
+        caches = [row.cache for row in started if row.cache is not None]
+        cache = caches[0].concat_rows(caches[1:])
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids, mask = left_pad([row.question for row in started], pad, self.device)
+        with compress(self.model, self.decode):
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+            ).logits
+        picks = choose_tokens(logits[:, -1], [r.sampling for r in started], [r.generator for r in started])
+        for row, token in zip(started, picks.tolist(), strict=True):
+            row.cache = None
+            self._push(row, token, deltas)
+        return started, cache
 
     def _push(self, row: Row, token: int, deltas: list[Delta]) -> None:
         """Hand a row its next token; a delta when its text grew or it finished (at max_new_tokens at the latest)."""
@@ -162,19 +177,20 @@ class BatchDecoder:
         if text or row.text.done:
             deltas.append(Delta(row.id, text, row.text.finish_reason, row.text.steps))
 
-    def _regroup(self, started: list[Row]) -> None:
-        """Rebuild the batch cache when rows leave (finished or removed) or join (the `started` ones not finished)."""
+    def _regroup(self, started: list[Row], cache: KVCache | None) -> None:
+        """Rebuild the batch cache when rows leave (finished or removed) or join (the `started` ones not finished,
+        rows of `cache`)."""
         staying = [i for i, row in enumerate(self._running) if not row.removed and not row.text.done]
-        joining = [row for row in started if not row.text.done]
+        joining = [i for i, row in enumerate(started) if not row.text.done]
         if len(staying) == len(self._running) and not joining:
             return
-        parts = []
-        if self.cache is not None and len(staying) == len(self._running):
-            parts.append(self.cache)
-        elif self.cache is not None and staying:
-            parts.append(self.cache.select_rows(torch.tensor(staying, device=self.cache.device)))
-        parts += [row.cache for row in joining if row.cache is not None]
-        self._running = [self._running[i] for i in staying] + joining
-        for row in joining:
-            row.cache = None
+        parts = [part for part in (_rows(self.cache, staying), _rows(cache, joining)) if part is not None]
+        self._running = [self._running[i] for i in staying] + [started[i] for i in joining]
         self.cache = parts[0].concat_rows(parts[1:]) if parts else None
+
+
+def _rows(cache: KVCache | None, rows: list[int]) -> KVCache | None:
+    """Rows `rows` of `cache` (itself when they are all its rows), None when there are none."""
+    if cache is None or not rows:
+        return None
+    return cache if rows == list(range(cache.batch_size)) else cache.select_rows(torch.tensor(rows))

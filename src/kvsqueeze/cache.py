@@ -128,8 +128,18 @@ class KVCache(Cache):
 
     def select_rows(self, rows: Tensor) -> KVCache:
         """A new cache whose row i is a copy of row `rows[i]` of this one (e.g. one row per question)."""
+        return self._derived([layer.select_rows(rows) for layer in self.kv_layers()], rows)
+
+    def fork(self, row: int) -> KVCache:
+        """A one-row cache continuing row `row` of this one without copying it: its full-precision full-attention
+        layers read this cache's tokens as a shared prefix and hold only the tokens added to the fork
+        (`KVLayer.fork`). Forks of one context decoded side by side (`BatchDecoder`) read it once per step."""
+        return self._derived([layer.fork(row) for layer in self.kv_layers()], torch.tensor([row]))
+
+    def _derived(self, layers: list[KVLayer], rows: Tensor) -> KVCache:
+        """A cache of these layers, made from rows `rows` of this one (quantization and position offsets follow)."""
         new = KVCache.__new__(KVCache)
-        new._adopt([layer.select_rows(rows) for layer in self.kv_layers()])
+        new._adopt(layers)
         new.quant = self.quant
         new.position_offset = None if self.position_offset is None else self.position_offset[rows.to(self.device)]
         return new

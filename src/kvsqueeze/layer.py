@@ -35,6 +35,7 @@ from kvsqueeze.storage import (
     KeyChannels,
     LayerStorage,
     QuantizedStorage,
+    SharedStorage,
     StepView,
 )
 
@@ -157,7 +158,7 @@ class KVLayer(DynamicLayer):
         if self.thin is not None:  # thin keys: new tokens are stored with the layer's kept channels
             key_states = self.thin.narrow(key_states)
         b, h, q, _ = key_states.shape
-        new_pos = self.query_positions.to(device=self.storage.positions.device, dtype=torch.int32)
+        new_pos = self.query_positions.to(device=self.seen.device, dtype=torch.int32)
         storage, self.step_view = self.storage.append(key_states, value_states, new_pos[:, None, :].expand(b, h, q))
         self._set(storage)
         self.seen = self.seen + (self.query_positions >= 0).sum(dim=1)
@@ -304,13 +305,23 @@ class KVLayer(DynamicLayer):
         new.total_seen = self.total_seen
         if self.storage is not None and self.seen is not None:
             new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
-            rows = rows.to(self.storage.positions.device)
+            rows = rows.to(self.seen.device)
             every = rows.numel() == self.seen.shape[0] and bool(
                 (rows == torch.arange(rows.numel(), device=rows.device)).all()
             )
             new.storage = self.storage if every else self.storage.select_rows(rows)
             new.seen = self.seen[rows]
             new.thin = None if self.thin is None else self.thin.select_rows(rows)
+        return new
+
+    def fork(self, row: int) -> KVLayer:
+        """A one-row copy of row `row` that reads this layer's tokens where they are, as a shared prefix, and keeps the
+        tokens appended to it apart (`storage/shared.py`): forks of one context cost only their own tokens, and
+        rows of forks decoded as one batch read the context once per step. Sliding-window and quantized layers,
+        whose stored tokens change as tokens are added, are copied (`select_rows`)."""
+        new = self.select_rows(torch.tensor([row]))  # shares the storage when it has only that row
+        if new.storage is not None and not self.is_sliding and self.quant is None:
+            new.storage = SharedStorage.over(new.storage)
         return new
 
     def concat_problem(self, other: KVLayer) -> str | None:

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from kvsqueeze.quantization import QuantSpec
-from kvsqueeze.storage import DenseStorage, LayerStorage, QuantizedStorage, from_tensors, storage_bytes
+from kvsqueeze.storage import (
+    DenseStorage,
+    LayerStorage,
+    QuantizedStorage,
+    SharedStorage,
+    from_tensors,
+    storage_bytes,
+)
 
 B, H, T, D = 2, 3, 7, 4
 
@@ -57,12 +64,28 @@ def quantized2(seed: int = 0, t: int = T) -> LayerStorage:  # from a ragged layo
     return QuantizedStorage.from_storage(ragged(seed, t), QuantSpec(bits=2, group_size=2, residual=0))
 
 
+def shared(seed: int = 0, t: int = T) -> LayerStorage:
+    """Each row reads its first t - 2 slot columns as a prefix of its own (row 0's dense, row 1's ragged) and holds
+    the last two itself, appended as a question would be (`storage/shared.py`)."""
+    keys, values, positions, _ = _content(seed, t)
+    whole = DenseStorage(keys[:, :, :-2], values[:, :, :-2], positions[..., :-2])
+    row1 = whole.select_rows(torch.tensor([1]))
+    counts = row1.kept()
+    every = torch.arange(t - 2).expand(1, H, t - 2)
+    prefixes = [whole.select_rows(torch.tensor([0])), row1.prune(every, counts, ragged=True)]
+    rows = [SharedStorage.over(p) for p in prefixes]
+    storage = rows[0].concat_rows(rows[1:])
+    grown, _ = storage.append(keys[:, :, -2:], values[:, :, -2:], positions[..., -2:])
+    return grown
+
+
 LAYOUTS: dict[str, Callable[..., LayerStorage]] = {
     "dense": dense,
     "dense_decoded": decoded,
     "ragged": ragged,
     "quantized8": quantized8,
     "quantized2": quantized2,
+    "shared": shared,
 }
 
 
@@ -200,6 +223,9 @@ def test_pack_and_unpack_round_trip(make):
 def test_nbytes_are_the_storages(make):
     storage = make()
     assert storage.nbytes() == storage_bytes(storage.kv_tensors(), set()) > 0
+    if isinstance(storage, SharedStorage):  # its view pads prefixes to the longest; the stored ones do not
+        assert storage.padding_slots() <= int((storage.view()[2] < 0).sum())
+        return
     padding = int((storage.view()[2] < 0).sum()) if not storage.is_ragged else 0
     assert storage.padding_slots() == padding
 
@@ -207,7 +233,8 @@ def test_nbytes_are_the_storages(make):
 def test_saved_tensors_rebuild_the_same_storage(make):
     storage = make()
     again = from_tensors(storage.to_tensors(), H, D, D)
-    assert type(again) is type(storage) and _real(again) == _real(storage)
+    saved_as = DenseStorage if isinstance(storage, SharedStorage) else type(storage)  # shared rows save standalone
+    assert type(again) is saved_as and _real(again) == _real(storage)
     with pytest.raises(ValueError, match="shape"):
         from_tensors(storage.to_tensors(), H + 1, D, D)
     with pytest.raises(ValueError, match="shape"):

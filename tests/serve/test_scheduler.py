@@ -28,14 +28,14 @@ def test_concurrent_clients_get_the_sequential_answers(server: Live) -> None:
     held = server.metrics()["kvsqueeze_context_kv_bytes"]
     before = server.metrics()
 
-    def client(i: int) -> list[tuple[tuple[int, int], str]]:
-        mine = [work[i % 4], work[(i + 1) % 4]]
+    def client(i: int) -> list[tuple[tuple[int, int], str]]:  # 4 requests, one after another
+        mine = [work[(i + j) % 4] for j in range(4)]
         return [(k, server.chat(QUESTIONS[k[1]], system=DOCS[k[0]], max_tokens=10).choices[0].message.content)
                 for k in mine]  # fmt: skip
 
-    with ThreadPoolExecutor(8) as pool:
-        results = [pair for pairs in pool.map(client, range(8)) for pair in pairs]
-    assert len(results) == 16
+    with ThreadPoolExecutor(16) as pool:  # 16 clients at once
+        results = [pair for pairs in pool.map(client, range(16)) for pair in pairs]
+    assert len(results) == 64
     assert all(text == alone[key] for key, text in results)
     after = server.metrics()
     assert after["kvsqueeze_prefills_total"] == before["kvsqueeze_prefills_total"]  # both documents were cached

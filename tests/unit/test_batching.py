@@ -18,6 +18,7 @@ from kvsqueeze.methods.knorm import KNorm
 from kvsqueeze.pipeline import prefill
 from kvsqueeze.prompts import encode_prompt
 from kvsqueeze.quantization import QuantSpec
+from kvsqueeze.storage import SharedStorage
 from tests.tiny import tiny_model
 
 DOCS = [
@@ -98,6 +99,12 @@ def test_the_batch_holds_rows_of_both_contexts_side_by_side(model, tokenizer, co
     seen = decoder.cache.real_tokens_seen()
     assert seen is not None and seen[0] == seen[2] != seen[1]  # each row at its own length
     assert contexts[0].batch_size == 1  # the contexts are left as they were
+    for layer, *context_layers in zip(decoder.cache.kv_layers(), *(c.kv_layers() for c in contexts), strict=True):
+        storage = layer.storage  # the rows read their contexts in place: each context once, however many rows
+        assert isinstance(storage, SharedStorage) and storage.owner.tolist() == [0, 1, 0]
+        assert [p is c.storage for p, c in zip(storage.prefixes, context_layers, strict=True)] == [True, True]
+    own = sum(layer.storage.suffix.nbytes() for layer in decoder.cache.kv_layers())  # type: ignore[union-attr]
+    assert decoder.cache.tracker.current == sum(c.tracker.current for c in contexts) + own  # each context counted once
 
 
 def test_a_removed_row_stops_and_leaves_while_the_others_go_on(model, tokenizer, contexts):

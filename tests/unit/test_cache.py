@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 import kvsqueeze as kvs
 from kvsqueeze import step
 from kvsqueeze.cache import KVCache, KVLayer
+from kvsqueeze.storage import SharedStorage
 from tests.helpers import ids_of, kept_counts, kept_positions
 
 PER_TOKEN = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head_dim 16, fp32: bytes per token and layer
@@ -153,6 +154,57 @@ def test_select_rows_copies(make_model):
     assert cache.real_tokens_seen().tolist() == [20, 14]
     assert all(torch.equal(a, b.kept) for a, b in zip(kept_before, cache.kv_layers(), strict=True))
     assert all(torch.equal(a, b.keys) for a, b in zip(original, cache.kv_layers(), strict=True))
+
+
+FORKED = {  # a context compressed each way: rectangular, ragged (per-head budgets), thin keys
+    "knorm": lambda: kvs.get_method("knorm", ratio=0.5),
+    "adakv": lambda: kvs.get_method("adakv", ratio=0.5, scorer=kvs.get_method("knorm")),
+    "think": lambda: kvs.get_method("think", ratio=0.5, scorer=kvs.get_method("knorm"), key_channel_ratio=0.5),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize("method", sorted(FORKED))
+def test_a_fork_goes_on_as_a_copy_would_reading_the_context_in_place(family, method, make_model):
+    model = make_model(family)
+    cache = KVCache(model.config)
+    run(model, ids_of(24, batch=1), cache, FORKED[method]())
+    before = [layer.view() for layer in cache.kv_layers()]
+    copy, fork = cache.select_rows(torch.tensor([0])), cache.fork(0)
+    for layer, forked in zip(cache.kv_layers(), fork.kv_layers(), strict=True):
+        if layer.is_sliding:  # its window moves as tokens come: copied
+            assert not isinstance(forked.storage, SharedStorage)
+        else:
+            assert isinstance(forked.storage, SharedStorage) and forked.storage.prefixes[0] is layer.storage
+    assert fork.tracker.current == cache.tracker.current  # nothing copied, nothing of its own yet
+    for ids in (ids_of(5, seed=3), ids_of(1, seed=4), ids_of(1, seed=5), ids_of(1, seed=6)):
+        torch.testing.assert_close(run(model, ids, fork), run(model, ids, copy), rtol=1e-4, atol=1e-4)
+    assert fork.real_tokens_seen().tolist() == copy.real_tokens_seen().tolist() == [32]
+    for layer, was in zip(cache.kv_layers(), before, strict=True):  # the context is as it was
+        assert all(torch.equal(a, b) for a, b in zip(layer.view(), was, strict=True))
+    shared = [layer for layer in fork.full_layers()]
+    assert all(torch.equal(f.kept, c.kept) for f, c in zip(shared, copy.full_layers(), strict=True))
+
+
+def test_forks_of_one_context_joined_read_it_once(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(20, batch=1), cache, kvs.get_method("knorm", ratio=0.5))
+    forks = [cache.fork(0) for _ in range(3)]
+    for i, fork in enumerate(forks):
+        run(model, ids_of(2 + i, seed=i), fork)
+    joined = forks[0].concat_rows(forks[1:])
+    layer = joined.layer(0)
+    assert isinstance(layer.storage, SharedStorage) and len(layer.storage.prefixes) == 1
+    own = 2 + 3 + 4  # the forks' own tokens, padded to the longest (4) in the joined suffix
+    assert kvs.cache_bytes(joined) == kvs.cache_bytes(cache) + 4 * 3 * len(cache.kv_layers()) * PER_TOKEN > own
+    alone = run(model, ids_of(1, batch=3, seed=9), joined)
+    for i, fork in enumerate(forks):
+        torch.testing.assert_close(alone[i : i + 1], run(model, ids_of(1, batch=3, seed=9)[i : i + 1], fork),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    left = joined.select_rows(torch.tensor([2]))
+    storage = left.layer(0).storage
+    assert isinstance(storage, SharedStorage) and storage.prefixes[0] is cache.layer(0).storage
 
 
 # --- sliding layers ---------------------------------------------------------------------------------------------------

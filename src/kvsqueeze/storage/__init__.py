@@ -10,6 +10,7 @@ from kvsqueeze.storage.base import LayerStorage, StepView, check_tensor, storage
 from kvsqueeze.storage.dense import DenseStorage
 from kvsqueeze.storage.quantized import QuantizedStorage
 from kvsqueeze.storage.ragged import RaggedStorage, segment_starts, unpack
+from kvsqueeze.storage.shared import SharedStorage
 from kvsqueeze.storage.thin import KeyChannels
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LayerStorage",
     "QuantizedStorage",
     "RaggedStorage",
+    "SharedStorage",
     "StepView",
     "check_tensor",
     "from_tensors",

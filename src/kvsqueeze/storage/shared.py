@@ -1,0 +1,190 @@
+"""The shared-prefix layout: rows that read a context stored elsewhere and hold only the tokens added after it.
+
+    prefixes   one-row storages (dense or ragged), each a context's layer as its own cache holds it: never copied
+    owner      (B,) long: the prefix row b reads
+    suffix     a dense storage (B, H, S, ...) of each row's own tokens (its question, then its answer)
+
+A server answers many questions over one compressed document. Copying the document's cache for every answer costs
+its bytes per row and a copy on every join; here rows over the same document read one copy of it (`prefix_attention`
+attends each prefix once for all its rows and combines that with each row's own tokens). Rows of different documents,
+lengths and layouts sit side by side, so joining and leaving a batch copies suffixes only.
+
+Attention reads the prefixes directly (`attention.py` sees this layout); the step view `append` returns is the
+suffix's (its past slots, then the new ones), not the whole row. Every other verb that needs the rows as one
+rectangle (a pruning, a slot state written, a file saved) works on `standalone()`, the rows copied into the dense
+layout: the result is an ordinary storage, so methods that prune while decoding see a plain layer. `view()` is that
+copy too. Prefixes are full precision and full attention: quantized and sliding-window layers are copied instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+from kvsqueeze.storage.base import LayerStorage, StepView, storage_bytes
+from kvsqueeze.storage.dense import DenseStorage
+
+__all__ = ["SharedStorage"]
+
+
+@dataclass(frozen=True)
+class SharedStorage:
+    """Rows over shared one-row prefixes plus their own dense suffix (see the module docstring)."""
+
+    prefixes: tuple[LayerStorage, ...]
+    owner: Tensor  # (B,) long index into prefixes
+    suffix: DenseStorage  # (B, H, S, ...)
+
+    is_ragged = False
+
+    @classmethod
+    def over(cls, prefix: LayerStorage) -> SharedStorage:
+        """One row reading `prefix` (a one-row storage, not copied) with no tokens of its own yet."""
+        if prefix.kept().shape[0] != 1:
+            raise ValueError(f"a shared prefix is one row, got {prefix.kept().shape[0]}")
+        if isinstance(prefix, SharedStorage):
+            prefix = prefix.standalone()  # a fork of a fork: its own tokens become part of the prefix
+        heads = prefix.kept().shape[1]
+        keys, values = prefix.keys, prefix.values
+        suffix = DenseStorage(
+            keys.new_empty(1, heads, 0, keys.shape[-1]),
+            values.new_empty(1, heads, 0, values.shape[-1]),
+            torch.empty(1, heads, 0, dtype=torch.int32, device=keys.device),
+        )
+        return cls((prefix,), torch.zeros(1, dtype=torch.long, device=keys.device), suffix)
+
+    # -- what attention reads
+    def prefix_rows(self) -> list[tuple[StepView, Tensor]]:
+        """For each prefix some row reads: its rectangular view (1, H, L, ...) and the rows (long) that read it."""
+        out = []
+        for j, prefix in enumerate(self.prefixes):
+            rows = (self.owner == j).nonzero().flatten()
+            if rows.numel():
+                out.append((prefix.view(), rows))
+        return out
+
+    # -- the rows as one dense storage
+    def standalone(self) -> DenseStorage:
+        """A copy of the rows in the dense layout: each row's prefix slots (right-padded with empty slots to the
+        longest prefix), then its own."""
+        views = [p.view() for p in self.prefixes]
+        width = max(v[2].shape[-1] for v in views)
+        b, h, s = self.suffix.positions.shape
+        keys = self.suffix.keys.new_zeros(b, h, width + s, self.suffix.keys.shape[-1])
+        values = self.suffix.values.new_zeros(b, h, width + s, self.suffix.values.shape[-1])
+        positions = self.suffix.positions.new_full((b, h, width + s), -1)
+        names = sorted({n for p in self.prefixes for n in p.slot_state} | set(self.suffix.slot_state))
+        state = {name: torch.zeros(b, h, width + s, device=positions.device) for name in names}
+        for j, (prefix, (k, v, pos)) in enumerate(zip(self.prefixes, views, strict=True)):
+            rows = (self.owner == j).nonzero().flatten()
+            w = pos.shape[-1]
+            keys[rows, :, :w], values[rows, :, :w], positions[rows, :, :w] = k, v, pos
+            for name, stored in prefix.slot_state.items():
+                state[name][rows, :, :w] = prefix.unpack(stored, 0.0)
+        keys[:, :, width:], values[:, :, width:] = self.suffix.keys, self.suffix.values
+        positions[:, :, width:] = self.suffix.positions
+        for name, stored in self.suffix.slot_state.items():
+            state[name][:, :, width:] = stored
+        return DenseStorage(keys, values, positions, MappingProxyType(state))
+
+    # -- the protocol
+    @property
+    def keys(self) -> Tensor:
+        return self.standalone().keys
+
+    @property
+    def values(self) -> Tensor:
+        return self.standalone().values
+
+    @property
+    def positions(self) -> Tensor:
+        return self.standalone().positions
+
+    @property
+    def slot_state(self) -> Mapping[str, Tensor]:
+        if not self.suffix.slot_state and not any(p.slot_state for p in self.prefixes):
+            return MappingProxyType({})
+        return self.standalone().slot_state
+
+    def view(self) -> StepView:
+        return self.standalone().view()
+
+    def kept(self) -> Tensor:
+        prefix = torch.cat([p.kept() for p in self.prefixes]).to(self.owner.device)
+        return prefix[self.owner] + self.suffix.kept()
+
+    def width(self) -> int:
+        return max(p.width() for p in self.prefixes) + self.suffix.width()
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[SharedStorage, StepView]:
+        """The new tokens join each row's suffix; the step view is the suffix's (see the module docstring)."""
+        suffix, view = self.suffix.append(keys, values, positions)
+        return SharedStorage(self.prefixes, self.owner, suffix), view
+
+    def prune(
+        self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
+    ) -> LayerStorage:
+        return self.standalone().prune(indices, counts, values, ragged)
+
+    def select_rows(self, rows: Tensor) -> SharedStorage:
+        """The rows picked, reading the same prefixes (those no row reads any more are let go); suffixes copied."""
+        rows = rows.to(self.owner.device)
+        owner = self.owner[rows]
+        used = torch.unique(owner)
+        remap = torch.full((len(self.prefixes),), -1, dtype=torch.long, device=owner.device)
+        remap[used] = torch.arange(used.numel(), device=owner.device)
+        prefixes = tuple(self.prefixes[int(j)] for j in used)
+        return SharedStorage(prefixes, remap[owner], self.suffix.select_rows(rows))
+
+    def concat_rows(self, others: Sequence[LayerStorage]) -> LayerStorage:
+        """Rows of shared storages join reading their prefixes as they are (a prefix read by rows of several parts
+        is kept once); with a part of another layout, the rows join as `standalone()` copies."""
+        if not all(isinstance(o, SharedStorage) for o in others):
+            plain = [o.standalone() if isinstance(o, SharedStorage) else o for o in others]
+            return self.standalone().concat_rows(plain)
+        parts = [self, *(o for o in others if isinstance(o, SharedStorage))]
+        prefixes: list[LayerStorage] = []
+        index: dict[int, int] = {}  # id(prefix) -> its index in the joined storage
+        owners = []
+        for part in parts:
+            mine = []
+            for prefix in part.prefixes:
+                if id(prefix) not in index:
+                    index[id(prefix)] = len(prefixes)
+                    prefixes.append(prefix)
+                mine.append(index[id(prefix)])
+            owners.append(torch.tensor(mine, dtype=torch.long, device=self.owner.device)[part.owner])
+        suffix = self.suffix.concat_rows([p.suffix for p in parts[1:]])
+        assert isinstance(suffix, DenseStorage)  # dense parts join in the dense layout
+        return SharedStorage(tuple(prefixes), torch.cat(owners), suffix)
+
+    def pack(self, rect: Tensor) -> Tensor:
+        return self.standalone().pack(rect)
+
+    def unpack(self, stored: Tensor, fill: float) -> Tensor:
+        return stored  # the stored layout of `standalone()` is the rectangular one
+
+    def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> LayerStorage:
+        return self.standalone().replace(**fields)
+
+    def settle(self) -> SharedStorage:
+        return self  # full precision: nothing waits to be quantized
+
+    def kv_tensors(self) -> list[Tensor]:
+        """The prefixes' tensors (each once, however many rows read it) and the suffix's."""
+        return [t for p in self.prefixes for t in p.kv_tensors()] + self.suffix.kv_tensors()
+
+    def nbytes(self) -> int:
+        """Bytes of the prefixes read (each counted once) and of the rows' own tokens."""
+        return storage_bytes(self.kv_tensors(), set())
+
+    def padding_slots(self) -> int:
+        """Empty slots stored: the prefixes' own and the suffix's (the rectangle of `view()` has more, not stored)."""
+        return sum(p.padding_slots() for p in self.prefixes) + self.suffix.padding_slots()
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return self.standalone().to_tensors()
