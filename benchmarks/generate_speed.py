@@ -46,6 +46,7 @@ from kvsqueeze.bench.units import Unit, plan_units
 from kvsqueeze.generation import Sampling, encode, stream
 from kvsqueeze.loading import DEFAULT_MODEL
 from kvsqueeze.pipeline import prefill
+from kvsqueeze.quantization import QuantSpec
 
 RESULTS_DIR = Path(__file__).parent / "results"
 TRANSFORMERS = "transformers"
@@ -111,17 +112,25 @@ def run_transformers(model: Any, prompt: torch.Tensor, new: int) -> tuple[Marks,
     as kvsqueeze's ignore_eos does (min_new_tokens would forbid the end token instead and change the tokens)."""
     clock = StepClock(prompt.device)
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id, config.do_sample, config.max_new_tokens, config.pad_token_id = None, False, new, 0
+    # no end token: None would be filled in from the model's own generation config, so name an id no logit has
+    config.eos_token_id, config.do_sample, config.max_new_tokens, config.pad_token_id = (
+        [model.config.vocab_size],
+        False,
+        new,
+        0,
+    )
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
                          streamer=clock)  # fmt: skip
     return clock.marks, out[0, prompt.shape[1] :].tolist()
 
 
-def run_kvsqueeze(model: Any, tok: Any, unit: Unit, method: Any, new: int) -> tuple[Marks, list[int]]:
-    """kvsqueeze's prefill and decode loop, as kvs.generate runs them; a mark at every step that yields text."""
+def run_kvsqueeze(model: Any, tok: Any, unit: Unit, path: Any, new: int) -> tuple[Marks, list[int]]:
+    """kvsqueeze's prefill and decode loop, as kvs.generate runs them; a mark at every step that yields text. `path`:
+    (a method or None, a QuantSpec or None)."""
     device = next(model.parameters()).device
     ids = torch.tensor([unit.context_ids], device=device)
-    cache, _, _, _ = prefill(model, ids, torch.ones_like(ids), method)
+    method, quant = path if isinstance(path, tuple) else (path, None)
+    cache, _, _, _ = prefill(model, ids, torch.ones_like(ids), method, quant=quant)
     run = stream(model, tok, cache, [0], unit.question_texts[:1], Sampling(max_new_tokens=new, ignore_eos=True))
     marks: Marks = []
     for deltas in run:
@@ -200,7 +209,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 4096, 7168])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--methods", default="knorm:0.5,knorm:0.75", help="METHOD:RATIO,... compressed paths")
+    parser.add_argument("--methods", default="knorm:0.5,knorm:0.75",
+                        help="METHOD:RATIO[:BITS],... compressed paths (BITS: a cache quantized to 8, 4 or 2 bits; "
+                        "none:0:4 quantizes without evicting)")  # fmt: skip
     parser.add_argument("--model", default=None, help="a model name or folder (default: the embedded model)")
     parser.add_argument("--random-llama", action="store_true", help="a random Llama-3.2-1B-shaped model instead")
     parser.add_argument("--device", default="cpu")
@@ -226,9 +237,12 @@ def main() -> None:
     methods: dict[str, Any] = {"kvsqueeze none": None}
     ratios: dict[str, float] = {}
     for item in filter(None, args.methods.split(",")):
-        name, ratio = item.split(":")
-        methods[f"kvsqueeze {name} {float(ratio)}"] = kvs.get_method(name, ratio=float(ratio))
-        ratios[f"kvsqueeze {name} {float(ratio)}"] = float(ratio)
+        name, ratio, *bits = item.split(":")
+        method = None if name == "none" else kvs.get_method(name, ratio=float(ratio))
+        label = f"kvsqueeze {name} {float(ratio)}" + (f" {bits[0]}-bit" if bits else "")
+        methods[label] = (method, QuantSpec(int(bits[0])) if bits else None)
+        if not bits:  # the memory-traffic bound is for a full-precision cache
+            ratios[label] = float(ratio)
     paths = [TRANSFORMERS, *methods]
     units = {n: passkey_unit(model, tok, n) for n in args.lengths}
     warm = passkey_unit(model, tok, 256)

@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 
 from kvsqueeze import prefix_attention, step
 from kvsqueeze.layer import KVLayer
-from kvsqueeze.storage.shared import SharedStorage
+from kvsqueeze.storage import SharedStorage
 
 BACKENDS = ("sdpa", "eager")
 PREFIX = "kvsqueeze_"  # kvsqueeze's attention functions are registered as PREFIX + backend
@@ -133,8 +133,7 @@ def _shared_forward(layer: KVLayer | None, query: Tensor, key: Tensor, value: Te
         q_len = query.shape[-2]
         mask = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()[None, None]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    prefixes = layer.storage.prefix_rows()
-    out = prefix_attention.attend(query, prefixes, key, value, mask, scale, softcap)
+    out = prefix_attention.attend(query, layer.storage.prefix_reads(), key, value, mask, scale, softcap)
     layer.finish_step()
     return out.transpose(1, 2).contiguous()
 

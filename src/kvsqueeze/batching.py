@@ -105,7 +105,7 @@ class BatchDecoder:
             raise ValueError(f"these rows cannot join the batch: {problem}")
         # a fork reads the context where it is (one copy for every row over it); a decoding-time method prunes the
         # rows as it goes, so its rows are copies
-        own = cache.fork(row) if self.decode is None else cache.select_rows(torch.tensor([row], device=cache.device))
+        own = cache.fork([row]) if self.decode is None else cache.select_rows(torch.tensor([row], device=cache.device))
         stream = TextStream(self.tokenizer, self.eos, sampling.stop)
         new = Row(self._next_id, sampling, generator_for(sampling, self.device), stream, question, own)
         self._next_id += 1

@@ -24,6 +24,7 @@ from kvsqueeze import step
 from kvsqueeze.layer import BytesTracker, KVLayer, LayerSnapshot
 from kvsqueeze.models import layer_windows
 from kvsqueeze.quantization import QuantSpec, quant_spec
+from kvsqueeze.validation import check_int
 
 __all__ = ["KVCache", "KVLayer", "LayerSnapshot"]
 
@@ -130,11 +131,17 @@ class KVCache(Cache):
         """A new cache whose row i is a copy of row `rows[i]` of this one (e.g. one row per question)."""
         return self._derived([layer.select_rows(rows) for layer in self.kv_layers()], rows)
 
-    def fork(self, row: int) -> KVCache:
-        """A one-row cache continuing row `row` of this one without copying it: its full-precision full-attention
-        layers read this cache's tokens as a shared prefix and hold only the tokens added to the fork
-        (`KVLayer.fork`). Forks of one context decoded side by side (`BatchDecoder`) read it once per step."""
-        return self._derived([layer.fork(row) for layer in self.kv_layers()], torch.tensor([row]))
+    def fork(self, rows: Sequence[int]) -> KVCache:
+        """A cache whose row i continues row `rows[i]` of this one without copying it (rows may repeat): its
+        full-precision full-attention layers read this cache's tokens as a shared prefix and hold only the tokens
+        added to the fork (`KVLayer.fork`). Rows over one context (several questions, or `BatchDecoder`'s rows) read
+        it once per step. A ValueError names a row that is not one of this cache's."""
+        rows = list(rows)
+        if not rows:
+            raise ValueError("fork needs at least one row of the cache")
+        for row in rows:
+            check_int("row", row, 0, self.batch_size - 1, note="a row of the cache")
+        return self._derived([layer.fork(rows) for layer in self.kv_layers()], torch.tensor(rows))
 
     def _derived(self, layers: list[KVLayer], rows: Tensor) -> KVCache:
         """A cache of these layers, made from rows `rows` of this one (quantization and position offsets follow)."""

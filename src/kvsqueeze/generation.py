@@ -258,7 +258,12 @@ class Decoding:
         device = next(model.parameters()).device
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids, mask = left_pad([encode(tokenizer, t) for t in self.question_texts], pad_id, device)
-        work = self.cache.select_rows(torch.tensor(self.rows, device=device))
+        # forks read the context where it is (each context row once, however many questions); a decoding-time method
+        # prunes the rows as it goes, so its rows are copies
+        if self.decode is None:
+            work = self.cache.fork(self.rows)
+        else:
+            work = self.cache.select_rows(torch.tensor(self.rows, device=device))
         generators = [generator_for(s, device) for s in samplings]
         start = time.perf_counter()
         with compress(model, self.decode):

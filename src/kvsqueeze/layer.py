@@ -301,27 +301,41 @@ class KVLayer(DynamicLayer):
         """A copy of this layer holding the given batch rows (indices may repeat). When `rows` are all the rows in
         order, the copy shares this layer's storage instead of copying it: storages are immutable (every verb returns
         a new one), so what the copy appends or prunes never reaches this layer."""
+        if self.storage is None or self.seen is None:
+            return self._rows_with(rows, None)
+        rows = rows.to(self.seen.device)
+        every = rows.numel() == self.seen.shape[0] and bool(
+            (rows == torch.arange(rows.numel(), device=rows.device)).all()
+        )
+        return self._rows_with(rows, self.storage if every else self.storage.select_rows(rows))
+
+    def fork(self, rows: Sequence[int]) -> KVLayer:
+        """A layer whose row i continues row `rows[i]` of this one, reading this layer's tokens where they are, as a
+        shared prefix (each row of this layer once, however often it is named), and keeping the tokens appended to
+        it apart (`storage/shared.py`): forks of a context cost only their own tokens, and rows over one context read
+        it once per step. A prefix is one row: on a layer of several rows, each row named is copied once (as its
+        forks' prefix). Sliding-window and quantized layers, whose stored tokens change as tokens are added, are
+        taken as `select_rows` takes them."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        if self.storage is None or self.seen is None or self.is_sliding or self.quant is not None:
+            return self.select_rows(index)
+        distinct = sorted(set(index.tolist()))
+        one_row = self.seen.shape[0] == 1
+        prefixes = [self.storage if one_row else self.storage.select_rows(torch.tensor([r])) for r in distinct]
+        owner = torch.tensor([distinct.index(r) for r in index.tolist()], dtype=torch.long)
+        index = index.to(self.seen.device)
+        return self._rows_with(index, SharedStorage.over(prefixes, owner.to(self.seen.device)))
+
+    def _rows_with(self, rows: Tensor, storage: LayerStorage | None) -> KVLayer:
+        """A layer of this kind holding `storage`, whose rows are rows `rows` of this one (their `seen` and kept key
+        channels follow)."""
         new = KVLayer(self.sliding_window, self.quant)
         new.total_seen = self.total_seen
-        if self.storage is not None and self.seen is not None:
+        if storage is not None and self.seen is not None:
             new.dtype, new.device, new.is_initialized = self.dtype, self.device, True
-            rows = rows.to(self.seen.device)
-            every = rows.numel() == self.seen.shape[0] and bool(
-                (rows == torch.arange(rows.numel(), device=rows.device)).all()
-            )
-            new.storage = self.storage if every else self.storage.select_rows(rows)
+            new.storage = storage
             new.seen = self.seen[rows]
             new.thin = None if self.thin is None else self.thin.select_rows(rows)
-        return new
-
-    def fork(self, row: int) -> KVLayer:
-        """A one-row copy of row `row` that reads this layer's tokens where they are, as a shared prefix, and keeps the
-        tokens appended to it apart (`storage/shared.py`): forks of one context cost only their own tokens, and
-        rows of forks decoded as one batch read the context once per step. Sliding-window and quantized layers,
-        whose stored tokens change as tokens are added, are copied (`select_rows`)."""
-        new = self.select_rows(torch.tensor([row]))  # shares the storage when it has only that row
-        if new.storage is not None and not self.is_sliding and self.quant is None:
-            new.storage = SharedStorage.over(new.storage)
         return new
 
     def concat_problem(self, other: KVLayer) -> str | None:

@@ -28,9 +28,9 @@ class CacheStats:
     kv_bits: int | None = None  # bits per key/value code of a quantized KVCache's full-attention layers, else None
 
 
-def _metadata(layer: KVLayer) -> list:
-    tensors = [layer.positions, layer.seen, layer.lengths, getattr(layer.storage, "groups", None), layer.key_channels]
-    return [t for t in tensors if t is not None]
+def _metadata(layer: KVLayer) -> list[Tensor]:
+    stored = [] if layer.storage is None else layer.storage.metadata_tensors()
+    return [t for t in [*stored, layer.seen, layer.key_channels] if t is not None]
 
 
 def _kv_tensors(layer: object) -> list[Tensor] | None:
@@ -58,8 +58,8 @@ def cache_stats(cache: Cache) -> CacheStats:
         if isinstance(layer, KVLayer) and layer.storage is not None:
             meta += storage_bytes(_metadata(layer), seen_ptrs)
             empty = layer.storage.padding_slots()  # only layouts that store empty slots (rectangular) have any
-            if empty:
-                keys, values = layer.storage.keys, layer.storage.values
+            if empty:  # slot sizes from the tensors holding keys and values (a full-precision layout's own)
+                keys, values = tensors[0], tensors[1]
                 padding += empty * (keys.element_size() * keys.shape[-1] + values.element_size() * values.shape[-1])
             kept.append(int(layer.kept.float().mean()))
         else:

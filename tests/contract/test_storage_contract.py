@@ -73,8 +73,7 @@ def shared(seed: int = 0, t: int = T) -> LayerStorage:
     counts = row1.kept()
     every = torch.arange(t - 2).expand(1, H, t - 2)
     prefixes = [whole.select_rows(torch.tensor([0])), row1.prune(every, counts, ragged=True)]
-    rows = [SharedStorage.over(p) for p in prefixes]
-    storage = rows[0].concat_rows(rows[1:])
+    storage = SharedStorage.over(prefixes, torch.tensor([0, 1]))
     grown, _ = storage.append(keys[:, :, -2:], values[:, :, -2:], positions[..., -2:])
     return grown
 

@@ -170,7 +170,7 @@ def test_a_fork_goes_on_as_a_copy_would_reading_the_context_in_place(family, met
     cache = KVCache(model.config)
     run(model, ids_of(24, batch=1), cache, FORKED[method]())
     before = [layer.view() for layer in cache.kv_layers()]
-    copy, fork = cache.select_rows(torch.tensor([0])), cache.fork(0)
+    copy, fork = cache.select_rows(torch.tensor([0])), cache.fork([0])
     for layer, forked in zip(cache.kv_layers(), fork.kv_layers(), strict=True):
         if layer.is_sliding:  # its window moves as tokens come: copied
             assert not isinstance(forked.storage, SharedStorage)
@@ -186,11 +186,23 @@ def test_a_fork_goes_on_as_a_copy_would_reading_the_context_in_place(family, met
     assert all(torch.equal(f.kept, c.kept) for f, c in zip(shared, copy.full_layers(), strict=True))
 
 
+def test_forking_a_row_the_cache_lacks_is_refused(make_model):
+    model = make_model("llama")
+    cache = KVCache(model.config)
+    run(model, ids_of(6, batch=2), cache)
+    with pytest.raises(ValueError, match=r"row must be an integer in \[0, 1\]"):
+        cache.fork([0, 2])
+    with pytest.raises(ValueError, match="at least one row"):
+        cache.fork([])
+    twice = cache.fork([1, 1])  # one prefix for both rows: row 1 copied once
+    assert len(twice.layer(0).storage.prefixes) == 1  # type: ignore[union-attr]
+
+
 def test_forks_of_one_context_joined_read_it_once(make_model):
     model = make_model("llama")
     cache = KVCache(model.config)
     run(model, ids_of(20, batch=1), cache, kvs.get_method("knorm", ratio=0.5))
-    forks = [cache.fork(0) for _ in range(3)]
+    forks = [cache.fork([0]) for _ in range(3)]
     for i, fork in enumerate(forks):
         run(model, ids_of(2 + i, seed=i), fork)
     joined = forks[0].concat_rows(forks[1:])

@@ -1,5 +1,6 @@
 """`prefix_attention.attend`: attention split into each row's shared prefix and its own slots, recombined, equals
-softmax attention over the row's whole set of slots (checked against the plain formula on random tensors)."""
+softmax attention over the row's whole set of slots (checked against the plain formula on random tensors), whether a
+prefix is read through its view or head by head (ragged), in chunks or at once, in float32 or bfloat16."""
 
 from __future__ import annotations
 
@@ -8,19 +9,69 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvsqueeze import prefix_attention
 from kvsqueeze.prefix_attention import attend
+from kvsqueeze.storage import DenseStorage
+from kvsqueeze.storage.shared import PrefixRead, prefix_read
 
 
 def plain(query, keys, values, visible, scale, softcap=None):
-    """Softmax attention of query (1, H_q, q, D) over keys (1, H_kv, T, D), visible (H_kv or 1, q, T) bool."""
+    """Softmax attention of query (1, H_q, q, D) over keys (1, H_kv, T, D), visible (H_kv or 1, q, T) bool; float64."""
     groups = query.shape[1] // keys.shape[1]
-    k, v = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-    logits = (query @ k.transpose(-1, -2)).double() * scale
+    k, v = keys.double().repeat_interleave(groups, 1), values.double().repeat_interleave(groups, 1)
+    logits = (query.double() @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     mask = visible.repeat_interleave(groups, 0) if visible.shape[0] > 1 else visible
     logits = logits.masked_fill(~mask[None], float("-inf"))
-    return (torch.softmax(logits, -1) @ v.double()).float()
+    return torch.softmax(logits, -1) @ v
+
+
+def reference(query, views, owner, keys, values, visible, scale, softcap=None):
+    """Each row's attention over its prefix's filled slots and its own visible slots, one row at a time."""
+    rows = []
+    for b in range(query.shape[0]):
+        pk, pv, ppos = views[int(owner[b])]
+        kv_heads, q, s = keys.shape[1], query.shape[2], keys.shape[2]
+        all_keys = torch.cat([pk[0], keys[b]], dim=1)[None]
+        all_values = torch.cat([pv[0], values[b]], dim=1)[None]
+        own = torch.ones(1, q, s, dtype=torch.bool) if visible is None else visible[b]
+        seen = torch.cat([(ppos[0] >= 0)[:, None, :].expand(kv_heads, q, -1), own.expand(kv_heads, q, s)], -1)
+        rows.append(plain(query[b : b + 1], all_keys, all_values, seen, scale, softcap))
+    return torch.cat(rows)
+
+
+def random_case(g, rows, prefixes, kv_heads, groups, q, own, d=8):
+    owner = torch.randint(0, prefixes, (rows,), generator=g)
+    views = []
+    for _ in range(prefixes):
+        length = int(torch.randint(1, 9, (1,), generator=g))
+        pos = torch.arange(length).expand(1, kv_heads, length).clone().to(torch.int32)
+        if length > 1:  # a ragged prefix's view: some heads keep fewer (empty slots at the end)
+            pos[:, 0, -1] = -1
+        k, v = torch.randn(1, kv_heads, length, d, generator=g), torch.randn(1, kv_heads, length, d, generator=g)
+        views.append((k * (pos >= 0)[..., None], v * (pos >= 0)[..., None], pos))
+    s = own + q
+    query = torch.randn(rows, kv_heads * groups, q, d, generator=g)
+    keys, values = torch.randn(rows, kv_heads, s, d, generator=g), torch.randn(rows, kv_heads, s, d, generator=g)
+    visible = torch.rand(rows, 1, q, s, generator=g) < 0.7
+    visible[..., own:] |= torch.eye(q, dtype=torch.bool)  # every query sees itself
+    return owner, views, query, keys, values, visible
+
+
+def reads_of(views, owner, ragged: bool):
+    """Each prefix as a storage would hand it over: through its view, or (ragged) by its heads' segments."""
+    out = []
+    for j, (k, v, pos) in enumerate(views):
+        rows = (owner == j).nonzero().flatten()
+        if not rows.numel():
+            continue
+        storage = DenseStorage(k, v, pos)
+        if ragged:
+            every = torch.arange(pos.shape[-1]).expand(1, pos.shape[1], -1)
+            storage = storage.prune(every, storage.kept(), ragged=True)  # type: ignore[assignment]
+        out.append(prefix_read(storage, None if len(views) == 1 else rows))
+    return out
 
 
 @settings(max_examples=40, deadline=None)
@@ -33,50 +84,79 @@ def plain(query, keys, values, visible, scale, softcap=None):
     own=st.integers(0, 3),
     seed=st.integers(0, 10_000),
     softcap=st.sampled_from([None, 5.0]),
+    ragged=st.booleans(),
 )
-def test_equals_attention_over_prefix_and_own_slots(rows, prefixes, kv_heads, groups, q, own, seed, softcap):
+def test_equals_attention_over_prefix_and_own_slots(rows, prefixes, kv_heads, groups, q, own, seed, softcap, ragged):
     g = torch.Generator().manual_seed(seed)
-    d = 8
-    owner = torch.randint(0, prefixes, (rows,), generator=g)
-    views = []
-    for _ in range(prefixes):
-        length = int(torch.randint(1, 9, (1,), generator=g))
-        pos = torch.arange(length).expand(1, kv_heads, length).clone().to(torch.int32)
-        if length > 1:  # a ragged prefix's view: some heads keep fewer (empty slots at the end)
-            pos[:, 0, -1] = -1
-        k, v = torch.randn(1, kv_heads, length, d, generator=g), torch.randn(1, kv_heads, length, d, generator=g)
-        views.append((k, v, pos))
-    s = own + q
-    query = torch.randn(rows, kv_heads * groups, q, d, generator=g)
-    keys, values = torch.randn(rows, kv_heads, s, d, generator=g), torch.randn(rows, kv_heads, s, d, generator=g)
-    visible = torch.rand(rows, 1, q, s, generator=g) < 0.7
-    visible[..., own:] |= torch.eye(q, dtype=torch.bool)  # every query sees itself
-    prefix_rows = [(v, (owner == j).nonzero().flatten()) for j, v in enumerate(views)]
-    got = attend(query, [p for p in prefix_rows if p[1].numel()], keys, values, visible, 0.3, softcap)
-    for b in range(rows):
-        pk, pv, ppos = views[int(owner[b])]
-        all_keys = torch.cat([pk[0], keys[b]], dim=1)[None]
-        all_values = torch.cat([pv[0], values[b]], dim=1)[None]
-        seen = torch.cat([(ppos[0] >= 0)[:, None, :].expand(kv_heads, q, -1), visible[b].expand(kv_heads, q, s)], -1)
-        want = plain(query[b : b + 1], all_keys, all_values, seen, 0.3, softcap)
-        torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+    owner, views, query, keys, values, visible = random_case(g, rows, prefixes, kv_heads, groups, q, own)
+    got = attend(query, reads_of(views, owner, ragged), keys, values, visible, 0.3, softcap)
+    want = reference(query, views, owner, keys, values, visible, 0.3, softcap)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_mask_means_every_own_slot_is_seen():
     g = torch.Generator().manual_seed(0)
-    view = (torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g), torch.arange(5).expand(1, 2, 5))
-    query, keys, values = torch.randn(2, 4, 1, 4), torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
-    got = attend(query, [(view, torch.tensor([0, 1]))], keys, values, None, 0.5)
-    for b in range(2):
-        all_k = torch.cat([view[0][0], keys[b]], 1)[None]
-        all_v = torch.cat([view[1][0], values[b]], 1)[None]
-        want = plain(query[b : b + 1], all_k, all_v, torch.ones(1, 1, 8, dtype=torch.bool), 0.5)
-        torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+    owner, views, query, keys, values, _ = random_case(g, 2, 1, 2, 2, 1, 2)
+    got = attend(query, reads_of(views, owner, False), keys, values, None, 0.5)
+    torch.testing.assert_close(
+        got.double(), reference(query, views, owner, keys, values, None, 0.5), rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_low_precision_inputs_come_back_in_their_dtype(dtype):
-    view = (torch.randn(1, 1, 6, 4, dtype=dtype), torch.randn(1, 1, 6, 4, dtype=dtype), torch.arange(6).expand(1, 1, 6))
-    own = torch.randn(1, 1, 1, 4, dtype=dtype), torch.randn(1, 1, 1, 4, dtype=dtype)
-    out = attend(torch.randn(1, 2, 1, 4, dtype=dtype), [(view, torch.tensor([0]))], *own, None, 0.5)
-    assert out.dtype == dtype and out.shape == (1, 2, 1, 4) and bool(torch.isfinite(out).all())
+def test_queries_taken_in_chunks_give_the_same_answer(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 4, 2)
+    at_once = attend(query, reads_of(views, owner, False), keys, values, visible, 0.3)
+    monkeypatch.setattr(prefix_attention, "LOGITS_BUDGET", 1)  # one query per chunk
+    for ragged in (False, True):
+        chunked = attend(query, reads_of(views, owner, ragged), keys, values, visible, 0.3)
+        torch.testing.assert_close(chunked, at_once, rtol=1e-6, atol=1e-6)
+
+
+def test_a_prefix_head_with_nothing_kept_weighs_nothing():
+    """A head of a prefix that keeps no slot, beside own logits far below 0: the answer is the own values (the empty
+    prefix must weigh nothing, and the own slots' tiny exponentials must not vanish)."""
+    view = (torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.full((1, 1, 1), -1, dtype=torch.int32))
+    query = torch.full((1, 1, 1, 4), 10.0)
+    keys, values = torch.full((1, 1, 1, 4), -10.0), torch.ones(1, 1, 1, 4)  # logit -400 x 0.5
+    for read in (
+        PrefixRead(view, None, None, False),
+        PrefixRead(None, ((torch.zeros(0, 4), torch.zeros(0, 4)),), None, True),
+    ):
+        out = attend(query, [read], keys, values, None, 0.5)
+        torch.testing.assert_close(out, torch.ones(1, 1, 1, 4))
+
+
+def test_bfloat16_is_as_close_to_exact_as_sdpa():
+    """Logits in float32 whatever the dtype: in bfloat16 the error against the exact answer stays at SDPA's."""
+    g = torch.Generator().manual_seed(2)
+    d, length = 64, 2000
+    k, v = torch.randn(1, 2, length, d, generator=g), torch.randn(1, 2, length, d, generator=g)
+    query = torch.randn(1, 4, 1, d, generator=g)
+    own_k, own_v = torch.randn(1, 2, 1, d, generator=g), torch.randn(1, 2, 1, d, generator=g)
+    exact = plain(
+        query,
+        torch.cat([k, own_k], 2),
+        torch.cat([v, own_v], 2),
+        torch.ones(1, 1, length + 1, dtype=torch.bool),
+        d**-0.5,
+    )
+    bf = [t.to(torch.bfloat16) for t in (query, k, v, own_k, own_v)]
+    view = (bf[1], bf[2], torch.arange(length).expand(1, 2, length))
+    got = attend(bf[0], [PrefixRead(view, None, None, True)], bf[3], bf[4], None, d**-0.5)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        bf[0], torch.cat([bf[1], bf[3]], 2), torch.cat([bf[2], bf[4]], 2), enable_gqa=True
+    )
+    assert got.dtype == torch.bfloat16
+    error = float((got.double() - exact).norm() / exact.norm())
+    assert error <= 1.5 * float((sdpa.double() - exact).norm() / exact.norm()) + 1e-3
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_float16_large_logits_stay_finite(softcap):
+    view = (torch.full((1, 1, 3, 8), 200.0, dtype=torch.float16), torch.ones(1, 1, 3, 8, dtype=torch.float16),
+            torch.arange(3).expand(1, 1, 3))  # fmt: skip
+    query = torch.full((1, 1, 1, 8), 200.0, dtype=torch.float16)  # q.k = 320,000 > float16's largest
+    own = torch.full((1, 1, 1, 8), 200.0, dtype=torch.float16), torch.ones(1, 1, 1, 8, dtype=torch.float16)
+    out = attend(query, [PrefixRead(view, None, None, True)], *own, None, 8**-0.5, softcap)
+    assert bool(torch.isfinite(out).all()) and torch.allclose(out.float(), torch.ones(1, 1, 1, 8))

@@ -52,7 +52,7 @@ class RunningBatch:
         row = self.decoder.add(job.context.cache, job.question or "", job.sampling)
         self.jobs[row] = job
         job.post(Started(job.prompt_tokens, job.context.id, job.found or "miss"))
-        job.context = None  # the row holds its own copy
+        job.context = None  # the row holds its fork (which keeps the context's storages alive while it runs)
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         return True
 

@@ -1,8 +1,9 @@
 """The model's work, run only by the scheduler's thread: split and tokenize a job's prompt and find its compressed
 context (memory, disk) or prefill and compress it. Decoding is the running batch's (`serve/batch.py`).
 
-Every job over a cached context decodes from a copy of its row (`BatchDecoder.add` copies it), so the cached context
-is never changed by answering, whatever the job does.
+Every job over a cached context decodes from a fork of its row (`BatchDecoder.add` forks it: `KVCache.fork`), which
+reads the context where it is and keeps its own tokens apart, so the cached context is never changed by answering,
+whatever the job does.
 """
 
 from __future__ import annotations

@@ -130,6 +130,11 @@ class LayerStorage(Protocol):
         """Bytes of keys and values held (the stored tensors are never views, so numel is the storage)."""
         ...
 
+    def metadata_tensors(self) -> list[Tensor]:
+        """The tensors of bookkeeping beside keys and values (slot positions, segment lengths, group counts): what
+        memory reports count as metadata."""
+        ...
+
     def padding_slots(self) -> int:
         """Empty slots stored (bytes spent on nothing): 0 for layouts without empty slots."""
         ...

@@ -230,6 +230,9 @@ class DenseStorage(FullPrecision):
     def padding_slots(self) -> int:
         return int((self.positions < 0).sum())
 
+    def metadata_tensors(self) -> list[Tensor]:
+        return [self.positions]
+
     def to_tensors(self) -> dict[str, Tensor]:
         parts = {"keys": self.keys, "values": self.values, "positions": self.positions}
         return {name: t.contiguous() for name, t in parts.items()}  # views of the buffers with room: copies of them

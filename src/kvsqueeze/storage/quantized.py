@@ -351,6 +351,9 @@ class QuantizedStorage:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_tensors())
 
+    def metadata_tensors(self) -> list[Tensor]:
+        return [self.positions, self.lengths, self.groups]
+
     def padding_slots(self) -> int:
         return 0
 

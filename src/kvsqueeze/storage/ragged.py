@@ -206,6 +206,9 @@ class RaggedStorage(FullPrecision):
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> RaggedStorage:
         return replace(self, **fields)  # type: ignore[arg-type]
 
+    def metadata_tensors(self) -> list[Tensor]:
+        return [self.positions, self.lengths]
+
     def padding_slots(self) -> int:
         return 0
 

@@ -19,16 +19,39 @@ copy too. Prefixes are full precision and full attention: quantized and sliding-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kvsqueeze.storage.base import LayerStorage, StepView, storage_bytes
 from kvsqueeze.storage.dense import DenseStorage
+from kvsqueeze.storage.ragged import RaggedStorage, segment_starts
 
-__all__ = ["SharedStorage"]
+__all__ = ["PrefixRead", "SharedStorage"]
+
+
+class PrefixRead(NamedTuple):
+    """One prefix as attention reads it: its slots, either as its rectangular view (1, H, L, ...) or, for a ragged
+    prefix, as each head's (keys (L_h, D), values (L_h, Dv)) segment of its flat buffers (no copy); the rows reading
+    it (None: every row of the storage); and whether every slot of the view is filled (no empty slot to mask)."""
+
+    view: StepView | None
+    heads: tuple[tuple[Tensor, Tensor], ...] | None
+    rows: Tensor | None
+    full: bool
+
+
+def prefix_read(prefix: LayerStorage, rows: Tensor | None) -> PrefixRead:
+    """How attention reads `prefix` (a one-row storage): a ragged one by its segments, any other by its view."""
+    if isinstance(prefix, RaggedStorage):
+        starts = segment_starts(prefix.lengths)[0].tolist()
+        lengths = prefix.lengths[0].tolist()
+        heads = tuple((prefix.keys[s : s + n], prefix.values[s : s + n]) for s, n in zip(starts, lengths, strict=True))
+        return PrefixRead(None, heads, rows, True)
+    return PrefixRead(prefix.view(), None, rows, bool((prefix.kept() == prefix.width()).all()))
 
 
 @dataclass(frozen=True)
@@ -38,41 +61,54 @@ class SharedStorage:
     prefixes: tuple[LayerStorage, ...]
     owner: Tensor  # (B,) long index into prefixes
     suffix: DenseStorage  # (B, H, S, ...)
+    # how attention reads each prefix: derived from the fields above once, then handed on by `append`
+    reads: tuple[PrefixRead, ...] = field(default=(), compare=False)
 
     is_ragged = False
 
+    def __post_init__(self) -> None:
+        if self.reads:
+            return
+        b = self.suffix.positions.shape[0]
+        if any(p.kept().shape[0] != 1 for p in self.prefixes):
+            raise ValueError(f"a shared prefix is one row, got rows {[p.kept().shape[0] for p in self.prefixes]}")
+        if self.owner.shape != (b,) or bool(((self.owner < 0) | (self.owner >= len(self.prefixes))).any()):
+            raise ValueError(f"owner must give each of the {b} rows one of the {len(self.prefixes)} prefixes, got "
+                             f"{self.owner.tolist()}")  # fmt: skip
+        every = len(self.prefixes) == 1
+        reads = [prefix_read(p, None if every else (self.owner == j).nonzero().flatten())
+                 for j, p in enumerate(self.prefixes)]  # fmt: skip
+        object.__setattr__(self, "reads", tuple(reads))
+
     @classmethod
-    def over(cls, prefix: LayerStorage) -> SharedStorage:
-        """One row reading `prefix` (a one-row storage, not copied) with no tokens of its own yet."""
-        if prefix.kept().shape[0] != 1:
-            raise ValueError(f"a shared prefix is one row, got {prefix.kept().shape[0]}")
-        if isinstance(prefix, SharedStorage):
-            prefix = prefix.standalone()  # a fork of a fork: its own tokens become part of the prefix
-        heads = prefix.kept().shape[1]
-        keys, values = prefix.keys, prefix.values
+    def over(cls, prefixes: Sequence[LayerStorage], owner: Tensor) -> SharedStorage:
+        """Rows reading `prefixes` (one-row storages, not copied), row b the prefix `owner[b]`, with no tokens of their
+        own yet."""
+        if not prefixes:
+            raise ValueError("rows over shared prefixes need at least one prefix")
+        # a fork of a fork: its own tokens become part of the prefix (a copy)
+        prefixes = tuple(p.standalone() if isinstance(p, SharedStorage) else p for p in prefixes)
+        heads = prefixes[0].kept().shape[1]
+        keys, values = prefixes[0].keys, prefixes[0].values
+        b = owner.numel()
         suffix = DenseStorage(
-            keys.new_empty(1, heads, 0, keys.shape[-1]),
-            values.new_empty(1, heads, 0, values.shape[-1]),
-            torch.empty(1, heads, 0, dtype=torch.int32, device=keys.device),
+            keys.new_empty(b, heads, 0, keys.shape[-1]),
+            values.new_empty(b, heads, 0, values.shape[-1]),
+            torch.empty(b, heads, 0, dtype=torch.int32, device=keys.device),
         )
-        return cls((prefix,), torch.zeros(1, dtype=torch.long, device=keys.device), suffix)
+        return cls(prefixes, owner.to(keys.device), suffix)
 
     # -- what attention reads
-    def prefix_rows(self) -> list[tuple[StepView, Tensor]]:
-        """For each prefix some row reads: its rectangular view (1, H, L, ...) and the rows (long) that read it."""
-        out = []
-        for j, prefix in enumerate(self.prefixes):
-            rows = (self.owner == j).nonzero().flatten()
-            if rows.numel():
-                out.append((prefix.view(), rows))
-        return out
+    def prefix_reads(self) -> list[PrefixRead]:
+        """Each prefix as attention reads it (see `PrefixRead`); every prefix is read by some row."""
+        return list(self.reads)
 
     # -- the rows as one dense storage
     def standalone(self) -> DenseStorage:
         """A copy of the rows in the dense layout: each row's prefix slots (right-padded with empty slots to the
         longest prefix), then its own."""
         views = [p.view() for p in self.prefixes]
-        width = max(v[2].shape[-1] for v in views)
+        width = max((v[2].shape[-1] for v in views), default=0)
         b, h, s = self.suffix.positions.shape
         keys = self.suffix.keys.new_zeros(b, h, width + s, self.suffix.keys.shape[-1])
         values = self.suffix.values.new_zeros(b, h, width + s, self.suffix.values.shape[-1])
@@ -118,12 +154,12 @@ class SharedStorage:
         return prefix[self.owner] + self.suffix.kept()
 
     def width(self) -> int:
-        return max(p.width() for p in self.prefixes) + self.suffix.width()
+        return max((p.width() for p in self.prefixes), default=0) + self.suffix.width()
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[SharedStorage, StepView]:
         """The new tokens join each row's suffix; the step view is the suffix's (see the module docstring)."""
         suffix, view = self.suffix.append(keys, values, positions)
-        return SharedStorage(self.prefixes, self.owner, suffix), view
+        return replace(self, suffix=suffix), view
 
     def prune(
         self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
@@ -181,6 +217,10 @@ class SharedStorage:
     def nbytes(self) -> int:
         """Bytes of the prefixes read (each counted once) and of the rows' own tokens."""
         return storage_bytes(self.kv_tensors(), set())
+
+    def metadata_tensors(self) -> list[Tensor]:
+        """The prefixes' bookkeeping (each once), the suffix's and the owner index."""
+        return [t for p in self.prefixes for t in p.metadata_tensors()] + [*self.suffix.metadata_tensors(), self.owner]
 
     def padding_slots(self) -> int:
         """Empty slots stored: the prefixes' own and the suffix's (the rectangle of `view()` has more, not stored)."""
