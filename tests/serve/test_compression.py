@@ -17,6 +17,7 @@ def test_fields_left_out_come_from_the_server() -> None:
     assert request_compression({"method": "knorm"}, SERVER) == Compression("knorm", 0.5, {}, None)
     assert request_compression({"method": "snapkv", "options": None}, SERVER).options == {}
     assert request_compression({"budget_policy": None}, SERVER).budget_policy is None
+    assert request_compression({"kv_bits": 4}, SERVER) == Compression("snapkv", 0.5, {"window": 4}, "adakv", 4)
 
 
 def test_build() -> None:
@@ -37,6 +38,7 @@ def test_build() -> None:
         (Compression("none", options={"window": 3}), "takes no options"),
         (Compression("finch"), "query-aware"),
         (Compression(""), "method name"),
+        (Compression("knorm", kv_bits=3), "kv_compression.kv_bits: .*3"),
     ],
 )
 def test_bad_settings(compression: Compression, words: str) -> None:

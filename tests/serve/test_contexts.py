@@ -18,7 +18,8 @@ def test_create_read_reuse_delete(server: Live) -> None:
     assert context["id"].startswith("ctx-") and context["object"] == "kvsqueeze.context"
     assert context["found"] == "miss" and context["held_in_memory"] is True
     assert context["kind"] == "document" and "document" not in context  # the text is not echoed back
-    assert context["compression"] == {"method": "knorm", "ratio": 0.75, "options": {}, "budget_policy": None}
+    assert context["compression"] == {"method": "knorm", "ratio": 0.75, "options": {}, "budget_policy": None,
+                                      "kv_bits": None}  # fmt: skip
     assert context["tokens"] > 100
     assert 0.2 * context["kv_bytes_before"] <= context["kv_bytes_after"] <= 0.3 * context["kv_bytes_before"]
 
@@ -39,6 +40,19 @@ def test_create_read_reuse_delete(server: Live) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         server.chat(QUESTIONS[0], extra_body={"context_id": context["id"]})
     assert err.value.body["code"] == "context_not_found" and context["id"] in err.value.body["message"]
+
+
+def test_a_context_quantized_to_kv_bits_holds_fewer_bytes_and_answers(server: Live) -> None:
+    full = server.post("/v1/contexts", {"text": DOC, "kv_compression": {"method": "knorm", "ratio": 0.5}}).json()
+    quantized = server.post(
+        "/v1/contexts", {"text": DOC, "kv_compression": {"method": "knorm", "ratio": 0.5, "kv_bits": 4}}
+    ).json()
+    assert quantized["id"] != full["id"] and quantized["compression"]["kv_bits"] == 4
+    assert quantized["kv_bytes_after"] < 0.6 * full["kv_bytes_after"]  # 4-bit codes, scales and a residual window
+    reply = server.chat(QUESTIONS[0], extra_body={"context_id": quantized["id"]})
+    assert reply.choices[0].message.content and reply.model_extra["kvsqueeze"]["context_cache"] == "memory"
+    bad = server.post("/v1/contexts", {"text": DOC, "kv_compression": {"kv_bits": 3}})
+    assert bad.status_code == 400 and "kv_bits" in bad.json()["error"]["message"]
 
 
 def test_unknown_and_malformed_ids_are_404(server: Live) -> None:

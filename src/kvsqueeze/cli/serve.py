@@ -54,6 +54,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--ratio", type=ratio, default=GENERATE_DEFAULTS["ratio"], help="default compression ratio")
     p.add_argument("--option", action="append", default=[], type=parse_option, help=OPTION_HELP)
     p.add_argument("--budget-policy", choices=budget_policies(), default=None, help="wrap --method in a budget policy")
+    p.add_argument("--kv-bits", type=int, default=None, help="default: contexts' kept keys/values in 8, 4 or 2 bits")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: the "
                    "KVSQUEEZE_API_KEY environment variable; unset: no key)")  # fmt: skip
     p.add_argument("--max-cache-bytes", type=_size, default="2GiB", help="bytes of compressed contexts kept in "
@@ -80,15 +81,16 @@ def _serve_settings(args: argparse.Namespace) -> Any:
     options = dict(args.option)
     if "ratio" in options:
         raise ValueError(f"give the ratio with --ratio, not --option ratio={options['ratio']}")
-    Compression(args.method, args.ratio, options, args.budget_policy).build()
+    Compression(args.method, args.ratio, options, args.budget_policy, args.kv_bits).build()
     if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
         raise ValueError(f"--cache-dir {str(args.cache_dir)!r} is a file, not a directory")
     key = args.api_key if args.api_key is not None else os.environ.get("KVSQUEEZE_API_KEY") or None
     return ServerSettings(
         model_name=args.model or DEFAULT_MODEL, host=args.host, port=args.port, method=args.method, ratio=args.ratio,
-        options=options, budget_policy=args.budget_policy, api_key=key, max_cache_bytes=args.max_cache_bytes,
-        cache_dir=args.cache_dir, max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-        max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+        options=options, budget_policy=args.budget_policy, kv_bits=args.kv_bits, api_key=key,
+        max_cache_bytes=args.max_cache_bytes, cache_dir=args.cache_dir, max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+        max_batch=args.max_batch,
     )  # fmt: skip
 
 

@@ -93,7 +93,9 @@ class State:
         self.metrics = Metrics(self.store)
         self.engine = Engine(model, tokenizer, self.store, self.metrics, settings)
         self.scheduler = Scheduler(self.engine, self.metrics, settings.max_queue, settings.max_batch)
-        self.default = Compression(settings.method, settings.ratio, dict(settings.options), settings.budget_policy)
+        self.default = Compression(
+            settings.method, settings.ratio, dict(settings.options), settings.budget_policy, settings.kv_bits
+        )
         self.default.build()  # a bad server default fails at start, not at the first request
 
 

@@ -1,6 +1,7 @@
 """A request's compression settings (the `kv_compression` extension field) and the method they build.
 
-A field left out takes the server's value (`--method`, `--ratio`, `--option`, `--budget-policy`), except that the
+A field left out takes the server's value (`--method`, `--ratio`, `--option`, `--budget-policy`, `--kv-bits`), except
+that the
 server's options and budget policy only apply to the server's own method: a request naming another method starts
 from that method's defaults. Bad names and options raise the registry's ValueErrors ("Unknown method 'snapkvv'. Did
 you mean 'snapkv'?"), which the server answers with a 400.
@@ -15,23 +16,34 @@ from typing import Any
 from kvsqueeze.methods import get_method
 from kvsqueeze.methods.base import Method
 from kvsqueeze.methods.registry import with_budget_policy
+from kvsqueeze.quantization import QuantSpec, quant_spec
 from kvsqueeze.validation import check_float
 
-FIELDS = ("method", "ratio", "options", "budget_policy")
+FIELDS = ("method", "ratio", "options", "budget_policy", "kv_bits")
 
 
 @dataclass(frozen=True)
 class Compression:
-    """How a context is compressed: a registered method ('none' = off), its ratio, options and budget policy."""
+    """How a context is compressed: a registered method ('none' = off), its ratio, options and budget policy, and the
+    bits its kept keys and values are stored in (8, 4 or 2; None = full precision)."""
 
     method: str = "knorm"
     ratio: float = 0.5
     options: dict[str, Any] = field(default_factory=dict)
     budget_policy: str | None = None
+    kv_bits: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "ratio": self.ratio, "options": dict(self.options),
-                "budget_policy": self.budget_policy}  # fmt: skip
+                "budget_policy": self.budget_policy, "kv_bits": self.kv_bits}  # fmt: skip
+
+    def quant(self) -> QuantSpec | None:
+        """How the context's kept keys and values are quantized (None: full precision); a ValueError when kv_bits is
+        not one the storage has."""
+        try:
+            return quant_spec(self.kv_bits)
+        except ValueError as err:
+            raise ValueError(f"kv_compression.kv_bits: {err}") from None
 
     def build(self) -> Method | None:
         """The method these settings describe (None for 'none'); a ValueError names what is wrong."""
@@ -40,6 +52,7 @@ class Compression:
         check_float("kv_compression.ratio", self.ratio, 0.0, 1.0, high_open=True, note="the fraction of tokens removed")
         if "ratio" in self.options:
             raise ValueError("give the ratio as kv_compression.ratio, not in kv_compression.options")
+        self.quant()
         if self.method.lower() == "none":
             if self.options or self.budget_policy is not None:
                 raise ValueError("kv_compression.method 'none' takes no options and no budget_policy")

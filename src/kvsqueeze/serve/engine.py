@@ -49,7 +49,7 @@ class Engine:
             if job.context_id is None:  # a new document: its id comes from its tokens and the method
                 job.prefix_ids = head_ids(tok, head)
                 job.prefix_tokens = len(job.prefix_ids)
-                job.context_id = context_id(self.fingerprint, job.method, job.prefix_ids)
+                job.context_id = context_id(self.fingerprint, job.method, job.prefix_ids, job.compression.kv_bits)
             if job.kind == "generate":
                 chat = job.messages is not None
                 job.question = chat_over_document(tok, job.document, head, job.messages or []) if chat else job.prompt
@@ -57,7 +57,7 @@ class Engine:
             chat = job.messages is not None
             split = chat_prompt(tok, job.messages or []) if chat else completion_prompt(tok, job.prompt or "")
             job.prefix_ids, job.question, job.prefix_tokens = split.prefix_ids, split.question, len(split.prefix_ids)
-            job.context_id = context_id(self.fingerprint, job.method, job.prefix_ids)
+            job.context_id = context_id(self.fingerprint, job.method, job.prefix_ids, job.compression.kv_bits)
         if job.kind == "generate":
             self._fit(job)
         else:
@@ -113,7 +113,9 @@ class Engine:
     def _prefill(self, job: Job, ids: list[int]) -> StoredContext:
         assert job.context_id is not None
         tensor = torch.tensor([ids], device=self.device)
-        cache, seconds, _, before = prefill(self.model, tensor, torch.ones_like(tensor), job.method)
+        cache, seconds, _, before = prefill(
+            self.model, tensor, torch.ones_like(tensor), job.method, quant=job.compression.quant()
+        )
         self.metrics.prefills.inc()
         self.metrics.prefill_seconds.observe(seconds)
         info: dict[str, Any] = {

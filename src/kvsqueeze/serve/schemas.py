@@ -24,6 +24,7 @@ class KVCompression(Strict):
     ratio: float | None = Field(None, description="fraction of the context's tokens removed, in [0, 1)")
     options: dict[str, Any] | None = Field(None, description='the method\'s options, e.g. {"window": 16}')
     budget_policy: str | None = Field(None, description="adakv, criticalkv, global or pyramid")
+    kv_bits: int | None = Field(None, description="store the kept keys and values in 8, 4 or 2 bits (null: full)")
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_unset=True)

@@ -36,6 +36,7 @@ class ServerSettings:
     ratio: float = 0.5
     options: dict[str, Any] = field(default_factory=dict)
     budget_policy: str | None = None
+    kv_bits: int | None = None  # 8, 4 or 2: contexts' kept keys and values quantized; None: full precision
     api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer <key>`
     max_cache_bytes: int = 2 * GIB  # keys and values held by cached contexts, measured from their storages
     cache_dir: Path | None = None  # where compressed contexts are also written, to survive a restart
@@ -54,6 +55,7 @@ class ServerSettings:
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
             raise ValueError(f"options must be a dict of option names to values, got {self.options!r}")
         check_str("budget_policy", self.budget_policy, none_ok=True)
+        check_int("kv_bits", self.kv_bits, 2, 8, none_ok=True)
         check_str("api_key", self.api_key, empty_ok=False, none_ok=True)
         check_int("max_cache_bytes", self.max_cache_bytes, 0, note="0 caches nothing")
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):

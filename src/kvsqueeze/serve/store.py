@@ -3,8 +3,8 @@ storages hold (`kvsqueeze.cache_bytes`); optionally also on disk, one checked ca
 (`save_cache`/`load_cache`: atomic writes, checksum, model fingerprint), so a restarted server answers without a new
 prefill.
 
-A context's id is derived from what it holds: the model's fingerprint, the compression method's repr and the prefix's
-token ids. The same prefix compressed the same way by the same model always has the same id, in any process.
+A context's id is derived from what it holds: the model's fingerprint, the compression method's repr (and kv_bits when
+the context is quantized) and the prefix's token ids. The same prefix compressed the same way by the same model always has the same id, in any process.
 Contexts made from an uploaded document (`POST /v1/contexts`) also keep the document's text, in memory and in the
 file, so their compressed cache can be rebuilt after it was dropped from memory.
 """
@@ -34,9 +34,12 @@ Found = Literal["memory", "disk", "miss"]
 ID_PATTERN = re.compile(r"^ctx-[0-9a-f]{32}$")
 
 
-def context_id(fingerprint: str, method: Method | None, ids: list[int]) -> str:
-    """The id of the context holding `ids` compressed by `method` in the model of `fingerprint`."""
-    digest = hashlib.sha256(json.dumps([fingerprint, repr(method), len(ids)]).encode())
+def context_id(fingerprint: str, method: Method | None, ids: list[int], kv_bits: int | None = None) -> str:
+    """The id of the context holding `ids` compressed by `method` (and quantized to `kv_bits`) in the model of
+    `fingerprint`."""
+    # a full-precision context keeps the id it had before kv_bits existed
+    key = [fingerprint, repr(method), len(ids)] + ([] if kv_bits is None else [kv_bits])
+    digest = hashlib.sha256(json.dumps(key).encode())
     digest.update(b"".join(i.to_bytes(4, "little") for i in ids))
     return "ctx-" + digest.hexdigest()[:32]
 
@@ -50,11 +53,12 @@ def well_formed(info: object) -> bool:
         return False
     method, ratio = compression.get("method"), compression.get("ratio")
     return (
-        set(compression) <= {"method", "ratio", "options", "budget_policy"}
+        set(compression) <= {"method", "ratio", "options", "budget_policy", "kv_bits"}
         and isinstance(method, str)
         and isinstance(ratio, (int, float))
         and isinstance(compression.get("options", {}), dict)
         and isinstance(compression.get("budget_policy"), (str, type(None)))
+        and (compression.get("kv_bits") is None or type(compression.get("kv_bits")) is int)
     )
 
 
