@@ -4,7 +4,8 @@ storages hold (`kvsqueeze.cache_bytes`); optionally also on disk, one checked ca
 prefill.
 
 A context's id is derived from what it holds: the model's fingerprint, the compression method's repr (and kv_bits when
-the context is quantized) and the prefix's token ids. The same prefix compressed the same way by the same model always has the same id, in any process.
+the context is quantized) and the prefix's token ids. The same prefix compressed the same way by the same model always
+has the same id, in any process.
 Contexts made from an uploaded document (`POST /v1/contexts`) also keep the document's text, in memory and in the
 file, so their compressed cache can be rebuilt after it was dropped from memory.
 """
