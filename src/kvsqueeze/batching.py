@@ -155,7 +155,7 @@ class BatchDecoder:
         if not started:
             return [], None
         caches = [row.cache for row in started if row.cache is not None]
-        cache = caches[0].concat_rows(caches[1:])
+        cache = caches[0] if len(caches) == 1 else caches[0].concat_rows(caches[1:])  # one row: no join, no copy
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids, mask = left_pad([row.question for row in started], pad, self.device)
         with compress(self.model, self.decode):
