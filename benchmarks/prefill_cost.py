@@ -12,8 +12,14 @@ The processes use glibc's default allocator settings, as a user's would. (Runs b
 MALLOC_MMAP_THRESHOLD_=131072, which made every allocation above 128 KiB a fresh mmap: each temporary was
 page-faulted anew, which charged allocation-heavy scorers several seconds that users never pay.)
 
+With glibc's defaults the peak also counts the heap's free holes, which vary from run to run by a hundred MiB or more.
+`--live-memory` measures the memory actually in use instead: every allocation of 64 KiB or more is its own mapping,
+returned to the OS when freed (MALLOC_MMAP_THRESHOLD_=65536), so the peak is that of live tensors, the same to about a
+MiB on every run. Its times are not a user's (see above): read only its memory columns.
+
 Run (about 15-20 minutes on 2 CPU cores at 4096 tokens, 5 rounds):
     .venv/bin/python benchmarks/prefill_cost.py --tokens 4096 --pairs 5
+    .venv/bin/python benchmarks/prefill_cost.py --live-memory --pairs 2 --name prefill_cost_live
 Results: benchmarks/results/prefill_cost.{json,md}.
 """
 
@@ -51,6 +57,7 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
 RATIO = 0.5
 WARMUP = 256  # tokens of the warm-up prefill (SnapKV needs 2 x its window at ratio 0.5)
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # --live-memory: the peak of live allocations (see above)
 
 
 # --- worker: one measurement in this (fresh) process -----------------------------------------------------------------
@@ -110,9 +117,9 @@ def worker(label: str, tokens: int, threads: int) -> dict[str, Any]:
 # --- driver -----------------------------------------------------------------------------------------------------------
 
 
-def measure(label: str, tokens: int, threads: int) -> dict[str, Any]:
+def measure(label: str, tokens: int, threads: int, env_extra: dict[str, str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", label, "--tokens", str(tokens), "--threads", str(threads)]
-    env = {**os.environ, **ENV}
+    env = {**os.environ, **ENV, **env_extra}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"worker {label} failed:\n{out.stderr[-3000:]}")
@@ -123,7 +130,7 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run_all(labels: list[str], tokens: int, pairs: int, threads: int, seed: int) -> dict[str, Any]:
+def run_all(labels: list[str], tokens: int, pairs: int, threads: int, seed: int, env: dict[str, str]) -> dict[str, Any]:
     rng = random.Random(seed)
     runs: list[dict[str, Any]] = []
     for r in range(pairs):
@@ -131,7 +138,9 @@ def run_all(labels: list[str], tokens: int, pairs: int, threads: int, seed: int)
         rng.shuffle(order)
         for label in order:
             first, second = (BASELINE, label) if r % 2 == 0 else (label, BASELINE)
-            pair = {x["label"]: x for x in (measure(first, tokens, threads), measure(second, tokens, threads))}
+            pair = {
+                x["label"]: x for x in (measure(first, tokens, threads, env), measure(second, tokens, threads, env))
+            }
             runs.append({"round": r, "label": label, "first": first, "method": pair[label], "baseline": pair[BASELINE]})
             m, b = pair[label], pair[BASELINE]
             ratio = m["seconds"] / b["seconds"]
@@ -170,6 +179,15 @@ def write(result: dict[str, Any], meta: dict[str, Any], name: str = "prefill_cos
         + (rng(base["consecutive_ratio"]) if base["consecutive_ratio"] else "n/a (one run)")
         + ".",
         "",
+        *(
+            [
+                "Live memory (`--live-memory`: MALLOC_MMAP_THRESHOLD_=65536): the peaks are those of live allocations; "
+                "the times are not a user's (every large temporary is a fresh mapping).",
+                "",
+            ]
+            if meta.get("live_memory")
+            else []
+        ),
         "| variant | time / baseline, median (min-max) | peak extra MiB | peak / baseline | method |",
         "|---|---|---|---|---|",
     ]
@@ -187,6 +205,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="prefill_cost", help="results file name (a subset run: a name of its own)")
+    parser.add_argument("--live-memory", action="store_true", help="peak of live allocations (times are not a user's)")
     parser.add_argument("--worker", choices=[BASELINE, *VARIANTS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -197,10 +216,12 @@ def main() -> None:
     import torch
     import transformers
 
-    result = run_all(args.methods, args.tokens, args.pairs, args.threads, args.seed)
+    env = LIVE_MEMORY_ENV if args.live_memory else {}
+    result = run_all(args.methods, args.tokens, args.pairs, args.threads, args.seed, env)
     meta = {"model": "SmolLM2-135M-Instruct (embedded, float32)", "tokens": args.tokens, "pairs": args.pairs,
             "ratio": RATIO, "threads": args.threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "machine": platform.machine(), "env": ENV}  # fmt: skip
+            "transformers": transformers.__version__, "machine": platform.machine(), "env": {**ENV, **env},
+            "live_memory": args.live_memory}  # fmt: skip
     write(result, meta, args.name)
 
 

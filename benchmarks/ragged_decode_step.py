@@ -5,7 +5,9 @@ A layer shaped like one of SmolLM2-135M's (3 KV heads, head_dim 64, 9 query head
 pruned to half per head (rectangular) or to 1/4, 1, 1/4 of them (ragged: the same token-heads); then `--steps`
 single-token steps each append a token and run kvsqueeze's SDPA attention over the layer, as a decode step does.
 
-- plain: the layer itself decodes (a ragged layer repacks its flat buffers and unpacks a rectangle every step);
+- plain: the layer itself decodes (a ragged layer's first single-token step turns it into rows reading their own
+  segments as prefixes, `SharedStorage.decoding`, so it then decodes as a fork does; before 2026-12-04 it repacked
+  its flat buffers and unpacked a rectangle at every step: 9.29x the rectangular step);
 - fork: a one-row fork of the layer decodes: the context is read in place (a ragged one head by head from its
   segments) and the new tokens go to the fork's own dense suffix.
 

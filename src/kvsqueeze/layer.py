@@ -35,6 +35,7 @@ from kvsqueeze.storage import (
     KeyChannels,
     LayerStorage,
     QuantizedStorage,
+    RaggedStorage,
     SharedStorage,
     StepView,
 )
@@ -158,6 +159,8 @@ class KVLayer(DynamicLayer):
         if self.thin is not None:  # thin keys: new tokens are stored with the layer's kept channels
             key_states = self.thin.narrow(key_states)
         b, h, q, _ = key_states.shape
+        if q == 1 and isinstance(self.storage, RaggedStorage) and not self.storage.slot_state:
+            self.storage = SharedStorage.decoding(self.storage)  # decode steps no longer repack the segments
         new_pos = self.query_positions.to(device=self.seen.device, dtype=torch.int32)
         storage, self.step_view = self.storage.append(key_states, value_states, new_pos[:, None, :].expand(b, h, q))
         self._set(storage)

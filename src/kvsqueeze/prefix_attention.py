@@ -64,13 +64,7 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
         return t.reshape(hkv, n, m, t.shape[-1]).transpose(0, 1)
 
     if prefix.heads is not None:  # a ragged prefix: each KV head's own segment, all of it filled
-        outs = []
-        for h, (pk, pv) in enumerate(prefix.heads):
-            logits = (stacked[h] @ pk.float().T * scale).reshape(n, m, -1)  # (n, M, L_h)
-            head_visible = None if visible is None else visible[:, h]
-            w_prefix, w_own = _softmax_over_both(logits, own_logits[:, h], head_visible, None, softcap)
-            outs.append((w_prefix.reshape(n * m, -1) @ pv.float()).reshape(n, m, -1) + w_own @ own_values[:, h])
-        return torch.stack(outs, dim=1)
+        return _ragged_rows(stacked, prefix.heads, own_logits, own_values, visible, scale, softcap)
     assert prefix.view is not None
     pk, pv, positions = prefix.view  # (1, H_kv, L, ...)
     prefix_logits = per_row(torch.matmul(stacked, pk[0].float().transpose(-1, -2)) * scale)  # (n, H_kv, M, L)
@@ -78,6 +72,37 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
     w_prefix, w_own = _softmax_over_both(prefix_logits, own_logits, visible, prefix_visible, softcap)
     from_prefix = per_row(torch.matmul(w_prefix.transpose(0, 1).reshape(hkv, n * m, -1), pv[0].float()))
     return from_prefix + torch.matmul(w_own, own_values)
+
+
+def _ragged_rows(stacked: Tensor, heads: tuple[tuple[Tensor, Tensor], ...], own_logits: Tensor, own_values: Tensor,
+                 visible: Tensor | None, scale: float, softcap: float | None) -> Tensor:  # fmt: skip
+    """`_rows` over a ragged prefix: stacked queries (H_kv, n M, D), each head's segment (keys (L_h, D), values
+    (L_h, Dv)), the own logits (n, H_kv, M, S) and values (n, H_kv, S, Dv) -> (n, H_kv, M, Dv) float32.
+
+    The heads' logits are written into one buffer (H_kv, n M, max L_h + S), the slots past a head's length masked, so
+    one softmax serves every head; only the two products per head run head by head."""
+    hkv, nm, _ = stacked.shape
+    n, _, m, s = own_logits.shape
+    lengths = [k.shape[0] for k, _ in heads]
+    width = max(lengths, default=0)
+    logits = own_logits.new_empty(hkv, nm, width + s)
+    for h, (pk, _) in enumerate(heads):
+        torch.matmul(stacked[h], pk.float().T, out=logits[h, :, : lengths[h]])
+    logits[:, :, :width] *= scale
+    own = logits[:, :, width:]
+    own.copy_(own_logits.transpose(0, 1).reshape(hkv, nm, s))
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+        own = logits[:, :, width:]
+    if visible is not None:
+        own.masked_fill_(~visible.transpose(0, 1).reshape(hkv, nm, s), float("-inf"))
+    for h, length in enumerate(lengths):  # a shorter head's slots past its segment: none
+        logits[h, :, length:width] = float("-inf")
+    weights = torch.softmax(logits, dim=-1)
+    out = torch.matmul(weights[:, :, width:].reshape(hkv, n, m, s).transpose(0, 1), own_values)  # (n, H_kv, M, Dv)
+    for h, (_, pv) in enumerate(heads):
+        out[:, h] += (weights[h, :, : lengths[h]] @ pv.float()).reshape(n, m, -1)
+    return out
 
 
 def attend(

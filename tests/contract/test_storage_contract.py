@@ -64,18 +64,23 @@ def quantized2(seed: int = 0, t: int = T) -> LayerStorage:  # from a ragged layo
     return QuantizedStorage.from_storage(ragged(seed, t), QuantSpec(bits=2, group_size=2, residual=0))
 
 
-def shared(seed: int = 0, t: int = T) -> LayerStorage:
-    """Each row reads its first t - 2 slot columns as a prefix of its own (row 0's dense, row 1's ragged) and holds
-    the last two itself, appended as a question would be (`storage/shared.py`)."""
+def shared(seed: int = 0, t: int = T, ragged: bool = True) -> LayerStorage:
+    """Each row reads its first t - 2 slot columns as a prefix of its own (row 0's dense, row 1's ragged, or dense
+    too) and holds the last two itself, appended as a question would be (`storage/shared.py`)."""
     keys, values, positions, _ = _content(seed, t)
     whole = DenseStorage(keys[:, :, :-2], values[:, :, :-2], positions[..., :-2])
     row1 = whole.select_rows(torch.tensor([1]))
     counts = row1.kept()
     every = torch.arange(t - 2).expand(1, H, t - 2)
-    prefixes = [whole.select_rows(torch.tensor([0])), row1.prune(every, counts, ragged=True)]
+    prefixes = [whole.select_rows(torch.tensor([0])), row1.prune(every, counts, ragged=True) if ragged else row1]
     storage = SharedStorage.over(prefixes, torch.tensor([0, 1]))
     grown, _ = storage.append(keys[:, :, -2:], values[:, :, -2:], positions[..., -2:])
     return grown
+
+
+def shared_dense(seed: int = 0, t: int = T) -> LayerStorage:
+    """`shared` over two dense prefixes (its standalone copy is dense, not ragged)."""
+    return shared(seed, t, ragged=False)
 
 
 LAYOUTS: dict[str, Callable[..., LayerStorage]] = {
@@ -85,6 +90,7 @@ LAYOUTS: dict[str, Callable[..., LayerStorage]] = {
     "quantized8": quantized8,
     "quantized2": quantized2,
     "shared": shared,
+    "shared_dense": shared_dense,
 }
 
 
@@ -222,8 +228,12 @@ def test_pack_and_unpack_round_trip(make):
 def test_nbytes_are_the_storages(make):
     storage = make()
     assert storage.nbytes() == storage_bytes(storage.kv_tensors(), set()) > 0
-    if isinstance(storage, SharedStorage):  # its view pads prefixes to the longest; the stored ones do not
-        assert storage.padding_slots() <= int((storage.view()[2] < 0).sum())
+    if isinstance(storage, SharedStorage):
+        alone = storage.standalone()
+        if alone.is_ragged:  # over a ragged prefix its copy is ragged: no empty slot stored
+            assert alone.padding_slots() == 0 and storage.width() == alone.width()
+        else:  # its view pads prefixes to the longest; the stored ones do not
+            assert storage.padding_slots() <= int((storage.view()[2] < 0).sum())
         return
     padding = int((storage.view()[2] < 0).sum()) if not storage.is_ragged else 0
     assert storage.padding_slots() == padding
@@ -232,7 +242,7 @@ def test_nbytes_are_the_storages(make):
 def test_saved_tensors_rebuild_the_same_storage(make):
     storage = make()
     again = from_tensors(storage.to_tensors(), H, D, D)
-    saved_as = DenseStorage if isinstance(storage, SharedStorage) else type(storage)  # shared rows save standalone
+    saved_as = type(storage.standalone() if isinstance(storage, SharedStorage) else storage)  # shared: standalone
     assert type(again) is saved_as and _real(again) == _real(storage)
     with pytest.raises(ValueError, match="shape"):
         from_tensors(storage.to_tensors(), H + 1, D, D)

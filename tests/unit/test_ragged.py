@@ -9,7 +9,7 @@ import torch
 
 import kvsqueeze as kvs
 from kvsqueeze.methods.snapkv import SnapKV
-from kvsqueeze.storage import unpack
+from kvsqueeze.storage import SharedStorage, unpack
 from tests.helpers import full_layer_positions, ids_of, kept_total, prefill
 from tests.unit.test_attention import reference_question_logits
 
@@ -48,6 +48,8 @@ def test_ragged_decoding_steps_equal_dense_reference(make_model):
     ctx, question = ids_of(N_CTX, seed=4), ids_of(N_Q, seed=5)
     cache = prefill(model, ctx, kvs.get_method("adakv", ratio=0.5, scorer="knorm"))
     kept = full_layer_positions(cache)
+    ragged = [layer.is_ragged for layer in cache.full_layers()]
+    assert any(ragged)
     steps = [question[:, :3], question[:, 3:4], question[:, 4:5], question[:, 5:]]
     with torch.no_grad(), kvs.attach(model):
         got = torch.cat([model(s, past_key_values=cache).logits for s in steps], dim=1)
@@ -58,6 +60,12 @@ def test_ragged_decoding_steps_equal_dense_reference(make_model):
         assert torch.equal(layer.kept, (kept[idx] >= 0).sum(-1) + N_Q)
         pos = layer.view()[2][0]
         assert [p[p >= 0][-N_Q:].tolist() for p in pos] == [list(range(N_CTX, N_CTX + N_Q))] * 2
+        # single-token steps read the segments in place and append to a dense suffix (no repack per step); the layer
+        # still saves ragged, with no empty slot
+        if ragged[idx]:
+            assert isinstance(layer.storage, SharedStorage) and layer.storage.suffix.width() == 3
+            saved = layer.storage.to_tensors()
+            assert "lengths" in saved and torch.equal(saved["lengths"], layer.kept)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,6 +3,10 @@
     keys, values  (B, H, T, D)  T = the longest (row, head) kept; shorter ones leave empty slots
     positions     (B, H, T)     int32, -1 = an empty slot (a left-pad token, or a head that keeps fewer)
 
+Until a pruning gives heads different slots, every head of a row holds the same positions: appends then store one
+row (B, 1, T) and expand it over the heads (`join_positions`), so an uncompressed layer keeps no more bookkeeping than
+B x T integers beside its keys and values.
+
 Uniform budgets fill every slot, so the stored tensors are exactly what was kept and `view()` costs nothing. When a
 plan keeps different counts per row or head, `prune(..., ragged=True)` moves the layer to the ragged layout instead.
 
@@ -66,9 +70,47 @@ class Spare:
         b, h, t = stored.positions.shape
         keys = stored.keys.new_empty(b, h, t + room, stored.keys.shape[-1])
         values = stored.values.new_empty(b, h, t + room, stored.values.shape[-1])
-        positions = stored.positions.new_full((b, h, t + room), -1)
-        keys[:, :, :t], values[:, :, :t], positions[:, :, :t] = stored.keys, stored.values, stored.positions
+        rows = head_rows(stored.positions)  # (B, 1, T) when the heads hold the same slots: stored once
+        positions = rows.new_full((b, rows.shape[1], t + room), -1)
+        keys[:, :, :t], values[:, :, :t], positions[:, :, :t] = stored.keys, stored.values, rows
         return cls(keys, values, positions, t, room)
+
+    def write(self, keys: Tensor, values: Tensor, positions: Tensor) -> bool:
+        """Write one step's slots after the used ones (False, writing nothing, when its positions differ by head
+        and these buffers store one row of positions for all heads)."""
+        if self.positions.shape[1] != positions.shape[1]:
+            positions = head_rows(positions)
+            if positions.shape[1] != self.positions.shape[1]:
+                return False
+        end = self.used + keys.shape[2]
+        self.keys[:, :, self.used : end], self.values[:, :, self.used : end] = keys, values
+        self.positions[:, :, self.used : end] = positions
+        self.used = end
+        return True
+
+    def stored(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the used slots: keys, values, positions (B, H, used)."""
+        b, h = self.keys.shape[:2]
+        end = self.used
+        return self.keys[:, :, :end], self.values[:, :, :end], self.positions[:, :, :end].expand(b, h, end)
+
+
+def head_rows(positions: Tensor) -> Tensor:
+    """Slot positions (B, H, T) as (B, 1, T) when every head holds the same ones in the same memory (an expanded
+    row, as appends store them), else as they are."""
+    if positions.shape[1] == 1 or positions.stride(1) == 0:
+        return positions[:, :1]
+    return positions
+
+
+def join_positions(old: Tensor, new: Tensor) -> Tensor:
+    """Slot positions (B, H, T) followed by (B, H, q), as int32; when both hold one row for all heads the result is
+    that row expanded over the heads (so a layer no pruning split by head stores B x T positions, not B x H x T)."""
+    b, h = new.shape[:2]
+    old_rows, new_rows = head_rows(old), head_rows(new)
+    if old_rows.shape[1] == new_rows.shape[1] == 1:
+        return torch.cat([old_rows, new_rows.to(torch.int32)], dim=-1).expand(b, h, -1)
+    return torch.cat([old, new.to(torch.int32)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -88,7 +130,7 @@ class DenseStorage(FullPrecision):
     def empty(cls, keys: Tensor, values: Tensor) -> DenseStorage:
         """No tokens yet, with the batch, heads, dims, dtype and device of these (B, H, q, D) tensors."""
         b, h, _, d = keys.shape
-        positions = torch.empty(b, h, 0, dtype=torch.int32, device=keys.device)
+        positions = torch.empty(b, 1, 0, dtype=torch.int32, device=keys.device).expand(b, h, 0)
         return cls(keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, values.shape[-1]), positions)
 
     @classmethod
@@ -122,17 +164,14 @@ class DenseStorage(FullPrecision):
                 spare = Spare.around(self, FIRST_ROOM)
             elif t + q > spare.capacity:  # the room is full: copy, with twice the room (a long decode copies rarely)
                 spare = Spare.around(self, min(ROOM, 2 * spare.room))
-            end = t + q
-            spare.keys[:, :, t:end], spare.values[:, :, t:end], spare.positions[:, :, t:end] = keys, values, positions
-            spare.used = end
-            stored = DenseStorage(spare.keys[:, :, :end], spare.values[:, :, :end], spare.positions[:, :, :end],
-                                  spare=spare, decoding=True)  # fmt: skip
-            return stored, stored.view()
+            if spare.write(keys, values, positions):
+                stored = DenseStorage(*spare.stored(), spare=spare, decoding=True)
+                return stored, stored.view()
         state = {name: torch.cat([s, s.new_zeros(b, h, q)], dim=-1) for name, s in self.slot_state.items()}
         stored = DenseStorage(
             torch.cat([self.keys, keys], dim=-2),
             torch.cat([self.values, values], dim=-2),
-            torch.cat([self.positions, positions.to(torch.int32)], dim=-1),
+            join_positions(self.positions, positions),
             MappingProxyType(state),
             decoding=q == 1,
         )

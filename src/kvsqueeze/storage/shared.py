@@ -103,10 +103,25 @@ class SharedStorage:
         """Each prefix as attention reads it (see `PrefixRead`); every prefix is read by some row."""
         return list(self.reads)
 
-    # -- the rows as one dense storage
-    def standalone(self) -> DenseStorage:
-        """A copy of the rows in the dense layout: each row's prefix slots (right-padded with empty slots to the
-        longest prefix), then its own."""
+    @classmethod
+    def decoding(cls, storage: RaggedStorage) -> SharedStorage:
+        """A ragged layer about to decode, as rows reading their own tokens as prefixes (each row once, a copy when
+        there are several): decode steps then append to a dense suffix and attention reads the segments in place,
+        instead of repacking the flat buffers and unpacking a rectangle at every step (`RaggedStorage.append`)."""
+        b = storage.lengths.shape[0]
+        rows = torch.arange(b, device=storage.lengths.device)
+        prefixes = [storage] if b == 1 else [storage.select_rows(rows[i : i + 1]) for i in range(b)]
+        return cls.over(prefixes, rows)
+
+    # -- the rows as one storage of their own
+    def standalone(self) -> DenseStorage | RaggedStorage:
+        """A copy of the rows in a layout of their own: over ragged prefixes the ragged one (each row's segments, its
+        own real tokens after them); else the dense one (each row's prefix slots, right-padded with empty slots to
+        the longest prefix, then its own)."""
+        if self._ragged_standalone():
+            parts = [RaggedStorage.from_storage(self.prefixes[j]) for j in self.owner.tolist()]
+            joined = parts[0].concat_rows(parts[1:]) if len(parts) > 1 else parts[0]
+            return joined.append(self.suffix.keys, self.suffix.values, self.suffix.positions)[0]
         views = [p.view() for p in self.prefixes]
         width = max((v[2].shape[-1] for v in views), default=0)
         b, h, s = self.suffix.positions.shape
@@ -154,7 +169,12 @@ class SharedStorage:
         return prefix[self.owner] + self.suffix.kept()
 
     def width(self) -> int:
+        if self._ragged_standalone():  # segments left-aligned: as wide as the longest one
+            return int(self.kept().max()) if self.owner.numel() else 0
         return max((p.width() for p in self.prefixes), default=0) + self.suffix.width()
+
+    def _ragged_standalone(self) -> bool:
+        return not self.suffix.slot_state and any(isinstance(p, RaggedStorage) for p in self.prefixes)
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[SharedStorage, StepView]:
         """The new tokens join each row's suffix; the step view is the suffix's (see the module docstring)."""
@@ -202,7 +222,7 @@ class SharedStorage:
         return self.standalone().pack(rect)
 
     def unpack(self, stored: Tensor, fill: float) -> Tensor:
-        return stored  # the stored layout of `standalone()` is the rectangular one
+        return self.standalone().unpack(stored, fill)  # `slot_state` and `pack` give the layout of `standalone()`
 
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> LayerStorage:
         return self.standalone().replace(**fields)
