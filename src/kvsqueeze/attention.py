@@ -12,7 +12,9 @@ and the whole decision is made here. Pad queries attend to themselves only, so n
 
 A layer storing thin keys (D' < D key channels, `cache.py`) is attended with the matching channels of the queries,
 scaled by 1/sqrt(D) as the model would (`_thin_queries`). A layer whose rows read shared prefixes (`storage/shared.py`)
-is attended by `prefix_attention`: the keys transformers hands over are then the rows' own slots only.
+is attended by `prefix_attention`: the keys transformers hands over are then the rows' own slots only. Inside
+`compress` with a method that needs the attention each slot received (observed attention, H2O), a rectangular layer is
+attended by `received.attend`, which sums it on the way for the method's hook.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from kvsqueeze import prefix_attention, step
+from kvsqueeze import prefix_attention, received, step
 from kvsqueeze.layer import KVLayer
-from kvsqueeze.storage import SharedStorage
+from kvsqueeze.storage import DenseStorage, SharedStorage
 
 BACKENDS = ("sdpa", "eager")
 PREFIX = "kvsqueeze_"  # kvsqueeze's attention functions are registered as PREFIX + backend
@@ -138,6 +140,21 @@ def _shared_forward(layer: KVLayer | None, query: Tensor, key: Tensor, value: Te
     return out.transpose(1, 2).contiguous()
 
 
+def _received_forward(layer: KVLayer | None, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | str | None,
+                      scaling: float | None, softcap: float | None) -> Tensor | None:  # fmt: skip
+    """(B, q, H_q, Dv) attention of a rectangular layer whose slots' received attention a method needs
+    (`received.py`), left for its hook; None when not collecting or for any other layer."""
+    if layer is None or not step.wants_received() or layer.is_sliding or not isinstance(layer.storage, DenseStorage):
+        return None
+    assert layer.query_positions is not None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    real = layer.query_positions >= 0
+    out, summed = received.attend(query, key, value, mask, scale, real, softcap)
+    step.keep_received(layer, summed)
+    layer.finish_step()
+    return out.transpose(1, 2).contiguous()
+
+
 def expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
     """Per-KV-head masks (B, H_kv, q, T) -> per-query-head (B, H_q, q, T); broadcastable masks pass through."""
     if mask.dim() == 4 and mask.shape[1] not in (1, n_q_heads):
@@ -164,6 +181,9 @@ def _sdpa_forward(
     shared = _shared_forward(layer, query, key, value, mask, scaling, None)
     if shared is not None:
         return shared, None
+    summed = _received_forward(layer, query, key, value, mask, scaling, None)
+    if summed is not None:
+        return summed, None
     is_causal = isinstance(mask, str)
     attn_mask = None if isinstance(mask, str) or mask is None else expand_heads(mask, query.shape[1])
     out = F.scaled_dot_product_attention(

@@ -58,7 +58,12 @@ def compress(model: Any, method: Method | None, backend: str | None = None) -> I
     `method=None` only attaches kvsqueeze's attention (no pruning).
     """
     log = CompressionLog()
-    with attach(model, backend) as adapter, step.capturing_queries() if method is not None else nullcontext():
+    received = method is not None and "received_attention" in method.needs
+    with (
+        attach(model, backend) as adapter,
+        step.capturing_queries() if method is not None else nullcontext(),
+        step.collecting_received() if received else nullcontext(),
+    ):
         handles = [] if method is None else _install(model, method, adapter, log)
         try:
             yield log
@@ -117,6 +122,7 @@ def score_context(adapter: ModelAdapter, cache: KVCache, layer_idx: int, inputs:
         query_positions=inputs.query_positions,
         position_embeddings=inputs.position_embeddings,
         captured_queries=inputs.queries,
+        received=inputs.received,
         layer_input=inputs.layer_input,
         attention_update=inputs.attention_update,
         slot_store=layer,
@@ -217,6 +223,7 @@ def _layer_hook(
         queries = step.take_queries(layer)
         inputs = LayerInputs(hidden_states_arg(args, kwargs), kwargs["position_embeddings"], layer.query_positions)
         inputs.queries = queries
+        inputs.received = step.take_received(layer)
         if residuals is not None:  # methods that need ("residual",): the stream before and the block's update
             inputs.layer_input = residuals.pop(layer_idx, None)
             attn_output = output[0] if isinstance(output, tuple) else output

@@ -22,21 +22,26 @@ __all__ = [
     "capture_queries",
     "capturing_queries",
     "clear_updated",
+    "collecting_received",
     "hidden_states_arg",
     "is_paused",
+    "keep_received",
     "mark_updated",
     "more_context",
     "more_context_follows",
     "paused",
     "pending_update",
     "take_queries",
+    "take_received",
     "take_updated",
+    "wants_received",
 ]
 
 T = TypeVar("T")
 
 _UPDATED: ContextVar[tuple[object, Tensor] | None] = ContextVar("kvsqueeze_updated_layer", default=None)
 _CAPTURED: ContextVar[dict[int, Tensor] | None] = ContextVar("kvsqueeze_captured_queries", default=None)
+_RECEIVED: ContextVar[dict[int, Tensor] | None] = ContextVar("kvsqueeze_received_attention", default=None)
 _PAUSED: ContextVar[bool] = ContextVar("kvsqueeze_paused", default=False)
 _MORE: ContextVar[bool] = ContextVar("kvsqueeze_more_context", default=False)
 
@@ -95,6 +100,30 @@ def take_queries(layer: object) -> Tensor | None:
     return None if captured is None else captured.pop(id(layer), None)
 
 
+# -- attention each slot received, summed by the attention function for the hook (`received.py`)
+def collecting_received() -> AbstractContextManager[None]:
+    """Inside this block attention over a rectangular layer also sums the attention each slot received and leaves it
+    for the hook that runs right after it."""
+    return _setting(_RECEIVED, {})
+
+
+def wants_received() -> bool:
+    return _RECEIVED.get() is not None
+
+
+def keep_received(layer: object, received: Tensor) -> None:
+    """Called by the attention function: keep `received` (B, H_kv, T) for `layer` if collecting is on."""
+    collected = _RECEIVED.get()
+    if collected is not None:
+        collected[id(layer)] = received
+
+
+def take_received(layer: object) -> Tensor | None:
+    """The attention `layer`'s slots received in this forward (consumed), or None."""
+    collected = _RECEIVED.get()
+    return None if collected is None else collected.pop(id(layer), None)
+
+
 # -- a method's own forwards that the hooks must ignore
 def paused() -> AbstractContextManager[None]:
     """Inside this block the compression and recording hooks do nothing (a method's own extra forwards)."""
@@ -127,6 +156,7 @@ class LayerInputs:
     queries: Tensor | None = None  # (B, H_q, q, D) post-RoPE, when the attention function's were captured
     layer_input: Tensor | None = None  # (B, q, hidden) the decoder layer's input, for methods needing ("residual",)
     attention_update: Tensor | None = None  # (B, q, hidden) what the attention block adds to the residual stream
+    received: Tensor | None = None  # (B, H_kv, T) attention each slot received, when the attention function summed it
 
 
 def hidden_states_arg(args: tuple, kwargs: dict[str, Any]) -> Tensor:

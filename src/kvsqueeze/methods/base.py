@@ -27,7 +27,7 @@ from kvsqueeze.models import ModelAdapter, apply_rope
 from kvsqueeze.registry import first_paragraph
 from kvsqueeze.validation import check_ratio  # re-exported: methods import it from here too
 
-Need = Literal["queries", "question", "calibration", "residual", "model"]
+Need = Literal["queries", "question", "calibration", "residual", "model", "received_attention"]
 BudgetScope = Literal["head", "layer", "model"]
 BudgetKind = Literal["uniform", "adaptive"]
 
@@ -62,6 +62,10 @@ class ScoreContext:
     # stream before this attention block) and what the block adds to it (B, q, hidden); else None
     layer_input: Tensor | None = field(default=None, repr=False)
     attention_update: Tensor | None = field(default=None, repr=False)
+    # For methods that need ("received_attention",), inside `compress` on a rectangular layer: (B, H, T) the attention
+    # each slot received from this forward's real queries, summed over them and over the query heads of its KV head,
+    # as the attention function computed it (`kvsqueeze.received`); else None (the method computes it)
+    received: Tensor | None = field(default=None, repr=False)
     # per-slot state that follows the tokens through pruning (stateful methods, e.g. H2O); None outside `compress`
     slot_store: SlotStore | None = field(default=None, repr=False)
     # True on a chunk of a chunked prefill that more context follows: the budget of the tokens seen so far may be
@@ -111,7 +115,8 @@ class Method:
     name: ClassVar[str] = ""
     # What the method needs beyond the cached keys/values: "queries" (of the new tokens), "question" (query-aware:
     # the question joins the context's forward), "calibration" (statistics computed once per model), "residual"
-    # (the residual stream around the attention block), "model" (extra forwards of its own)
+    # (the residual stream around the attention block), "model" (extra forwards of its own), "received_attention" (the
+    # attention each slot received in the forward, summed by the attention function)
     needs: ClassVar[tuple[Need, ...]] = ()
     # True when compressing a copy of a recorded one-shot prefill (`recording.compress_recording`) gives what
     # compressing in the forward gives; chunked or decoding-time methods set False and the benchmark runs them for real.

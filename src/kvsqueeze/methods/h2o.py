@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod, checked_protected, select
-from kvsqueeze.methods.observed_attention import received_attention
+from kvsqueeze.methods.observed_attention import forward_received, received_attention
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.validation import check_float, check_int
 
@@ -42,7 +42,7 @@ class H2O(ScorerMethod):
     """Keep the tokens with the largest attention accumulated over all queries so far plus a recent window, evicting
     one token per decoding step (H2O as published)."""
 
-    needs = ("queries",)
+    needs = ("queries", "received_attention")
     shared_prefill = False  # stateful, acts while answering: the benchmark runs it for real
     acts_while_decoding = True
 
@@ -75,9 +75,10 @@ class H2O(ScorerMethod):
         return ctx.valid & (pos > newest - recent[..., None])
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T): the accumulated attention, this forward's included
-        q = ctx.queries(rope=True)  # (B, H_q, q, D): the ones the step's attention used (captured inside compress)
-        qpos = ctx.query_positions.to(q.device)
-        received = received_attention(ctx, q, qpos, self.block_size)
+        received = forward_received(ctx)  # summed by the step's attention inside `compress`
+        if received is None:
+            q = ctx.queries(rope=True)  # (B, H_q, q, D): the ones the step's attention used (captured inside compress)
+            received = received_attention(ctx, q, ctx.query_positions.to(q.device), self.block_size)
         previous = None if ctx.slot_store is None else ctx.slot_store.read_slot_state(STATE)
         return received if previous is None else received + previous.to(received.device)
 

@@ -26,7 +26,7 @@ class ObservedAttention(ScorerMethod):
     """Keep the pairs with the highest attention received from the context's queries (summed, divided by how many
     queries can see the pair), averaged over the GQA group."""
 
-    needs = ("queries",)
+    needs = ("queries", "received_attention")
 
     block_size: int = 64  # queries per block: the extra memory is one (B, H_q, block_size, T) fp32 buffer
     query_stride: int = 1  # use every query_stride-th query counted back from the last one (1: all queries)
@@ -37,13 +37,24 @@ class ObservedAttention(ScorerMethod):
         check_int("query_stride", self.query_stride, 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
-        q = ctx.queries(rope=True)  # (B, H_q, q, D)
+        q = ctx.queries(rope=True)  # (B, H_q, q, D): the captured ones inside `compress`, no computation
         qpos = ctx.query_positions.to(q.device)
-        take = torch.arange(q.shape[2] - 1, -1, -self.query_stride, device=q.device).flip(0)  # the last one included
-        q, qpos = q[:, :, take], qpos[:, take]
         group = q.shape[1] // ctx.keys.shape[1]
-        received = received_attention(ctx, q, qpos, self.block_size)  # (B, H, T)
+        received = forward_received(ctx) if self.query_stride == 1 else None  # summed by the forward's attention
+        if received is None:
+            take = torch.arange(q.shape[2] - 1, -1, -self.query_stride, device=q.device).flip(0)  # the last included
+            q, qpos = q[:, :, take], qpos[:, take]
+            received = received_attention(ctx, q, qpos, self.block_size)  # (B, H, T)
         return received / group / seers(ctx.positions, qpos).clamp(min=1)  # mean over the group
+
+
+def forward_received(ctx: ScoreContext) -> Tensor | None:
+    """(B, H, T) the attention each slot received in this forward as its attention function summed it (all the real
+    new queries, causal; `kvsqueeze.received`), or None where it did not."""
+    received = ctx.received
+    if received is None or received.shape != ctx.positions.shape:
+        return None
+    return received
 
 
 def seers(positions: Tensor, qpos: Tensor) -> Tensor:

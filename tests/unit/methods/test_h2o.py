@@ -111,7 +111,10 @@ def test_a_budget_above_the_length_is_uncompressed_generation(family, make_model
     ids = ids_of(25)
     dense, kept = _greedy(model, ids, 10, None), _greedy(model, ids, 10, H2O(budget_tokens=100))
     for a, b in zip(dense.full_layers(), kept.full_layers(), strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.positions, b.positions)
+        # H2O's attention sums what each slot receives as it attends (`kvsqueeze.received`): the same softmax as SDPA's
+        # up to float32 rounding, which later layers' keys carry
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
 
 
 def test_fixed_budget_tokens(make_model):
