@@ -5,7 +5,9 @@ pages; report.html also embeds them (data URIs), so it is one self-contained fil
 extra): without it the pages are still written and say the plots were skipped.
 
 The numbers come from `summary.py`: every score is printed in % with its 95% interval, and a compressed score that
-differs from the uncompressed one on the same questions (p < 0.05, paired test) is marked with `*`.
+differs from the uncompressed one on the same questions (p < 0.05, paired test) is marked with `*`. At each ratio the
+ranking table orders the methods by score and tests each against the next one down on the same questions, so it
+says which steps of the ranking are differences and which may be noise.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def tables(s: Summary) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("Average score (%) by context length", ["method", "ratio", *map(str, s.lengths)], rows))
     if s.tests:
         out.append(_paired_table(s, keys))
+    if s.rankings:
+        out.append(_ranking_table(s))
     out.append(_frontier_table(s))
     for dim, by_cell in s.breakdowns.items():
         values = sorted({v for scores in by_cell.values() for v in scores})
@@ -103,6 +107,21 @@ def _paired_table(s: Summary, keys: list[tuple[str, float]]) -> tuple[str, list[
         for m, r in keys if (t := s.tests.get((m, r))) is not None
     ]  # fmt: skip
     return ("Paired test against 'none' on the same questions", head, rows)
+
+
+def _ranking_table(s: Summary) -> tuple[str, list[str], list[list[str]]]:
+    """Per ratio, the compressed cells by score; each row's test is against the row below it."""
+    head = ["ratio", "rank", "method", "score", "lead over the next (points)", "better", "worse", "p", "significant"]
+    rows = []
+    for ratio, ranking in s.rankings.items():
+        for i, (m, t) in enumerate(ranking, start=1):
+            c = s.cells[(m, ratio)]
+            test = ["", "", "", "", ""]
+            if t is not None:
+                verdict = "yes" if t.significant else "no"
+                test = [f"{100 * t.difference:+.1f}", str(t.better), str(t.worse), _p(t.p_value), verdict]
+            rows.append([f"{ratio:g}", str(i), m, scored(c.average, c.interval), *test])
+    return ("Ranking at each ratio: each method against the next one down, on the same questions", head, rows)
 
 
 def _frontier_table(s: Summary) -> tuple[str, list[str], list[list[str]]]:

@@ -1,7 +1,8 @@
 """What the report says, computed from result rows: per (method, ratio) cell the scores per task and length with
 their 95% intervals, the paired test of each compressed cell against the uncompressed one on the same questions,
-and scores broken down by what varied tasks record about each sample (haystack source, needle phrasing, value
-format). Nothing here is stored per row: intervals and tests are computed from the rows every time.
+the ranking of the compressed cells at each ratio (each against the next one down, on the same questions), and
+scores broken down by what varied tasks record about each sample (haystack source, needle phrasing, value format).
+Nothing here is stored per row: intervals and tests are computed from the rows every time.
 
 Rows whose cache was quantized (`kv_bits`) form cells of their own, labelled e.g. `knorm@4bit` (with the group size
 and residual too, `knorm@4bit/g32r64`, where the rows hold more than one such setting); full-precision rows keep the
@@ -71,6 +72,9 @@ class Summary:
     meta: dict[str, Any] = field(default_factory=dict)
     tests: dict[tuple[str, float], PairedTest] = field(default_factory=dict)  # compressed cell vs 'none'
     task_tests: dict[tuple[str, float, str], PairedTest] = field(default_factory=dict)  # the same, per task
+    # at each compression ratio, the compressed cells by decreasing average score, each with its paired test against
+    # the next one down on the questions both answered (None for the last): the ranking and which steps of it hold
+    rankings: dict[float, list[tuple[str, PairedTest | None]]] = field(default_factory=dict)
     breakdowns: dict[str, dict[tuple[str, float], dict[str, Score]]] = field(default_factory=dict)
 
 
@@ -127,6 +131,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) ->
         meta=meta or {},
     )
     _compare(summary)
+    _rank(summary)
     summary.breakdowns = {dim: by for dim in BREAKDOWNS if (by := _breakdown(rows, labels, dim))}
     return summary
 
@@ -189,6 +194,26 @@ def _compare(s: Summary) -> None:
         s.tests[(m, r)] = _paired(base, cell, shared)
         for task in sorted({k[0] for k in shared}):
             s.task_tests[(m, r, task)] = _paired(base, cell, [k for k in shared if k[0] == task])
+
+
+def _rank(s: Summary) -> None:
+    """At each ratio with two or more compressed cells: the cells by decreasing average score (ties in the order of
+    `s.methods`), each tested against the next one down (`paired_test(lower, upper)`: a positive difference is the
+    upper one's lead)."""
+    for ratio in s.ratios:
+        labels = [m for m in s.methods if m != NONE and (m, ratio) in s.cells]
+        if len(labels) < 2:
+            continue
+        ordered = sorted(labels, key=lambda m: -s.cells[(m, ratio)].average)  # stable: ties keep s.methods' order
+        ranking: list[tuple[str, PairedTest | None]] = []
+        for upper, lower in zip(ordered, [*ordered[1:], None], strict=True):
+            test = None
+            if lower is not None:
+                a, b = s.cells[(lower, ratio)], s.cells[(upper, ratio)]
+                shared = [k for k in b.questions if k in a.questions]
+                test = _paired(a, b, shared) if shared else None
+            ranking.append((upper, test))
+        s.rankings[ratio] = ranking
 
 
 def _paired(base: Cell, cell: Cell, keys: list[QuestionKey]) -> PairedTest:

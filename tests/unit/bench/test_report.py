@@ -68,6 +68,10 @@ def test_scores_print_their_interval_and_significant_cells_are_marked() -> None:
     assert header[2:] == ["questions", "difference (points)", "better", "worse", "test", "p", "significant"]
     assert paired == [["knorm", "0.5", "10", "-60.0", "0", "6", "mcnemar", "0.0312", "yes"],
                       ["snapkv", "0.5", "10", "-10.0", "0", "1", "mcnemar", "1.0000", "no"]]  # fmt: skip
+    header, ranking = _table(s, "Ranking at each ratio")
+    assert header[:4] == ["ratio", "rank", "method", "score"]
+    assert ranking == [["0.5", "1", "snapkv", "90.0 [59.6, 98.2]", "+50.0", "5", "0", "0.0625", "no"],
+                       ["0.5", "2", "knorm", "40.0 [16.8, 68.7]", "", "", "", "", ""]]  # fmt: skip
     md = render_markdown(s)
     assert "| knorm |  | 40.0 [16.8, 68.7] * |" in md and "exact McNemar" in md and "p < 0.05" in md
 
@@ -133,7 +137,7 @@ def test_write_report_makes_markdown_html_and_plots(tmp_path: Path) -> None:
     assert "KV MiB after" in md and "by context length" in md and "Model: tiny" in md
     assert "95% interval in brackets" in md and "Paired test against 'none'" in md
     page = files.html.read_text()
-    assert page.count("<table>") == 5 and "<th>average</th>" in page  # the frontier table is the fifth
+    assert page.count("<table>") == 6 and "<th>average</th>" in page  # ... paired tests, ranking, frontier
     assert len(files.plots) == 4 and files.plots_skipped is None
     for plot in files.plots:
         assert plot.parent == tmp_path and plot.read_bytes().startswith(PNG) and plot.stat().st_size > 5000

@@ -92,3 +92,25 @@ def test_quantized_rows_form_cells_of_their_own_and_never_mix() -> None:
     s = summarize([*rs, answer_row("knorm", 0.5, 1.0, 0, kv_bits=4, **g64)])
     assert s.methods == ["knorm", "knorm@4bit/g32r64", "knorm@4bit/g64r0", "knorm@2bit/g32r64"]
     assert s.cells[("knorm@4bit/g64r0", 0.5)].average == 1.0 and s.cells[("knorm@4bit/g32r64", 0.5)].average == 0.0
+
+
+def test_each_ratio_ranks_its_methods_and_tests_each_against_the_next_one_down() -> None:
+    scores = {
+        ("none", 0.0): [1.0] * 10,
+        ("snapkv", 0.5): [1.0] * 10,
+        ("knorm", 0.5): [1.0] * 4 + [0.0] * 6,  # loses six questions snapkv answers, wins none
+        ("knorm", 0.25): [1.0] * 10,  # alone at its ratio: no ranking there
+    }
+    s = summarize(scored_rows(scores))
+    assert 0.25 not in s.rankings and 0.0 not in s.rankings
+    (top, lead), (bottom, last) = s.rankings[0.5]
+    assert (top, bottom, last) == ("snapkv", "knorm", None)
+    assert lead is not None and (lead.pairs, lead.better, lead.worse) == (10, 6, 0)
+    assert lead.difference == pytest.approx(0.6) and lead.p_value == pytest.approx(2 * 0.5**6) and lead.significant
+
+
+def test_a_tie_keeps_the_order_methods_were_seen_in_and_is_not_significant() -> None:
+    scores = {("knorm", 0.5): [1.0, 0.0, 1.0, 0.0], ("snapkv", 0.5): [0.0, 1.0, 0.0, 1.0]}
+    (first, test), (second, _) = summarize(scored_rows(scores)).rankings[0.5]
+    assert (first, second) == ("knorm", "snapkv")
+    assert test is not None and (test.better, test.worse, test.p_value) == (2, 2, 1.0) and not test.significant
