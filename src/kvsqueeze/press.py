@@ -58,7 +58,7 @@ def compress(model: Any, method: Method | None, backend: str | None = None) -> I
     `method=None` only attaches kvsqueeze's attention (no pruning).
     """
     log = CompressionLog()
-    received = method is not None and "received_attention" in method.needs
+    received = method is not None and method.uses("received_attention")
     with (
         attach(model, backend) as adapter,
         step.capturing_queries() if method is not None else nullcontext(),

@@ -3,14 +3,15 @@ own queries gave them (observed attention, H2O), computed once, in the forward, 
 
 Such a method needs every new query's softmax weights over the layer's slots. Recomputing them after the forward
 repeats the attention's largest product (queries x keys) and its exponentials: at 4k tokens that doubled the attention
-time of a prefill. Inside `compress` with a method that needs ("received_attention",), `attention.py` runs `attend`
-on rectangular layers instead of SDPA: the queries go in blocks; each block's logits become weights once, which give
-both the output (weights x values) and the block's share of every slot's received attention (the real queries'
-weights summed, over the query heads of each KV head too). The hook then hands the sums to the method
-(`ScoreContext.received`).
+time of a prefill. Inside `compress` with a method that uses ("received_attention",), `attention.py` runs `attend` on
+rectangular layers instead of SDPA: the queries go in blocks; each block's logits are exponentiated in place once,
+and give both the output (their product with the values, divided by each query's sum) and the block's share of every
+slot's received attention (the real queries' weights summed, over the query heads of each KV head too). The hook then
+hands the sums to the method (`ScoreContext.received`).
 
 Logits, weights and sums are float32 whatever the model's dtype (as SDPA's CPU kernels keep them); the output is cast
-back. Pad queries attend as the mask lets them (to themselves) and add nothing to the sums.
+back. One logits buffer serves every block (a fresh multi-MiB allocation per block costs page faults on CPU). Pad
+queries attend as the mask lets them (to themselves) and add nothing to the sums.
 """
 
 from __future__ import annotations
@@ -41,30 +42,34 @@ def attend(
     b, hq, q, d = query.shape
     hkv, t, dv = key.shape[1], key.shape[2], value.shape[-1]
     g = hq // hkv
-    if isinstance(mask, str) and q != t:
+    causal = isinstance(mask, str)
+    if causal and q != t:
         raise ValueError(f"a 'causal' mask needs as many queries as slots, got {q} and {t}")
-    keys, values = key.float(), value.float()
+    keys_t, values = key.float().transpose(-1, -2), value.float()
     grouped = (query.float() * scale).view(b, hkv, g, q, d)
     out = query.new_empty(b, hkv, g, q, dv, dtype=torch.float32)
     received = torch.zeros(b, hkv, t, device=query.device)
     weight = real.to(device=query.device, dtype=torch.float32)
-    block = max(1, LOGITS_BUDGET // max(1, b * hq * t))
+    block = max(1, min(q, LOGITS_BUDGET // max(1, b * hq * t)))
+    buffer = torch.empty(b * hkv * g * block * t, device=query.device)
     for lo in range(0, q, block):
         hi = min(q, lo + block)
         n = hi - lo
-        end = hi if isinstance(mask, str) else t  # causal: no query of the block sees a later slot
-        logits = torch.matmul(grouped[:, :, :, lo:hi].reshape(b, hkv, g * n, d), keys[:, :, :end].transpose(-1, -2))
+        end = hi if causal else t  # causal: no query of the block sees a later slot
+        logits = buffer[: b * hkv * g * n * end].view(b, hkv, g * n, end)
+        torch.matmul(grouped[:, :, :, lo:hi].reshape(b, hkv, g * n, d), keys_t[..., :end], out=logits)
         if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+            logits.div_(softcap).tanh_().mul_(softcap)
         per_query = logits.view(b, hkv, g, n, end)
-        if isinstance(mask, str):
-            rows = torch.arange(lo, hi, device=query.device)[:, None]
-            per_query.masked_fill_(torch.arange(end, device=query.device)[None, :] > rows, float("-inf"))
-        elif mask is not None:
+        if causal:  # only the block's own columns can lie ahead of one of its queries
+            ahead = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
+            per_query[..., lo:end].masked_fill_(ahead, float("-inf"))
+        elif isinstance(mask, Tensor):
             visible = mask[..., lo:hi, :end].expand(b, hkv, n, end)
             per_query.masked_fill_(~visible[:, :, None], float("-inf"))
-        weights = torch.softmax(logits, dim=-1)  # (B, H_kv, G n, end)
-        out[:, :, :, lo:hi] = torch.matmul(weights, values[:, :, :end]).view(b, hkv, g, n, dv)
-        counted = weight[:, None, None, lo:hi].expand(b, 1, g, n).reshape(b, 1, 1, g * n)
-        received[:, :, :end] += torch.matmul(counted, weights)[:, :, 0]
+        exp = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # weights before their normalisation
+        total = exp.sum(dim=-1, keepdim=True)  # (B, H_kv, G n, 1)
+        out[:, :, :, lo:hi] = (torch.matmul(exp, values[:, :, :end]) / total).view(b, hkv, g, n, dv)
+        counted = weight[:, None, None, lo:hi].expand(b, hkv, g, n).reshape(b, hkv, 1, g * n) / total.transpose(-1, -2)
+        received[:, :, :end] += torch.matmul(counted, exp)[:, :, 0]
     return out.view(b, hq, q, dv).to(query.dtype), received

@@ -129,3 +129,10 @@ def test_the_forwards_sums_keep_the_slots_a_recomputation_keeps(family, make_mod
     for a, b in zip(direct.kv_layers(), copy.kv_layers(), strict=True):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_with_a_query_stride_the_forward_does_not_sum_received_attention(make_model):
+    spy = _Spy(ratio=0.5, query_stride=8)  # its score recomputes the strided queries' attention: sums would be waste
+    prefill(make_model("llama"), ids_of(40, seed=6), spy)
+    assert spy.seen and all(r is None for r in spy.seen.values())
+    assert _Spy(ratio=0.5).uses("received_attention") and not spy.uses("received_attention")

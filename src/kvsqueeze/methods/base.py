@@ -146,6 +146,11 @@ class Method:
         """(indices (B, H, K), counts (B, H)) of the slots to keep, in slot order; None keeps everything."""
         raise NotImplementedError
 
+    def uses(self, need: Need) -> bool:
+        """Whether this instance, with its options, uses `need` (by default: whether it is in `needs`). `compress`
+        asks before preparing what costs the forward something (the attention each slot received)."""
+        return need in self.needs
+
     def channel_plan(self, ctx: ScoreContext, plan: tuple[Tensor, Tensor] | None) -> Tensor | None:
         """Key channels to keep, (B or 1, H, D') distinct ascending indices with D' < D the same for every (row,
         head), given the token plan `plan` returned by `plan(ctx)`; None (the default) keeps all channels. Called once

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvsqueeze.methods.base import ScoreContext, ScorerMethod
+from kvsqueeze.methods.base import Need, ScoreContext, ScorerMethod
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.validation import check_int
 
@@ -35,6 +35,10 @@ class ObservedAttention(ScorerMethod):
         super().__post_init__()
         check_int("block_size", self.block_size, 1)
         check_int("query_stride", self.query_stride, 1)
+
+    def uses(self, need: Need) -> bool:
+        """The forward's sums are those of every query: a query stride recomputes its own instead."""
+        return super().uses(need) and (need != "received_attention" or self.query_stride == 1)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         q = ctx.queries(rope=True)  # (B, H_q, q, D): the captured ones inside `compress`, no computation
