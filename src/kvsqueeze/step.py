@@ -40,8 +40,6 @@ __all__ = [
 T = TypeVar("T")
 
 _UPDATED: ContextVar[tuple[object, Tensor] | None] = ContextVar("kvsqueeze_updated_layer", default=None)
-_CAPTURED: ContextVar[dict[int, Tensor] | None] = ContextVar("kvsqueeze_captured_queries", default=None)
-_RECEIVED: ContextVar[dict[int, Tensor] | None] = ContextVar("kvsqueeze_received_attention", default=None)
 _PAUSED: ContextVar[bool] = ContextVar("kvsqueeze_paused", default=False)
 _MORE: ContextVar[bool] = ContextVar("kvsqueeze_more_context", default=False)
 
@@ -82,46 +80,67 @@ def _setting(var: ContextVar[T], value: T) -> Iterator[None]:
         var.reset(token)
 
 
+class _PerLayer:
+    """Tensors the attention function leaves, one per layer, for the hook that runs right after it, while a block
+    collects them (outside one, nothing is kept)."""
+
+    def __init__(self, name: str) -> None:
+        self.var: ContextVar[dict[int, Tensor] | None] = ContextVar(name, default=None)
+
+    def collecting(self) -> AbstractContextManager[None]:
+        return _setting(self.var, {})
+
+    def on(self) -> bool:
+        return self.var.get() is not None
+
+    def keep(self, layer: object, tensor: Tensor) -> None:
+        kept = self.var.get()
+        if kept is not None:
+            kept[id(layer)] = tensor
+
+    def take(self, layer: object) -> Tensor | None:
+        kept = self.var.get()
+        return None if kept is None else kept.pop(id(layer), None)
+
+
+_QUERIES = _PerLayer("kvsqueeze_captured_queries")
+_RECEIVED = _PerLayer("kvsqueeze_received_attention")
+
+
 def capturing_queries() -> AbstractContextManager[None]:
     """Inside this block attention leaves each layer's post-RoPE queries for the hook that runs right after it."""
-    return _setting(_CAPTURED, {})
+    return _QUERIES.collecting()
 
 
 def capture_queries(layer: object, queries: Tensor) -> None:
     """Called by the attention function: keep `queries` (B, H_q, q, D) for `layer` if capturing is on."""
-    captured = _CAPTURED.get()
-    if captured is not None:
-        captured[id(layer)] = queries
+    _QUERIES.keep(layer, queries)
 
 
 def take_queries(layer: object) -> Tensor | None:
     """The queries captured for `layer` in this forward (consumed), or None."""
-    captured = _CAPTURED.get()
-    return None if captured is None else captured.pop(id(layer), None)
+    return _QUERIES.take(layer)
 
 
 # -- attention each slot received, summed by the attention function for the hook (`received.py`)
 def collecting_received() -> AbstractContextManager[None]:
     """Inside this block attention over a rectangular layer also sums the attention each slot received and leaves it
     for the hook that runs right after it."""
-    return _setting(_RECEIVED, {})
+    return _RECEIVED.collecting()
 
 
 def wants_received() -> bool:
-    return _RECEIVED.get() is not None
+    return _RECEIVED.on()
 
 
 def keep_received(layer: object, received: Tensor) -> None:
     """Called by the attention function: keep `received` (B, H_kv, T) for `layer` if collecting is on."""
-    collected = _RECEIVED.get()
-    if collected is not None:
-        collected[id(layer)] = received
+    _RECEIVED.keep(layer, received)
 
 
 def take_received(layer: object) -> Tensor | None:
     """The attention `layer`'s slots received in this forward (consumed), or None."""
-    collected = _RECEIVED.get()
-    return None if collected is None else collected.pop(id(layer), None)
+    return _RECEIVED.take(layer)
 
 
 # -- a method's own forwards that the hooks must ignore
