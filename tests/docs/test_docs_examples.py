@@ -142,7 +142,7 @@ def test_results_snippet_reproduces_the_default_suite_tables(
     namespace: dict[str, Any] = {}
     exec(compile(snippet, "results-jsonl.md", "exec"), namespace)
     computed = {(m, r): f"{100 * sum(v) / len(v):.1f}" for (m, r), v in namespace["scores"].items()}
-    assert len(capsys.readouterr().out.splitlines()) == len(computed) == 16
+    assert len(capsys.readouterr().out.splitlines()) == len(computed) == 22  # none + 7 methods x 3 ratios
     assert score_table(DOCS / "results" / "default-suite.md") == computed
     assert score_table(README) == computed
 

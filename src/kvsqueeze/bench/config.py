@@ -17,10 +17,13 @@ from kvsqueeze.validation import check_int, check_ratio
 
 # The suite `kvsqueeze bench` runs with no arguments (names that are not registered are left out). Tasks are those
 # where the uncompressed SmolLM2-135M scores well at 1k tokens (benchmarks/results/task_accuracy.md): on vt, cwe, fwe
-# and qa it is near chance, so compression could not show a difference there.
+# and qa it is near chance, so compression could not show a difference there. Methods: the seed methods (KNorm,
+# Expected Attention, Q-Filters), two classics (SnapKV, StreamingLLM), and the leaders of the rank suite's rankings
+# (docs/results/rank-suite.md): LU-KV, first at every ratio on SmolLM2, and KeyDiff, in the second group on SmolLM2
+# and first at 0.5 on Gemma 3 270M.
 DEFAULT_SUITE: dict[str, Any] = {
     "name": "default",
-    "methods": (NONE, "knorm", "snapkv", "streaming_llm", "expected_attention", "qfilters"),
+    "methods": (NONE, "knorm", "snapkv", "streaming_llm", "expected_attention", "qfilters", "lukv", "keydiff"),
     "ratios": (0.25, 0.5, 0.75),
     "tasks": ("niah_single", "niah_multikey", "niah_multiquery", "passkey"),
     "lengths": (1024,),

@@ -58,7 +58,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--suite",
         choices=["default", "full", "rank"],
         default="default",
-        help="the grid the other options change: default (6 methods, 4 tasks, 4 samples), full (every registered "
+        help="the grid the other options change: default (8 methods, 4 tasks, 4 samples), full (every registered "
         "method on niah_single and passkey, 2 samples) or rank (7 methods on passkey_varied and niah_varied at 1k "
         "and 2k, 96 questions per cell: about an hour on a CPU)",
     )
