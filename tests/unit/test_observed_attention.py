@@ -136,3 +136,8 @@ def test_with_a_query_stride_the_forward_does_not_sum_received_attention(make_mo
     prefill(make_model("llama"), ids_of(40, seed=6), spy)
     assert spy.seen and all(r is None for r in spy.seen.values())
     assert _Spy(ratio=0.5).uses("received_attention") and not spy.uses("received_attention")
+
+
+def test_at_ratio_zero_nothing_is_summed_and_the_forward_stays_plain_attention():
+    assert not ObservedAttention(ratio=0.0).uses("received_attention")
+    assert ObservedAttention(ratio=0.0).uses("queries")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvsqueeze.methods.base import ScoreContext, ScorerMethod, checked_protected, select
+from kvsqueeze.methods.base import Need, ScoreContext, ScorerMethod, checked_protected, select
 from kvsqueeze.methods.observed_attention import forward_received, received_attention
 from kvsqueeze.methods.registry import register_method
 from kvsqueeze.validation import check_float, check_int
@@ -57,6 +57,12 @@ class H2O(ScorerMethod):
             raise ValueError(f"give either budget_tokens ({self.budget_tokens}) or ratio ({self.ratio}), not both")
         check_float("recent_share", self.recent_share, 0.0, 1.0)
         check_int("block_size", self.block_size, 1)
+
+    def uses(self, need: Need) -> bool:
+        """At ratio 0 without a fixed budget nothing is evicted: the forward stays plain attention, bit for bit."""
+        if need == "received_attention":
+            return super().uses(need) and (self.ratio > 0 or self.budget_tokens is not None)
+        return super().uses(need)
 
     def budget(self, ctx: ScoreContext) -> Tensor:  # (B, H)
         kept = ctx.valid.sum(dim=-1)  # (B, H) after this forward's tokens were appended

@@ -37,8 +37,11 @@ class ObservedAttention(ScorerMethod):
         check_int("query_stride", self.query_stride, 1)
 
     def uses(self, need: Need) -> bool:
-        """The forward's sums are those of every query: a query stride recomputes its own instead."""
-        return super().uses(need) and (need != "received_attention" or self.query_stride == 1)
+        """The forward's sums are those of every query: a query stride recomputes its own instead, and at ratio 0
+        nothing is scored (the forward then stays plain attention, bit for bit)."""
+        if need == "received_attention":
+            return super().uses(need) and self.query_stride == 1 and self.ratio > 0
+        return super().uses(need)
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         q = ctx.queries(rope=True)  # (B, H_q, q, D): the captured ones inside `compress`, no computation
