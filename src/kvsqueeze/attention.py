@@ -13,8 +13,9 @@ and the whole decision is made here. Pad queries attend to themselves only, so n
 A layer storing thin keys (D' < D key channels, `cache.py`) is attended with the matching channels of the queries,
 scaled by 1/sqrt(D) as the model would (`_thin_queries`). A layer whose rows read shared prefixes (`storage/shared.py`)
 is attended by `prefix_attention`: the keys transformers hands over are then the rows' own slots only. Inside
-`compress` with a method that needs the attention each slot received (observed attention, H2O), a rectangular layer is
-attended by `received.attend`, which sums it on the way for the method's hook.
+`compress` with a method that uses the attention each slot received (observed attention, H2O), a rectangular layer is
+attended by `received.attend` instead of SDPA, which sums it on the way for the method's hook (under the eager backend
+the method computes it itself).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class KVLayer(DynamicLayer):
             key_states = self.thin.narrow(key_states)
         b, h, q, _ = key_states.shape
         if q == 1 and isinstance(self.storage, RaggedStorage) and not self.storage.slot_state:
-            self.storage = SharedStorage.decoding(self.storage)  # decode steps no longer repack the segments
+            self._set(SharedStorage.decoding(self.storage))  # decode steps no longer repack the segments
         new_pos = self.query_positions.to(device=self.seen.device, dtype=torch.int32)
         storage, self.step_view = self.storage.append(key_states, value_states, new_pos[:, None, :].expand(b, h, q))
         self._set(storage)

@@ -1,10 +1,9 @@
 """A request's compression settings (the `kv_compression` extension field) and the method they build.
 
 A field left out takes the server's value (`--method`, `--ratio`, `--option`, `--budget-policy`, `--kv-bits`), except
-that the
-server's options and budget policy only apply to the server's own method: a request naming another method starts
-from that method's defaults. Bad names and options raise the registry's ValueErrors ("Unknown method 'snapkvv'. Did
-you mean 'snapkv'?"), which the server answers with a 400.
+that the server's options and budget policy only apply to the server's own method: a request naming another method
+starts from that method's defaults. Bad names and options raise the registry's ValueErrors ("Unknown method
+'snapkvv'. Did you mean 'snapkv'?"), which the server answers with a 400.
 """
 
 from __future__ import annotations
