@@ -143,6 +143,16 @@ def test_calibration_ids_from_tokenizer_or_random(make_model, tokenizer):
     assert source == "random" and rand.shape == (300,) and int(rand.max()) < model.config.vocab_size
 
 
+def test_calibration_ids_of_another_text(make_model, tokenizer):
+    model = make_model("llama")
+    generic, _ = calibration_ids(model, 300, seed=0, tokenizer=tokenizer)
+    for text in ("python_docs", "docstrings", "mixed"):
+        ids, source = calibration_ids(model, 300, seed=0, tokenizer=tokenizer, text=text)
+        assert source == text and ids.shape == (300,) and not torch.equal(ids, generic)
+    with pytest.raises(ValueError, match="text must be one of"):
+        calibration_ids(model, 300, seed=0, tokenizer=tokenizer, text="news")
+
+
 def test_tokenizer_found_next_to_a_saved_model(make_model, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 

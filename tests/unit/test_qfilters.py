@@ -83,7 +83,7 @@ def test_score_is_the_projection_on_the_filter():
     model = torch.nn.Linear(1, 1)  # any module: filters are looked up per model object
     method = QFilters(ratio=0.5)
     filters = {3: torch.randn(2, 8)}
-    remembered(model, ("qfilters", *method._settings()), lambda: filters)
+    remembered(model, ("qfilters", *method.calibration_key()), lambda: filters)
     keys = torch.randn(2, 2, 5, 8)  # (B, H, T, D)
     ctx = SimpleNamespace(keys=keys, layer_idx=3, adapter=SimpleNamespace(model=model))
     scores = method.score(ctx)  # type: ignore[arg-type]
@@ -129,7 +129,9 @@ def test_needs_calibration():
     assert QFilters.needs == ("calibration",)
     described = {d["name"]: d for d in kvs.describe_methods()}["qfilters"]
     assert described["needs"] == ["calibration"]
-    assert described["options"] == {"ratio": 0.0, "n_tokens": 4096, "seed": 0, "calibration_chunk": 1024}
+    assert described["options"] == {
+        "ratio": 0.0, "n_tokens": 4096, "seed": 0, "calibration_chunk": 1024, "text": "generic"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kvsqueeze.corpus import CALIBRATION_TEXTS, calibration_text
 from kvsqueeze.hooks import detached
 from kvsqueeze.models import ModelAdapter, apply_rope, get_adapter
-from kvsqueeze.text import generic_text
+from kvsqueeze.validation import check_choice
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -61,8 +62,13 @@ def find_tokenizer(model: nn.Module) -> Any | None:
         return None
 
 
-def calibration_ids(model: nn.Module, n_tokens: int, seed: int, tokenizer: Any | None = None) -> tuple[Tensor, str]:
-    """(ids (n_tokens,), source) where source is "text" (generic prose) or "random" (no tokenizer found)."""
+def calibration_ids(
+    model: nn.Module, n_tokens: int, seed: int, tokenizer: Any | None = None, text: str = "generic"
+) -> tuple[Tensor, str]:
+    """(ids (n_tokens,), source) of the calibration `text` (`corpus.CALIBRATION_TEXTS`); source is "text" for the
+    generic prose (the name calibration artifacts have always carried), the text's name for the others, or "random"
+    when no tokenizer is found (random ids, whatever `text`)."""
+    check_choice("text", text, CALIBRATION_TEXTS)
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
     if tokenizer is None:
         logger.warning(
@@ -73,9 +79,8 @@ def calibration_ids(model: nn.Module, n_tokens: int, seed: int, tokenizer: Any |
         vocab = int(model.config.get_text_config(decoder=True).vocab_size)  # type: ignore[union-attr, operator]
         gen = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab, (n_tokens,), generator=gen), "random"
-    text = generic_text(tokenizer, n_tokens, seed)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-    return torch.tensor(ids, dtype=torch.long), "text"
+    ids = tokenizer(calibration_text(tokenizer, n_tokens, seed, text), add_special_tokens=False)["input_ids"][:n_tokens]
+    return torch.tensor(ids, dtype=torch.long), "text" if text == "generic" else text
 
 
 def ids_digest(ids: Tensor) -> str:

@@ -10,9 +10,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from kvsqueeze.calibration import calibration_ids, ids_digest
+from kvsqueeze.corpus import CALIBRATION_TEXTS
 from kvsqueeze.methods.base import Need, ScorerMethod
 from kvsqueeze.models import get_adapter
-from kvsqueeze.validation import check_int
+from kvsqueeze.validation import check_choice, check_int
 
 
 @dataclass
@@ -31,16 +32,22 @@ class CalibrationOptions(ScorerMethod):
     n_tokens: int = 4096  # calibration tokens of generic text
     seed: int = 0  # which generic text
     calibration_chunk: int = 1024  # tokens per calibration forward (capped by the model's max positions)
+    text: str = "generic"  # calibration text (corpus.CALIBRATION_TEXTS): generic, python_docs, docstrings, mixed
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("n_tokens", self.n_tokens, 16, 1_000_000)
         check_int("seed", self.seed, 0, 2**31 - 1)
         check_int("calibration_chunk", self.calibration_chunk, 16, 1_000_000)
+        check_choice("text", self.text, CALIBRATION_TEXTS)
+
+    def calibration_key(self) -> tuple[Any, ...]:
+        """The calibration options, for the key a calibrated method remembers its artifact under in a process."""
+        return self.n_tokens, self.seed, self.calibration_chunk, self.text
 
     def calibration_setup(self, model: Any, tokenizer: Any) -> tuple[Tensor, int, dict[str, Any]]:
         """(ids (n_tokens,), chunk size capped by the model's max positions, settings dict keying the artifact)."""
-        ids, source = calibration_ids(model, self.n_tokens, self.seed, tokenizer)
+        ids, source = calibration_ids(model, self.n_tokens, self.seed, tokenizer, self.text)
         chunk = min(self.calibration_chunk, get_adapter(model).max_positions or self.calibration_chunk)
         settings = {
             "n_tokens": self.n_tokens,

@@ -28,10 +28,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvsqueeze.calibration import artifact_path, calibrated, calibration_ids, ids_digest, read_info, remembered
+from kvsqueeze.corpus import CALIBRATION_TEXTS
 from kvsqueeze.methods.base import ScoreContext, ScorerMethod
 from kvsqueeze.models import get_adapter
 from kvsqueeze.replay import prompt_token_ids, replay_document
-from kvsqueeze.validation import check_int
+from kvsqueeze.validation import check_choice, check_int
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -154,6 +155,7 @@ class KVzapBase(ScorerMethod):
     doc_tokens: int = 512  # tokens per calibration document
     heldout_docs: int = 2  # documents used only to measure the held-out Spearman correlation
     seed: int = 0  # which generic text (and the training seed)
+    text: str = "generic"  # calibration text (corpus.CALIBRATION_TEXTS): generic, python_docs, docstrings, mixed
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +166,7 @@ class KVzapBase(ScorerMethod):
             high = self.n_docs - 1
             raise ValueError(f"heldout_docs must be in [1, n_docs - 1] = [1, {high}], got {self.heldout_docs}")
         check_int("seed", self.seed, 0, 2**31 - 1)
+        check_choice("text", self.text, CALIBRATION_TEXTS)
 
     # subclasses --------------------------------------------------------------------------------------------------
     def fit_settings(self) -> dict[str, Any]:
@@ -182,7 +185,7 @@ class KVzapBase(ScorerMethod):
     # calibration -------------------------------------------------------------------------------------------------
     def _settings(self, model: Any, tokenizer: Any) -> tuple[dict[str, Any], list[Tensor]]:
         n = self.n_docs * self.doc_tokens
-        ids, source = calibration_ids(model, n, self.seed, tokenizer)
+        ids, source = calibration_ids(model, n, self.seed, tokenizer, self.text)
         if len(ids) < n:
             raise ValueError(f"the calibration text gave {len(ids)} tokens, fewer than n_docs * doc_tokens = {n}")
         max_pos = get_adapter(model).max_positions
@@ -207,7 +210,7 @@ class KVzapBase(ScorerMethod):
     def _data_key(self) -> tuple[Any, ...]:
         """What the collected KVzip+ dataset depends on (not the predictor's kind or fit settings): the predictors
         calibrated with the same documents in one process share one collection."""
-        return ("kvzip+ dataset", VERSION, self.n_docs, self.doc_tokens, self.seed)
+        return ("kvzip+ dataset", VERSION, self.n_docs, self.doc_tokens, self.seed, self.text)
 
     def _compute(self, model: Any, docs: list[Tensor], force: bool = False) -> dict[str, Tensor]:
         desc = f"{self.kind}: KVzip+ targets"
@@ -239,7 +242,8 @@ class KVzapBase(ScorerMethod):
         return artifact_path(self.kind, model, settings), params
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.kind, self.n_docs, self.doc_tokens, self.heldout_docs, self.seed, *self.fit_settings().values())
+        return (self.kind, self.n_docs, self.doc_tokens, self.heldout_docs, self.seed, self.text,
+                *self.fit_settings().values())  # fmt: skip
 
     def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path:
         path, params = self._calibrate(model, tokenizer, force)

@@ -142,7 +142,7 @@ class DuoAttention(CalibrationOptions, DuoAttentionOptions):
             )
 
     def _key(self) -> tuple[Any, ...]:
-        return (KIND, self.n_tokens, self.seed, self.calibration_chunk, self.n_sink, self.window)
+        return (KIND, *self.calibration_key(), self.n_sink, self.window)
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
         ids, chunk, settings = self.calibration_setup(model, tokenizer)

@@ -60,7 +60,7 @@ class ExpectedAttentionCalibrated(CalibrationOptions, ExpectedAttention):
     """Expected Attention whose query mean and covariance come from a calibration on generic text (cached on disk)."""
 
     def _key(self) -> tuple[Any, ...]:
-        return (KIND, self.n_tokens, self.seed, self.calibration_chunk, self.n_sink)
+        return (KIND, *self.calibration_key(), self.n_sink)
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[str, dict[int, Tensor]]]:
         ids, chunk, settings = self.calibration_setup(model, tokenizer)

@@ -203,7 +203,7 @@ class LUKV(CalibrationOptions, LUKVOptions):
 
     def _key(self) -> tuple[Any, ...]:
         scorer = repr(dataclasses.replace(self.scorer, ratio=0.0))
-        return (KIND, scorer, self.horizon, self.grid, self.n_tokens, self.seed, self.calibration_chunk)
+        return (KIND, scorer, self.horizon, self.grid, *self.calibration_key())
 
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
         ids, chunk, settings = self.calibration_setup(model, tokenizer)

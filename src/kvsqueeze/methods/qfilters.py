@@ -59,9 +59,6 @@ def compute_filters(model: Any, ids: Tensor, chunk_size: int) -> dict[str, Tenso
 class QFilters(CalibrationOptions):
     """Keep keys projecting most on the head's main query direction (calibrated once per model, cached on disk)."""
 
-    def _settings(self) -> tuple[int, int, int]:
-        return self.n_tokens, self.seed, self.calibration_chunk
-
     def _calibrate(self, model: Any, tokenizer: Any, force: bool) -> tuple[Path, dict[int, Tensor]]:
         ids, chunk, settings = self.calibration_setup(model, tokenizer)
         tensors = calibrated("qfilters", model, settings, lambda: compute_filters(model, ids, chunk), force=force)
@@ -69,12 +66,12 @@ class QFilters(CalibrationOptions):
 
     def calibrate(self, model: Any, tokenizer: Any = None, force: bool = False) -> Path:
         path, filters = self._calibrate(model, tokenizer, force)
-        remembered(model, ("qfilters", *self._settings()), lambda: filters, refresh=True)
+        remembered(model, ("qfilters", *self.calibration_key()), lambda: filters, refresh=True)
         return path
 
     def filters(self, model: Any) -> dict[int, Tensor]:
         """{layer: (H, D) filter}, calibrated (or loaded from disk) on first use for this model."""
-        return remembered(model, ("qfilters", *self._settings()), lambda: self._calibrate(model, None, False)[1])
+        return remembered(model, ("qfilters", *self.calibration_key()), lambda: self._calibrate(model, None, False)[1])
 
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         f = self.filters(ctx.adapter.model)[ctx.layer_idx].to(ctx.keys.device)  # (H, D)

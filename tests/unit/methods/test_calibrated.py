@@ -20,18 +20,20 @@ CALIBRATED = [QFilters, ExpectedAttentionCalibrated, DuoAttention, LUKV]
 def test_calibration_fields_come_last(cls):
     names = [f.name for f in dataclasses.fields(cls)]
     assert issubclass(cls, CalibrationOptions) and cls.needs == ("calibration",)
-    assert names[0] == "ratio" and names[-3:] == ["n_tokens", "seed", "calibration_chunk"]
+    assert names[0] == "ratio" and names[-4:] == ["n_tokens", "seed", "calibration_chunk", "text"]
     assert cls.options()["n_tokens"] == 4096 and cls.options()["calibration_chunk"] == 1024
 
 
 def test_reprs_keep_their_field_order():
-    assert repr(QFilters(ratio=0.5, seed=2)) == "QFilters(ratio=0.5, n_tokens=4096, seed=2, calibration_chunk=1024)"
+    assert repr(QFilters(ratio=0.5, seed=2)) == (
+        "QFilters(ratio=0.5, n_tokens=4096, seed=2, calibration_chunk=1024, text='generic')"
+    )
     assert repr(DuoAttention(window=32)) == (
         "DuoAttention(ratio=0.0, n_sink=4, window=32, streaming_fraction=None, n_tokens=4096, seed=0, "
-        "calibration_chunk=1024)"
+        "calibration_chunk=1024, text='generic')"
     )
     assert [f.name for f in dataclasses.fields(LUKV)] == [
-        "ratio", "scorer", "horizon", "grid", "n_tokens", "seed", "calibration_chunk"
+        "ratio", "scorer", "horizon", "grid", "n_tokens", "seed", "calibration_chunk", "text"
     ]  # fmt: skip
 
 
@@ -42,6 +44,7 @@ def test_reprs_keep_their_field_order():
         ("n_tokens", 15, r"n_tokens must be an integer in \[16, 1000000\], got 15"),
         ("seed", -1, r"seed must be an integer in \[0, 2147483647\], got -1"),
         ("calibration_chunk", True, r"calibration_chunk must be an integer in \[16, 1000000\], got True"),
+        ("text", "wiki", r"text must be one of 'generic', 'python_docs', 'docstrings', 'mixed', got 'wiki'"),
     ],
 )
 def test_calibration_options_are_checked(cls, option, value, message):
@@ -72,3 +75,12 @@ def test_setup_caps_the_chunk_and_keys_the_artifact(make_model):
     assert again[2] == settings  # the same options give the same settings, whichever method asks
     other = QFilters(n_tokens=64, seed=2, calibration_chunk=256).calibration_setup(model, None)
     assert other[2]["ids"] != settings["ids"]
+
+
+def test_calibration_text_keys_the_artifact_and_the_process_memo(make_model, tokenizer):
+    model = make_model("llama")
+    generic = QFilters(n_tokens=64).calibration_setup(model, tokenizer)[2]
+    mixed = QFilters(n_tokens=64, text="mixed").calibration_setup(model, tokenizer)[2]
+    assert generic["text"] == "text" and mixed["text"] == "mixed"  # generic artifacts keep their old key
+    assert mixed["ids"] != generic["ids"]
+    assert QFilters(text="mixed").calibration_key() != QFilters().calibration_key()

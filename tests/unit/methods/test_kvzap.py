@@ -212,6 +212,7 @@ def test_scores_follow_the_predictor_and_refuse_later_forwards(name, make_model)
         ("fastkvzip_gates", "rank", 0),
         ("fastkvzip_gates", "n_queries", 1.5),
         ("fastkvzip_gates", "seed", -1),
+        ("kvzap_mlp", "text", "wiki"),
     ],
 )
 def test_bad_options_raise(name, option, value):

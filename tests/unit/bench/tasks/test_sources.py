@@ -1,5 +1,5 @@
-"""Haystack sources: Python's own documentation and docstrings cleaned to digit-free prose, passages that grow word
-by word with needles at sentence boundaries, one factory for every source."""
+"""Haystack sources: passages that grow word by word with needles at sentence boundaries, one factory for every source
+(the real text itself is tested in tests/unit/test_corpus.py)."""
 
 from __future__ import annotations
 
@@ -9,41 +9,7 @@ import re
 
 import pytest
 
-from kvsqueeze.bench.tasks._sources import SOURCES, Passage, cycle, haystack, invented, paragraphs, prose_sentences
-
-DOC = """The "frob" statement
-********************
-
-Frobbing is done with the frob statement. It takes *one* argument and returns nothing. It is short.
-
-   frob_stmt ::= "frob" expression
-
->>> frob(3)
-
-Since version 3.9 it is faster. Each call is logged in the manual. See also
-the section on twiddling, which explains more.
-
-+------+------+
-| a    | b    |
-+------+------+
-"""
-
-
-def test_cleaning_keeps_prose_sentences_only() -> None:
-    assert list(prose_sentences(DOC)) == [
-        ("Frobbing is done with the frob statement.", "It takes one argument and returns nothing."),  # no emphasis
-        ("Each call is logged in the manual.", "See also the section on twiddling, which explains more."),
-    ]  # heading, grammar rule, doctest, table, a sentence with a digit and one too short to hide anything are gone
-
-
-@pytest.mark.parametrize("source", ["python_docs", "docstrings"])
-def test_real_text_is_large_digit_free_and_made_of_sentences(source: str) -> None:
-    text = paragraphs(source)
-    sentences = [s for p in text for s in p]
-    assert len(sentences) > 500 and sum(map(len, sentences)) > 50_000  # several thousand tokens before repeating
-    assert not any(re.search(r"\d", s) for s in sentences)  # every digit of a context belongs to a needle
-    assert all(s[0].isupper() and s.endswith(".") and ">>>" not in s and "::=" not in s for s in sentences)
-    assert paragraphs(source) is text  # read once per process
+from kvsqueeze.bench.tasks._sources import SOURCES, Passage, cycle, haystack, invented
 
 
 def test_passage_grows_word_by_word_and_wraps_around() -> None:

@@ -1,0 +1,149 @@
+"""Real English text that ships with Python itself, read at run time and never fetched, and the calibration texts
+built from it:
+
+- "python_docs": the language reference topics that `help()` shows, from the standard library's `pydoc_data.topics`;
+- "docstrings": the docstrings of a fixed list of pure-Python standard library modules, their public classes, the
+  classes' public methods and the modules' public functions.
+
+Cleaning keeps prose only: headings, indented blocks (code, grammar rules), tables and doctest lines are dropped,
+emphasis markers are removed, and only sentences that start with a capital letter, end with a full stop, hold no
+digit and no code characters are kept (about 30k tokens of python_docs and 25k of docstrings for a
+4-characters-per-token tokenizer). The benchmark's haystacks (`bench.tasks._sources`) and the calibration of the
+calibrated methods (`calibration_text`, their `text` option) read it from here.
+
+The real text is that of the running Python: another Python version may give other text for the same seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import itertools
+import random
+import re
+from collections.abc import Iterator
+from pydoc_data.topics import topics
+from types import ModuleType
+from typing import Any
+
+from kvsqueeze.text import generic_paragraphs, generic_text
+from kvsqueeze.validation import check_choice, check_int
+
+REAL_SOURCES = ("python_docs", "docstrings")
+CALIBRATION_TEXTS = ("generic", *REAL_SOURCES, "mixed")
+DOCSTRING_MODULES = (
+    "argparse", "calendar", "collections", "contextlib", "copy", "csv", "dataclasses", "difflib", "email.message",
+    "enum", "fractions", "functools", "heapq", "inspect", "json", "logging", "pathlib", "pickle", "pprint", "queue",
+    "random", "sched", "shutil", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "unittest.case", "urllib.parse", "zipfile",
+)  # fmt: skip
+_HEADING = re.compile(r"^\s*([*=\-~^#\"'+])\1{2,}\s*$")  # a line of one repeated mark underlines a heading
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_EMPHASIS = re.compile(r"\*+([^*\s][^*]*?)\*+")
+_CODE = re.compile(r"::=|>>>|[{}\[\]<>=*@$`|\\]|__\w|\w_\w|\(\)|\.\w+\(|\w\.\w")
+Paragraphs = tuple[tuple[str, ...], ...]
+
+
+def prose_sentences(text: str) -> Iterator[tuple[str, ...]]:
+    """The paragraphs of plain documentation text, as tuples of the sentences kept (see the module docstring)."""
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.strip("\n").split("\n")
+        if any(_HEADING.match(line) for line in lines) or lines[0][:1].isspace():
+            continue
+        if lines[0].startswith(("+", "|", ">>>", "...")):
+            continue
+        paragraph = _EMPHASIS.sub(r"\1", re.sub(r"^[*\-] ", "", " ".join(line.strip() for line in lines)))
+        kept = tuple(s for s in (" ".join(s.split()) for s in _SENTENCE_END.split(paragraph)) if _is_prose(s))
+        if kept:
+            yield kept
+
+
+def _is_prose(sentence: str) -> bool:
+    return (
+        30 <= len(sentence) <= 400
+        and sentence[0].isupper()
+        and sentence.endswith(".")
+        and not any(c.isdigit() for c in sentence)
+        and not _CODE.search(sentence)
+    )
+
+
+def _module_docs(module: ModuleType) -> Iterator[str | None]:
+    yield module.__doc__
+    for name in sorted(vars(module)):
+        obj = vars(module)[name]
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+            continue
+        yield obj.__doc__
+        if inspect.isclass(obj):
+            yield from (m.__doc__ for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m))
+
+
+def _docstrings() -> Iterator[str]:
+    for name in DOCSTRING_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a build without that module: its text is simply absent
+            continue
+        yield from (inspect.cleandoc(doc) for doc in _module_docs(module) if doc)
+
+
+def _python_docs() -> Iterator[str]:
+    yield from (topics[name] for name in sorted(topics))
+
+
+@functools.cache
+def paragraphs(source: str) -> Paragraphs:
+    """The cleaned paragraphs of a real-text source ('python_docs' or 'docstrings'), read once per process."""
+    check_choice("source", source, REAL_SOURCES)
+    texts = _python_docs() if source == "python_docs" else _docstrings()
+    found = tuple(p for text in texts for p in prose_sentences(text))
+    if not found:
+        raise ValueError(f"text source {source!r} has no text in this Python (are docstrings stripped by -OO?)")
+    return found
+
+
+def calibration_text(tokenizer: Any, n_tokens: int, seed: int = 0, text: str = "generic") -> str:
+    """At least `n_tokens` tokens of `tokenizer` (special tokens not counted) of calibration text, whole paragraphs
+    joined by blank lines, at most one paragraph more than needed:
+
+    - "generic": the invented prose of `kvsqueeze.text.generic_text` (what every calibrated method read before this
+      option existed);
+    - "python_docs" / "docstrings": the real text, from a paragraph drawn from `seed` on, wrapping around at its end;
+    - "mixed": paragraphs taken in turn from python_docs, docstrings and the generic prose (each from its own start).
+    """
+    check_choice("text", text, CALIBRATION_TEXTS)
+    check_int("n_tokens", n_tokens, 1)
+    if text == "generic":
+        return generic_text(tokenizer, n_tokens, seed)
+    rng = random.Random(f"calibration:{seed}")
+    streams = {name: _from(paragraphs(name), rng) for name in REAL_SOURCES}
+    if text == "mixed":
+        generic = generic_paragraphs(seed)
+        chosen: Iterator[str] = (next(s) for s in itertools.cycle([*streams.values(), generic]))
+    else:
+        chosen = streams[text]
+
+    def count(part: str) -> int:
+        return len(part) if tokenizer is None else len(tokenizer(part, add_special_tokens=False)["input_ids"])
+
+    parts: list[str] = []
+    estimate = 0
+    while True:  # per-paragraph counts are cheap; the joined text is counted again to be exact
+        while estimate < n_tokens:
+            parts.append(next(chosen))
+            estimate += count(parts[-1]) + 1
+        joined = "\n\n".join(parts)
+        exact = count(joined)
+        if exact >= n_tokens:
+            return joined
+        estimate = exact
+
+
+def _from(text: tuple[tuple[str, ...], ...], rng: random.Random) -> Iterator[str]:
+    """The paragraphs of `text` as strings, from one drawn from `rng` on, wrapping around for ever."""
+    start = rng.randrange(len(text))
+    return (" ".join(text[(start + i) % len(text)]) for i in itertools.count())
