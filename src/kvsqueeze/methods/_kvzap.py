@@ -1,13 +1,19 @@
 """Shared plumbing of the learned KVzip+ predictors (kvzap_linear, kvzap_mlp, fastkvzip_gates).
 
-Calibration data: kvsqueeze's generic text (`kvsqueeze.text`, random ids for a model without a tokenizer) cut into
-`n_docs` documents of `doc_tokens` tokens. Each document is prefilled alone into an empty KVCache, capturing the
-input of every full-attention layer's attention block for every token (B, T, hidden; what `ScoreContext.hidden_states`
-holds during a one-shot prefill); then `kvsqueeze.replay.kvzip_scores(..., variant="kvzip+")` gives the target of each
-(token, KV head): log(score + 1e-10). The collection is kept in memory per model and documents: kvzap_linear,
-kvzap_mlp and fastkvzip_gates calibrated in one process share it (`force` collects again). The last `heldout_docs`
-documents are never trained on: the held-out Spearman rank correlation between prediction and target (per document
-and head, averaged; per layer and their mean) is stored with the artifact and printed by `kvsqueeze calibrate`.
+Calibration data: the calibration text (`text`: kvsqueeze's generic prose, Python's documentation, docstrings or a mix
+of the three, `kvsqueeze.corpus`; random ids for a model without a tokenizer) cut into `n_docs` documents of
+`doc_tokens` tokens. Each document is prefilled alone into an empty KVCache, capturing the input of every full-attention
+layer's attention block for every token (B, T, hidden; what `ScoreContext.hidden_states` holds during a one-shot
+prefill); then `kvsqueeze.replay.kvzip_scores(..., variant="kvzip+")` gives the target of each (token, KV head):
+log(score + 1e-10). The collection is kept in memory per model and documents: kvzap_linear, kvzap_mlp and
+fastkvzip_gates calibrated in one process share it (`force` collects again). The last `heldout_docs` documents are never
+trained on: the held-out Spearman rank correlation between prediction and target (per document and head, averaged; per
+layer and their mean) is stored with the artifact and printed by `kvsqueeze calibrate`.
+
+Selection: per-head top-k at the uniform budget floor(n(1-r)) by default, so that a predictor compares with the other
+methods at equal memory; or, with `threshold`, the paper's rule: each (row, KV head) keeps the slots whose predicted
+log-score is at least `threshold` and its `window` most recent slots, whatever their scores, so that how much each head
+keeps adapts to the text (the ratio must then be 0; the heads' different lengths are stored ragged).
 
 Inference needs the hidden state of every scored slot, which only exists for the tokens of the current forward: the
 predictors score a one-shot prefill (every slot arrived in this forward). A forward on top of slots from earlier
@@ -29,10 +35,10 @@ from tqdm.auto import tqdm
 
 from kvsqueeze.calibration import artifact_path, calibrated, calibration_ids, ids_digest, read_info, remembered
 from kvsqueeze.corpus import CALIBRATION_TEXTS
-from kvsqueeze.methods.base import ScoreContext, ScorerMethod
+from kvsqueeze.methods.base import ScoreContext, ScorerMethod, select, sinks_and_recent
 from kvsqueeze.models import get_adapter
 from kvsqueeze.replay import prompt_token_ids, replay_document
-from kvsqueeze.validation import check_choice, check_int
+from kvsqueeze.validation import check_choice, check_float, check_int
 
 logger = logging.getLogger("kvsqueeze")
 
@@ -154,8 +160,10 @@ class KVzapBase(ScorerMethod):
     n_docs: int = 6  # calibration documents of generic text (the last `heldout_docs` are held out)
     doc_tokens: int = 512  # tokens per calibration document
     heldout_docs: int = 2  # documents used only to measure the held-out Spearman correlation
-    seed: int = 0  # which generic text (and the training seed)
+    seed: int = 0  # where the calibration text starts (and the training seed)
     text: str = "generic"  # calibration text (corpus.CALIBRATION_TEXTS): generic, python_docs, docstrings, mixed
+    threshold: float | None = None  # keep the slots predicted at least this log-score (None: top-k at the ratio)
+    window: int = 64  # with a threshold: the most recent slots each head keeps whatever their scores
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,6 +175,12 @@ class KVzapBase(ScorerMethod):
             raise ValueError(f"heldout_docs must be in [1, n_docs - 1] = [1, {high}], got {self.heldout_docs}")
         check_int("seed", self.seed, 0, 2**31 - 1)
         check_choice("text", self.text, CALIBRATION_TEXTS)
+        check_float("threshold", self.threshold, finite=True, none_ok=True, note="a predicted log-score")
+        check_int("window", self.window, 1, 1_000_000)
+        if self.threshold is not None and self.ratio != 0:
+            raise ValueError(
+                f"threshold={self.threshold} decides how much each head keeps, so the ratio must be 0, got {self.ratio}"
+            )
 
     # subclasses --------------------------------------------------------------------------------------------------
     def fit_settings(self) -> dict[str, Any]:
@@ -258,6 +272,16 @@ class KVzapBase(ScorerMethod):
         return remembered(model, self._key(), lambda: self._calibrate(model, None, False)[1])
 
     # inference ---------------------------------------------------------------------------------------------------
+    def plan(self, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+        if self.threshold is None:
+            return super().plan(ctx)
+        scores = self.score(ctx).float()
+        recent = sinks_and_recent(ctx, 0, self.window) & ctx.valid
+        keep = ((scores >= self.threshold) & ctx.valid) | recent
+        if bool((keep == ctx.valid).all()):
+            return None
+        return select(scores, ctx.valid, keep.sum(dim=-1), recent)
+
     def score(self, ctx: ScoreContext) -> Tensor:  # (B, H, T)
         t = ctx.positions.shape[-1]
         q = ctx.hidden_states.shape[1]

@@ -18,8 +18,9 @@ soft labels (a ranking target, insensitive to the scale of KVzip+ scores); Adam,
 Trained locally once per model and cached on disk (`kvsqueeze calibrate fastkvzip_gates`); the held-out Spearman
 correlation with the true KVzip+ scores is stored with the artifact.
 
-Selection: the gate logit (monotonic in g) ranks the slots, per-head top-k at floor(n(1-r)). Scores only a one-shot
-prefill (a forward on top of earlier slots raises a ValueError).
+Selection: the gate logit (monotonic in g) ranks the slots, per-head top-k at floor(n(1-r)); with `threshold`, the
+slots whose gate logit is at least that value and the `window` most recent are kept (`methods/_kvzap.py`). Scores only
+a one-shot prefill (a forward on top of earlier slots raises a ValueError).
 """
 
 from __future__ import annotations

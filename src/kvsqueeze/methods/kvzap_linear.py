@@ -8,10 +8,10 @@ KV head, s_i = W^T h_i + b, (T, hidden) -> (T, H). Trained here locally, once pe
 ridge least squares in closed form (penalty `ridge` x the mean feature energy, bias unpenalized); the held-out
 Spearman correlation with the true scores is stored with the artifact (`methods/_kvzap.py`).
 
-Selection: per-head top-k at the uniform budget floor(n(1-r)). The paper instead prunes the pairs whose predicted
-log-score falls below a threshold tau and always keeps a recent sliding window (an adaptive size); a fixed ratio is
-used here so that it compares with the other methods at equal memory. Scores only a one-shot prefill (a forward on top
-of earlier slots raises a ValueError: their hidden states are gone).
+Selection: per-head top-k at the uniform budget floor(n(1-r)), so that it compares with the other methods at equal
+memory; or the paper's rule with `threshold` (tau) and `window`: prune the pairs whose predicted log-score falls below
+tau, always keeping the most recent `window` (an adaptive size per head, `methods/_kvzap.py`). Scores only a one-shot
+prefill (a forward on top of earlier slots raises a ValueError: their hidden states are gone).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ locally, once per model and cached on disk (`kvsqueeze calibrate kvzap_mlp`): me
 targets log(KVzip+ + 1e-10), Adam (`lr`, `steps` steps on seeded minibatches of 512 tokens; deterministic), the output
 scale folded back so that predictions are log-scores; the held-out Spearman correlation is stored with the artifact.
 
-Selection: per-head top-k at the uniform budget floor(n(1-r)) (the paper thresholds the predicted log-score and keeps
-a sliding window; see `kvzap_linear`). Scores only a one-shot prefill (a forward on top of earlier slots raises a
-ValueError).
+Selection: per-head top-k at the uniform budget floor(n(1-r)), or the paper's threshold on the predicted log-score with
+a recent window (`threshold`, `window`; see `kvzap_linear`). Scores only a one-shot prefill (a forward on top of earlier
+slots raises a ValueError).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from kvsqueeze.methods._kvzap import Dataset, heldout_spearman, ranks, spearman
 from kvsqueeze.methods.fastkvzip_gates import FastKVzipGates, percentile_labels
 from kvsqueeze.methods.kvzap_linear import KVzapLinear, ridge_fit
 from kvsqueeze.methods.kvzap_mlp import KVzapMLP
-from tests.helpers import kept_counts, prefill
+from tests.helpers import kept_counts, kept_positions, prefill
 
 NAMES = ["kvzap_linear", "kvzap_mlp", "fastkvzip_gates"]
 SMALL = {"n_docs": 3, "doc_tokens": 48, "heldout_docs": 1}
@@ -197,6 +197,45 @@ def test_scores_follow_the_predictor_and_refuse_later_forwards(name, make_model)
         model(ids[:, :5], past_key_values=cache)
 
 
+# --- the threshold rule -----------------------------------------------------------------------------------------------
+
+
+class PlantedScores(KVzapLinear):
+    """kvzap_linear whose predicted log-scores are planted: head h of every layer scores slot i as -(i % (5 + 3 h))
+    (the selection rule under test, not the predictor)."""
+
+    def score(self, ctx):
+        b, h, t = ctx.valid.shape
+        i = torch.arange(t, dtype=torch.float32)
+        return torch.stack([-(i % (5 + 3 * k)) for k in range(h)])[None].expand(b, h, t)
+
+
+def test_threshold_keeps_the_slots_scored_above_it_and_the_recent_window(make_model):
+    model = make_model("llama")
+    ids = torch.randint(5, 400, (1, 30), generator=torch.Generator().manual_seed(4))
+    cache = prefill(model, ids, PlantedScores(threshold=-3.0, window=4))
+    for layer in cache.full_layers():
+        for head in range(2):
+            expected = [p for p in range(30) if p % (5 + 3 * head) <= 3 or p >= 26]
+            assert kept_positions(layer, 0, head) == expected
+    assert kept_counts(cache)[0] == [[25, 18]]  # each head keeps its own amount (stored ragged)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_threshold_on_a_trained_predictor(name, make_model):
+    model = make_model("llama")
+    ids = torch.randint(5, 400, (1, 30), generator=torch.Generator().manual_seed(4))
+    options = {**SMALL, **FAST[name]}
+    assert kept_counts(prefill(model, ids, get_method(name, threshold=1e9, window=5, **options))) == [[[5, 5]]] * 4
+    everything = prefill(model, ids, get_method(name, threshold=-1e9, window=5, **options))
+    assert kept_counts(everything) == [[[30, 30]]] * 4  # nothing below the threshold: nothing pruned
+
+
+def test_threshold_replaces_the_ratio():
+    with pytest.raises(ValueError, match=r"threshold=-4.0 decides how much each head keeps, so the ratio must be 0"):
+        get_method("kvzap_mlp", ratio=0.5, threshold=-4.0)
+
+
 # --- options ----------------------------------------------------------------------------------------------------------
 
 
@@ -213,6 +252,8 @@ def test_scores_follow_the_predictor_and_refuse_later_forwards(name, make_model)
         ("fastkvzip_gates", "n_queries", 1.5),
         ("fastkvzip_gates", "seed", -1),
         ("kvzap_mlp", "text", "wiki"),
+        ("kvzap_linear", "threshold", float("nan")),
+        ("kvzap_linear", "window", 0),
     ],
 )
 def test_bad_options_raise(name, option, value):
