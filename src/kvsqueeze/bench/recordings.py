@@ -1,7 +1,10 @@
-"""A store of recorded prefills shared across benchmark runs, bounded by bytes (least recently used goes first).
+"""A store of recorded prefills shared across benchmark runs, bounded by bytes (when full, a new recording is not kept).
 
 `run_bench` records each context once per call; a caller that runs many small grids over the same contexts (the tuner
 probes one method and ratio at a time) hands one store to every call, so each context is prefilled once in all.
+Those grids read their contexts in the same order every time: when they do not all fit, evicting the least recently
+used to make room would evict each one just before it is read again, so every read would miss. The store instead
+keeps what it holds and turns newcomers away once full: every later pass hits the recordings that fit.
 Keys are a hash of the context's token ids; sizes are the bytes of the tensors a recording holds (its cache and every
 layer's inputs), each storage counted once.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -54,12 +56,13 @@ def tensor_bytes(obj: Any) -> int:
 
 
 class RecordingStore:
-    """Recordings by context, at most `max_bytes` in all (a recording larger than that is not kept)."""
+    """Recordings by context, at most `max_bytes` in all: a recording that does not fit in the room left is not kept
+    (see the module docstring); `clear()` makes room for other contexts."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         check_int("max_bytes", max_bytes, 0)
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, tuple[Recording, int]] = OrderedDict()
+        self.entries: dict[str, tuple[Recording, int]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -72,15 +75,15 @@ class RecordingStore:
         if entry is None:
             self.misses += 1
             return None
-        self.entries.move_to_end(ids_key(context_ids))
         self.hits += 1
         return entry[0]
 
     def put(self, context_ids: list[int], recording: Recording) -> None:
+        key = ids_key(context_ids)
         size = tensor_bytes(recording)
-        if size > self.max_bytes:
-            return
-        self.entries[ids_key(context_ids)] = (recording, size)
-        self.entries.move_to_end(ids_key(context_ids))
-        while self.nbytes > self.max_bytes:
-            self.entries.popitem(last=False)
+        old = self.entries.get(key)
+        if self.nbytes - (old[1] if old else 0) + size <= self.max_bytes:
+            self.entries[key] = (recording, size)
+
+    def clear(self) -> None:
+        self.entries.clear()
