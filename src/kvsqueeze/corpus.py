@@ -27,7 +27,7 @@ from pydoc_data.topics import topics
 from types import ModuleType
 from typing import Any
 
-from kvsqueeze.text import generic_paragraphs, generic_text
+from kvsqueeze.text import generic_paragraphs, generic_text, joined_paragraphs
 from kvsqueeze.validation import check_choice, check_int
 
 REAL_SOURCES = ("python_docs", "docstrings")
@@ -126,21 +126,7 @@ def calibration_text(tokenizer: Any, n_tokens: int, seed: int = 0, text: str = "
         chosen: Iterator[str] = (next(s) for s in itertools.cycle([*streams.values(), generic]))
     else:
         chosen = streams[text]
-
-    def count(part: str) -> int:
-        return len(part) if tokenizer is None else len(tokenizer(part, add_special_tokens=False)["input_ids"])
-
-    parts: list[str] = []
-    estimate = 0
-    while True:  # per-paragraph counts are cheap; the joined text is counted again to be exact
-        while estimate < n_tokens:
-            parts.append(next(chosen))
-            estimate += count(parts[-1]) + 1
-        joined = "\n\n".join(parts)
-        exact = count(joined)
-        if exact >= n_tokens:
-            return joined
-        estimate = exact
+    return joined_paragraphs(tokenizer, n_tokens, chosen)
 
 
 def _from(text: tuple[tuple[str, ...], ...], rng: random.Random) -> Iterator[str]:

@@ -136,6 +136,12 @@ def generic_paragraphs(seed: int = 0) -> Iterator[str]:
 def generic_text(tokenizer: Any, n_tokens: int, seed: int = 0) -> str:
     """Whole paragraphs (joined by blank lines) holding at least `n_tokens` tokens of `tokenizer` (special tokens not
     counted); at most one paragraph more than needed. `tokenizer=None` counts characters instead of tokens."""
+    return joined_paragraphs(tokenizer, n_tokens, generic_paragraphs(seed))
+
+
+def joined_paragraphs(tokenizer: Any, n_tokens: int, stream: Iterator[str]) -> str:
+    """The first paragraphs of `stream`, joined by blank lines, that hold at least `n_tokens` tokens of `tokenizer`
+    (special tokens not counted; `tokenizer=None` counts characters): at most one paragraph more than needed."""
     check_int("n_tokens", n_tokens, 1)
 
     def count(text: str) -> int:
@@ -145,7 +151,6 @@ def generic_text(tokenizer: Any, n_tokens: int, seed: int = 0) -> str:
 
     paragraphs: list[str] = []
     estimate = 0
-    stream = generic_paragraphs(seed)
     while True:  # per-paragraph counts are cheap; the joined text is counted again to be exact
         while estimate < n_tokens:
             paragraphs.append(next(stream))
