@@ -3,7 +3,8 @@ built from it:
 
 - "python_docs": the language reference topics that `help()` shows, from the standard library's `pydoc_data.topics`;
 - "docstrings": the docstrings of a fixed list of pure-Python standard library modules, their public classes, the
-  classes' public methods and the modules' public functions.
+  classes' public methods and the modules' public functions, read from the modules' source files (never from the
+  imported modules, which other libraries may have patched).
 
 Cleaning keeps prose only: headings, indented blocks (code, grammar rules), tables and doctest lines are dropped,
 emphasis markers are removed, and only sentences that start with a capital letter, end with a full stop, hold no
@@ -16,15 +17,16 @@ The real text is that of the running Python: another Python version may give oth
 
 from __future__ import annotations
 
+import ast
 import functools
-import importlib
+import importlib.util
 import inspect
 import itertools
 import random
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from pydoc_data.topics import topics
-from types import ModuleType
 from typing import Any
 
 from kvsqueeze.text import generic_paragraphs, generic_text, joined_paragraphs
@@ -69,26 +71,29 @@ def _is_prose(sentence: str) -> bool:
     )
 
 
-def _module_docs(module: ModuleType) -> Iterator[str | None]:
-    yield module.__doc__
-    for name in sorted(vars(module)):
-        obj = vars(module)[name]
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+def _source_docs(source: str) -> Iterator[str | None]:
+    """The docstrings of a module's source: the module's, then those of its public classes and functions by name,
+    each class followed by its public methods' by name. Read from the source, not from the imported module, so that
+    the text never depends on what else the process imported (torch, for one, replaces `inspect.getfile`)."""
+    tree = ast.parse(source)
+    yield ast.get_docstring(tree, clean=False)
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    for name, node in sorted({n.name: n for n in tree.body if isinstance(n, kinds)}.items()):
+        if name.startswith("_"):
             continue
-        if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
-            continue
-        yield obj.__doc__
-        if inspect.isclass(obj):
-            yield from (m.__doc__ for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m))
+        yield ast.get_docstring(node, clean=False)
+        if isinstance(node, ast.ClassDef):
+            methods = {m.name: m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            yield from (ast.get_docstring(m, clean=False) for n, m in sorted(methods.items()) if not n.startswith("_"))
 
 
 def _docstrings() -> Iterator[str]:
     for name in DOCSTRING_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # a build without that module: its text is simply absent
-            continue
-        yield from (inspect.cleandoc(doc) for doc in _module_docs(module) if doc)
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue  # a build without that module (or without its source): its text is simply absent
+        source = Path(spec.origin).read_text(encoding="utf-8")
+        yield from (inspect.cleandoc(doc) for doc in _source_docs(source) if doc)
 
 
 def _python_docs() -> Iterator[str]:
@@ -102,7 +107,7 @@ def paragraphs(source: str) -> Paragraphs:
     texts = _python_docs() if source == "python_docs" else _docstrings()
     found = tuple(p for text in texts for p in prose_sentences(text))
     if not found:
-        raise ValueError(f"text source {source!r} has no text in this Python (are docstrings stripped by -OO?)")
+        raise ValueError(f"text source {source!r} has no text in this Python (no standard-library source?)")
     return found
 
 
