@@ -27,82 +27,52 @@ __all__ = ["LOGITS_BUDGET", "attend"]
 LOGITS_BUDGET = 2**24  # float32 logits of one chunk of queries (64 MiB)
 
 
-def _softmax_over_both(prefix_logits: Tensor, own_logits: Tensor, own_visible: Tensor | None,
-                       prefix_visible: Tensor | None, softcap: float | None) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Softmax over the prefix's slots and the own ones together: (weights of the prefix's, weights of the own),
-    float32; `*_visible` (broadcast to the logits) False where a query may not look."""
-    logits = torch.cat([prefix_logits, own_logits], dim=-1)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if own_visible is not None or prefix_visible is not None:
-        shape = (*logits.shape[:-1],)
-        seen_prefix = (
-            torch.ones(*shape, prefix_logits.shape[-1], dtype=torch.bool, device=logits.device)
-            if prefix_visible is None
-            else prefix_visible.expand(*shape, prefix_logits.shape[-1])
-        )
-        seen_own = (
-            torch.ones(*shape, own_logits.shape[-1], dtype=torch.bool, device=logits.device)
-            if own_visible is None
-            else own_visible.expand(*shape, own_logits.shape[-1])
-        )
-        logits = logits.masked_fill(~torch.cat([seen_prefix, seen_own], dim=-1), float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
-    return weights[..., : prefix_logits.shape[-1]], weights[..., prefix_logits.shape[-1] :]
-
-
 def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None, scale: float,
           softcap: float | None) -> Tensor:  # fmt: skip
     """Attention of grouped queries (n, H_kv, M, D) of the n rows reading `prefix` over its slots and their own (keys
-    (n, H_kv, S, D), values (n, H_kv, S, Dv), visible (n, H_kv, M, S) or None): (n, H_kv, M, Dv) float32."""
+    (n, H_kv, S, D), values (n, H_kv, S, Dv), visible (n, H_kv, M, S) or None): (H_kv, n M, Dv) float32.
+
+    The logits go into one buffer (H_kv, n M, S + L): each row's own slots first, then the prefix's L slots (a ragged
+    prefix: head h's L_h, the slots past them never written nor read). The queries are scaled once, before the
+    products, so no logit is scaled again."""
     n, hkv, m, d = grouped.shape
-    own_logits = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * scale  # (n, H_kv, M, S)
-    own_values = values.float()
-    stacked = grouped.float().transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
-
-    def per_row(t: Tensor) -> Tensor:  # (H_kv, n M, X) -> (n, H_kv, M, X)
-        return t.reshape(hkv, n, m, t.shape[-1]).transpose(0, 1)
-
-    if prefix.heads is not None:  # a ragged prefix: each KV head's own segment, all of it filled
-        return _ragged_rows(stacked, prefix.heads, own_logits, own_values, visible, scale, softcap)
-    assert prefix.view is not None
-    pk, pv, positions = prefix.view  # (1, H_kv, L, ...)
-    prefix_logits = per_row(torch.matmul(stacked, pk[0].float().transpose(-1, -2)) * scale)  # (n, H_kv, M, L)
-    prefix_visible = None if prefix.full else (positions[0] >= 0)[None, :, None, :]
-    w_prefix, w_own = _softmax_over_both(prefix_logits, own_logits, visible, prefix_visible, softcap)
-    from_prefix = per_row(torch.matmul(w_prefix.transpose(0, 1).reshape(hkv, n * m, -1), pv[0].float()))
-    return from_prefix + torch.matmul(w_own, own_values)
-
-
-def _ragged_rows(stacked: Tensor, heads: tuple[tuple[Tensor, Tensor], ...], own_logits: Tensor, own_values: Tensor,
-                 visible: Tensor | None, scale: float, softcap: float | None) -> Tensor:  # fmt: skip
-    """`_rows` over a ragged prefix: stacked queries (H_kv, n M, D), each head's segment (keys (L_h, D), values
-    (L_h, Dv)), the own logits (n, H_kv, M, S) and values (n, H_kv, S, Dv) -> (n, H_kv, M, Dv) float32.
-
-    The heads' logits are written into one buffer (H_kv, n M, max L_h + S), the slots past a head's length masked, so
-    one softmax serves every head; only the two products per head run head by head."""
-    hkv, nm, _ = stacked.shape
-    n, _, m, s = own_logits.shape
-    lengths = [k.shape[0] for k, _ in heads]
-    width = max(lengths, default=0)
-    logits = own_logits.new_empty(hkv, nm, width + s)
-    for h, (pk, _) in enumerate(heads):
-        torch.matmul(stacked[h], pk.float().T, out=logits[h, :, : lengths[h]])
-    logits[:, :, :width] *= scale
-    own = logits[:, :, width:]
-    own.copy_(own_logits.transpose(0, 1).reshape(hkv, nm, s))
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-        own = logits[:, :, width:]
+    s = keys.shape[2]
+    queries = grouped.float() * scale
+    stacked = queries.transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
+    own = torch.bmm(queries.view(n * hkv, m, d), keys.float().reshape(n * hkv, s, d).transpose(1, 2))
+    own = _capped(own.view(n, hkv, m, s), softcap)
     if visible is not None:
-        own.masked_fill_(~visible.transpose(0, 1).reshape(hkv, nm, s), float("-inf"))
-    for h, length in enumerate(lengths):  # a shorter head's slots past its segment: none
-        logits[h, :, length:width] = float("-inf")
-    weights = torch.softmax(logits, dim=-1)
-    out = torch.matmul(weights[:, :, width:].reshape(hkv, n, m, s).transpose(0, 1), own_values)  # (n, H_kv, M, Dv)
-    for h, (_, pv) in enumerate(heads):
-        out[:, h] += (weights[h, :, : lengths[h]] @ pv.float()).reshape(n, m, -1)
-    return out
+        own = own.masked_fill(~visible, float("-inf"))
+    logits = queries.new_empty(hkv, n * m, s + _prefix_width(prefix))
+    logits[:, :, :s] = own.transpose(0, 1).reshape(hkv, n * m, s)
+    own_values = values.float().transpose(0, 1)  # (H_kv, n, S, Dv)
+    if prefix.heads is None:
+        assert prefix.view is not None
+        pk, pv, positions = prefix.view  # (1, H_kv, L, ...)
+        seen = logits[:, :, s:]
+        torch.bmm(stacked, pk[0].float().transpose(1, 2), out=seen)
+        if softcap is not None:
+            seen.copy_(_capped(seen, softcap))
+        if not prefix.full:
+            seen.masked_fill_((positions[0] < 0)[:, None, :], float("-inf"))
+        weights = torch.softmax(logits, dim=-1)
+        out = torch.matmul(weights[:, :, :s].view(hkv, n, m, s), own_values).view(hkv, n * m, -1)
+        return out.baddbmm_(weights[:, :, s:], pv[0].float())
+    outs = []
+    for q_h, logits_h, own_values_h, (pk, pv) in zip(stacked, logits, own_values, prefix.heads, strict=True):
+        end = s + pk.shape[0]
+        seen = logits_h[:, s:end]
+        torch.mm(q_h, pk.float().T, out=seen)
+        if softcap is not None:
+            seen.copy_(_capped(seen, softcap))
+        weights = torch.softmax(logits_h[:, :end], dim=-1)
+        out = torch.bmm(weights[:, :s].view(n, m, s), own_values_h).view(n * m, -1)
+        outs.append(out.addmm_(weights[:, s:], pv.float()))
+    return torch.stack(outs)
+
+
+def _capped(logits: Tensor, softcap: float | None) -> Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def attend(
@@ -127,19 +97,25 @@ def attend(
         visible = visible.expand(b, hkv, q, s)[:, :, None].expand(b, hkv, groups, q, s).reshape(b, hkv, groups * q, s)
     out = None if len(prefixes) == 1 and prefixes[0].rows is None else query.new_empty(b, hkv, groups * q, dv)
     for prefix in prefixes:
-        rows = slice(None) if prefix.rows is None else prefix.rows
-        mine = grouped[rows]
-        width = max(_prefix_width(prefix) + s, 1)
-        size = max(1, LOGITS_BUDGET // (mine.shape[0] * hkv * width))  # queries per chunk
-        chunks = [
-            _rows(mine[:, :, i : i + size], prefix, keys[rows], values[rows],
-                  None if visible is None else visible[rows][:, :, i : i + size], scale, softcap)
-            for i in range(0, groups * q, size)
-        ]  # fmt: skip
-        part = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+        mine, own_keys, own_values, own_visible = grouped, keys, values, visible
+        if prefix.rows is not None:
+            mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
+            own_visible = None if visible is None else visible[prefix.rows]
+        n = mine.shape[0]
+        size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
+        if size >= groups * q:  # one chunk: no slicing
+            part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap)
+        else:
+            chunks = []
+            for i in range(0, groups * q, size):
+                seen = None if own_visible is None else own_visible[:, :, i : i + size]
+                chunk = _rows(mine[:, :, i : i + size], prefix, own_keys, own_values, seen, scale, softcap)
+                chunks.append(chunk.unflatten(1, (n, -1)))
+            part = torch.cat(chunks, dim=2).flatten(1, 2)
+        part = part.unflatten(1, (n, groups * q)).transpose(0, 1)  # (n, H_kv, groups q, Dv)
         if out is None:
             return part.reshape(b, hq, q, dv).to(query.dtype)
-        out[rows] = part.to(out.dtype)
+        out[prefix.rows] = part.to(out.dtype)
     assert out is not None
     return out.reshape(b, hq, q, dv)
 
