@@ -4,14 +4,14 @@ own queries gave them (observed attention, H2O), computed once, in the forward, 
 Such a method needs every new query's softmax weights over the layer's slots. Recomputing them after the forward
 repeats the attention's largest product (queries x keys) and its exponentials: at 4k tokens that doubled the attention
 time of a prefill. Inside `compress` with a method that uses ("received_attention",), `attention.py` runs `attend` on
-rectangular layers instead of SDPA: the queries go in blocks; each block's logits are exponentiated in place once,
-and give both the output (their product with the values, divided by each query's sum) and the block's share of every
-slot's received attention (the real queries' weights summed, over the query heads of each KV head too). The hook then
-hands the sums to the method (`ScoreContext.received`).
+rectangular layers instead of SDPA: the queries go in blocks; each block's logits go through one softmax, and its
+weights give both the output (their product with the values) and the block's share of every slot's received attention
+(the real queries' weights summed, over the query heads of each KV head too). The hook then hands the sums to the
+method (`ScoreContext.received`).
 
 Logits, weights and sums are float32 whatever the model's dtype (as SDPA's CPU kernels keep them); the output is cast
-back. One logits buffer serves every block (a fresh multi-MiB allocation per block costs page faults on CPU). Pad
-queries attend as the mask lets them (to themselves) and add nothing to the sums.
+back. One buffer holds every block's logits and weights (a fresh multi-MiB allocation per block costs page faults on
+CPU). Pad queries attend as the mask lets them (to themselves) and add nothing to the sums.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = ["LOGITS_BUDGET", "attend"]
 
-LOGITS_BUDGET = 2**22  # float32 logits of one block of queries (16 MiB)
+LOGITS_BUDGET = 2**22  # float32 logits and weights of one block of queries (16 MiB)
 
 
 def attend(
@@ -50,13 +50,15 @@ def attend(
     out = query.new_empty(b, hkv, g, q, dv, dtype=torch.float32)
     received = torch.zeros(b, hkv, t, device=query.device)
     weight = real.to(device=query.device, dtype=torch.float32)
-    block = max(1, min(q, LOGITS_BUDGET // max(1, b * hq * t)))
-    buffer = torch.empty(b * hkv * g * block * t, device=query.device)
+    block = max(1, min(q, LOGITS_BUDGET // max(1, 2 * b * hq * t)))
+    size = b * hkv * g * block * t
+    buffer = torch.empty(2 * size, device=query.device)  # a block's logits, then its weights
     for lo in range(0, q, block):
         hi = min(q, lo + block)
         n = hi - lo
         end = hi if causal else t  # causal: no query of the block sees a later slot
         logits = buffer[: b * hkv * g * n * end].view(b, hkv, g * n, end)
+        weights = buffer[size : size + logits.numel()].view(logits.shape)
         torch.matmul(grouped[:, :, :, lo:hi].reshape(b, hkv, g * n, d), keys_t[..., :end], out=logits)
         if softcap is not None:
             logits.div_(softcap).tanh_().mul_(softcap)
@@ -67,9 +69,8 @@ def attend(
         elif isinstance(mask, Tensor):
             visible = mask[..., lo:hi, :end].expand(b, hkv, n, end)
             per_query.masked_fill_(~visible[:, :, None], float("-inf"))
-        exp = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # weights before their normalisation
-        total = exp.sum(dim=-1, keepdim=True)  # (B, H_kv, G n, 1)
-        out[:, :, :, lo:hi] = (torch.matmul(exp, values[:, :, :end]) / total).view(b, hkv, g, n, dv)
-        counted = weight[:, None, None, lo:hi].expand(b, hkv, g, n).reshape(b, hkv, 1, g * n) / total.transpose(-1, -2)
-        received[:, :, :end] += torch.matmul(counted, exp)[:, :, 0]
+        torch.softmax(logits, dim=-1, out=weights)  # one pass per row, where max, exp and sum took four
+        out[:, :, :, lo:hi] = torch.matmul(weights, values[:, :, :end]).view(b, hkv, g, n, dv)
+        counted = weight[:, None, None, lo:hi].expand(b, hkv, g, n).reshape(b, hkv, 1, g * n)
+        received[:, :, :end] += torch.matmul(counted, weights)[:, :, 0]
     return out.view(b, hq, q, dv).to(query.dtype), received

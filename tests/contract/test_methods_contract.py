@@ -117,8 +117,10 @@ def params(names=METHOD_NAMES, families=FAMILIES):
 
 def forward_tolerance(method) -> float:
     """0 (bit for bit) against an uncompressed forward, except for a method whose forward's attention also sums what
-    each slot received (`kvsqueeze.received`: SDPA's softmax up to float32 rounding, which later layers carry)."""
-    return 1e-5 if method.uses("received_attention") else 0.0
+    each slot received (`kvsqueeze.received`: SDPA's softmax up to float32 rounding, which later layers carry; one
+    layer's output is as far from a float64 one as SDPA's, about 2e-6 at most, and the keys of later layers of the
+    tiny models drift up to about 1.2e-5)."""
+    return 3e-5 if method.uses("received_attention") else 0.0
 
 
 def assert_sliding_layer_untouched(layer, dense_layer, n: int, window: int, atol: float = 0.0) -> None:
