@@ -7,10 +7,12 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AttentionInterface, DynamicCache
 
 import kvsqueeze as kvs
-from kvsqueeze.attention import expand_heads, implementation_name, layer_mask
+from kvsqueeze.attention import expand_heads, grouped_sdpa, implementation_name, layer_mask
 from kvsqueeze.cache import KVLayer
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.storage import DenseStorage
@@ -301,3 +303,33 @@ def test_layer_mask_sliding_window():
     assert layer_mask(_layer([positions] * 2, [9], window=16), 1) is None  # the window cuts nothing yet
     mask = layer_mask(_layer([positions] * 2, [8, 9], window=4), 2)
     assert mask[0, 0].tolist() == [[False] * 5 + [True] * 4 + [False], [False] * 6 + [True] * 4]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kv_heads=st.sampled_from([1, 2, 3]),
+    groups=st.sampled_from([1, 2, 4]),
+    slots=st.integers(1, 40),
+    rows=st.integers(1, 3),
+    mask_kind=st.sampled_from(["none", "row", "per_head", "additive"]),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_sdpa_equals_a_float64_reference(kv_heads, groups, slots, rows, mask_kind, seed):
+    """A one-token step through `grouped_sdpa` (each KV head's query heads as rows of one query) gives what softmax
+    attention in float64 gives, under no mask, a mask per row, a mask per KV head, and an additive mask."""
+    gen = torch.Generator().manual_seed(seed)
+    q_heads, d = kv_heads * groups, 8
+    query = torch.randn(rows, q_heads, 1, d, generator=gen)
+    key, value = (torch.randn(rows, kv_heads, slots, d, generator=gen) for _ in range(2))
+    visible = torch.rand(rows, kv_heads if mask_kind == "per_head" else 1, 1, slots, generator=gen) < 0.7
+    visible[..., 0] = True  # no query sees nothing
+    mask = {"none": None, "row": visible, "per_head": visible}.get(mask_kind)
+    if mask_kind == "additive":
+        mask = torch.where(visible, 0.0, float("-inf"))
+    out = grouped_sdpa(query, key, value, mask, 0.0, None)
+    logits = query.double() @ key.double().repeat_interleave(groups, 1).transpose(-1, -2) * d**-0.5
+    if mask is not None:
+        logits = logits.masked_fill(~expand_heads(visible, q_heads), float("-inf"))
+    expected = torch.softmax(logits, -1) @ value.double().repeat_interleave(groups, 1)
+    assert out.shape == (rows, q_heads, 1, d)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
