@@ -20,6 +20,7 @@ precision: they hold a bounded window, not the context, are never compressed, an
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class KVLayer(DynamicLayer):
         self.query_positions: Tensor | None = None  # (B, q) positions of the current step's tokens, -1 = pad
         self.tracker = BytesTracker()  # shared with the other layers of the cache, for the peak
         self.step_view: StepView | None = None  # what the current step's attention reads (rectangular)
+        self.counted: tuple[weakref.ref[LayerStorage] | None, int] = (None, 0)  # the storage `nbytes` last counted
 
     # -- read-only views of the storage, under the names transformers and callers use
     @property
@@ -122,8 +124,14 @@ class KVLayer(DynamicLayer):
         return self.storage.kept()
 
     def nbytes(self) -> int:
-        """Bytes of keys and values held now."""
-        return 0 if self.storage is None else self.storage.nbytes()
+        """Bytes of keys and values held now (counted once per storage: storages are immutable)."""
+        if self.storage is None:
+            return 0
+        counted, held = self.counted
+        if counted is None or counted() is not self.storage:  # a weak reference: never keeps an old storage alive
+            held = self.storage.nbytes()
+            self.counted = (weakref.ref(self.storage), held)
+        return held
 
     def _set(self, storage: LayerStorage) -> None:
         before = self.nbytes()

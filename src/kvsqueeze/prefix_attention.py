@@ -39,12 +39,20 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
     s = keys.shape[2]
     queries = grouped.float() * scale
     stacked = queries.transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
-    own = torch.bmm(queries.view(n * hkv, m, d), keys.float().reshape(n * hkv, s, d).transpose(1, 2))
-    own = _capped(own.view(n, hkv, m, s), softcap)
-    if visible is not None:
-        own = own.masked_fill(~visible, float("-inf"))
     logits = queries.new_empty(hkv, n * m, s + _prefix_width(prefix))
-    logits[:, :, :s] = own.transpose(0, 1).reshape(hkv, n * m, s)
+    own = logits[:, :, :s]
+    own_keys = keys.float().reshape(n * hkv, s, d).transpose(1, 2)
+    if n == 1:  # one row: its (H_kv, M, S) logits are the buffer's layout, written in place
+        torch.bmm(queries.view(hkv, m, d), own_keys, out=own)
+        if softcap is not None:
+            own.copy_(_capped(own, softcap))
+        if visible is not None:
+            own.masked_fill_(~visible[0], float("-inf"))
+    else:
+        logits_n = _capped(torch.bmm(queries.view(n * hkv, m, d), own_keys).view(n, hkv, m, s), softcap)
+        if visible is not None:
+            logits_n = logits_n.masked_fill(~visible, float("-inf"))
+        own.copy_(logits_n.transpose(0, 1).reshape(hkv, n * m, s))
     own_values = values.float().transpose(0, 1)  # (H_kv, n, S, Dv)
     if prefix.heads is None:
         assert prefix.view is not None
@@ -56,8 +64,7 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
         if not prefix.full:
             seen.masked_fill_((positions[0] < 0)[:, None, :], float("-inf"))
         weights = torch.softmax(logits, dim=-1)
-        out = torch.matmul(weights[:, :, :s].view(hkv, n, m, s), own_values).view(hkv, n * m, -1)
-        return out.baddbmm_(weights[:, :, s:], pv[0].float())
+        return _own_output(weights[:, :, :s], own_values).baddbmm_(weights[:, :, s:], pv[0].float())
     outs = []
     for q_h, logits_h, own_values_h, (pk, pv) in zip(stacked, logits, own_values, prefix.heads, strict=True):
         end = s + pk.shape[0]
@@ -69,6 +76,16 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
         out = torch.bmm(weights[:, :s].view(n, m, s), own_values_h).view(n * m, -1)
         outs.append(out.addmm_(weights[:, s:], pv.float()))
     return torch.stack(outs)
+
+
+def _own_output(weights: Tensor, values: Tensor) -> Tensor:
+    """Each row's own slots' share of the output: weights (H_kv, n M, S) over values (H_kv, n, S, Dv) -> (H_kv, n M,
+    Dv); one row (decoding an answer) by a 3-D product, quicker to dispatch than the 4-D one."""
+    hkv, rows, s = weights.shape
+    n = values.shape[1]
+    if n == 1:
+        return torch.bmm(weights, values[:, 0])
+    return torch.matmul(weights.view(hkv, n, rows // n, s), values).view(hkv, rows, -1)
 
 
 def _capped(logits: Tensor, softcap: float | None) -> Tensor:

@@ -41,13 +41,13 @@ def reference(query, views, owner, keys, values, visible, scale, softcap=None):
     return torch.cat(rows)
 
 
-def random_case(g, rows, prefixes, kv_heads, groups, q, own, d=8):
+def random_case(g, rows, prefixes, kv_heads, groups, q, own, d=8, full=False):
     owner = torch.randint(0, prefixes, (rows,), generator=g)
     views = []
     for _ in range(prefixes):
         length = int(torch.randint(1, 9, (1,), generator=g))
         pos = torch.arange(length).expand(1, kv_heads, length).clone().to(torch.int32)
-        if length > 1:  # a ragged prefix's view: some heads keep fewer (empty slots at the end)
+        if length > 1 and not full:  # a ragged prefix's view: some heads keep fewer (empty slots at the end)
             pos[:, 0, -1] = -1
         k, v = torch.randn(1, kv_heads, length, d, generator=g), torch.randn(1, kv_heads, length, d, generator=g)
         views.append((k * (pos >= 0)[..., None], v * (pos >= 0)[..., None], pos))
@@ -85,10 +85,14 @@ def reads_of(views, owner, ragged: bool):
     seed=st.integers(0, 10_000),
     softcap=st.sampled_from([None, 5.0]),
     ragged=st.booleans(),
+    full=st.booleans(),
 )
-def test_equals_attention_over_prefix_and_own_slots(rows, prefixes, kv_heads, groups, q, own, seed, softcap, ragged):
+def test_equals_attention_over_prefix_and_own_slots(
+    rows, prefixes, kv_heads, groups, q, own, seed, softcap, ragged, full
+):
+    """Any prefixes (full or with empty slots, read by view or by heads), their own slots, masks and soft-caps."""
     g = torch.Generator().manual_seed(seed)
-    owner, views, query, keys, values, visible = random_case(g, rows, prefixes, kv_heads, groups, q, own)
+    owner, views, query, keys, values, visible = random_case(g, rows, prefixes, kv_heads, groups, q, own, full=full)
     got = attend(query, reads_of(views, owner, ragged), keys, values, visible, 0.3, softcap)
     want = reference(query, views, owner, keys, values, visible, 0.3, softcap)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

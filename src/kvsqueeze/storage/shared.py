@@ -19,7 +19,7 @@ copy too. Prefixes are full precision and full attention: quantized and sliding-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -179,7 +179,7 @@ class SharedStorage:
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[SharedStorage, StepView]:
         """The new tokens join each row's suffix; the step view is the suffix's (see the module docstring)."""
         suffix, view = self.suffix.append(keys, values, positions)
-        return replace(self, suffix=suffix), view
+        return SharedStorage(self.prefixes, self.owner, suffix, self.reads), view  # the reads stay (a decode step)
 
     def prune(
         self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
