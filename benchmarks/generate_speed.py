@@ -7,6 +7,7 @@ answered greedily with exactly `--new-tokens` tokens (end-of-sequence ignored) b
     kvsqueeze none      kvsqueeze's prefill (no method) and decode loop: what kvs.generate runs (its `prefill` and
                         `generation.stream`), with Sampling(ignore_eos=True)
     kvsqueeze <m> <r>   the same with method m at ratio r (default: knorm at 0.5 and 0.75)
+    kvsqueeze none products   (with --products) uncompressed kvsqueeze with prefix attention's fused kernel off
 
 Each run reports its time to first token (the context and question prefilled, and compressed), its decode speed
 over the N - 1 later tokens (timestamps of the steps, so prefill and decoding need one run), and the peak memory it
@@ -28,11 +29,13 @@ instead of the embedded model (nothing is downloaded). Writes benchmarks/results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ import torch
 import transformers
 
 import kvsqueeze as kvs
+from kvsqueeze import prefix_attention
 from kvsqueeze.bench.config import BenchConfig
 from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.bench.units import Unit, plan_units
@@ -50,6 +54,7 @@ from kvsqueeze.quantization import QuantSpec
 
 RESULTS_DIR = Path(__file__).parent / "results"
 TRANSFORMERS = "transformers"
+PRODUCTS = " products"  # the suffix of a path run with `products_only`
 
 
 def random_llama(device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -139,12 +144,24 @@ def run_kvsqueeze(model: Any, tok: Any, unit: Unit, path: Any, new: int) -> tupl
     return marks, run.streams[0].tokens
 
 
+@contextlib.contextmanager
+def products_only() -> Iterator[None]:
+    """kvsqueeze with prefix attention's fused kernel switched off: a full prefix is attended by the separate products
+    and softmax, as before 2026-12-05 (the `--products` path, to compare the two)."""
+    saved = prefix_attention.fused_ok
+    prefix_attention.fused_ok = lambda queries, keys, values: False
+    try:
+        yield
+    finally:
+        prefix_attention.fused_ok = saved
+
+
 def measure(model: Any, tok: Any, unit: Unit, path: str, methods: dict[str, Any], new: int) -> dict[str, Any]:
     """One run of `path` on `unit`: time to first token, decode tokens/s after it, peak memory added, the tokens."""
     device = next(model.parameters()).device
     prompt = torch.tensor([unit.context_ids + encode(tok, unit.question_texts[0])], device=device)
     sync(device)
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, products_only() if path.endswith(PRODUCTS) else contextlib.nullcontext():
         start = time.perf_counter()
         if path == TRANSFORMERS:
             marks, tokens = run_transformers(model, prompt, new)
@@ -219,6 +236,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 tokens, 8 new, 1 repetition; nothing written")
     parser.add_argument("--save", default="generate_speed", help="file stem in benchmarks/results")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the saved .json")
+    parser.add_argument("--products", action="store_true",
+                        help="also run uncompressed kvsqueeze without prefix attention's fused kernel")  # fmt: skip
     args = parser.parse_args()
     if args.report_only:
         record = json.loads((RESULTS_DIR / f"{args.save}.json").read_text())
@@ -243,6 +262,8 @@ def main() -> None:
         methods[label] = (method, QuantSpec(int(bits[0])) if bits else None)
         if not bits:  # the memory-traffic bound is for a full-precision cache
             ratios[label] = float(ratio)
+    if args.products:  # uncompressed kvsqueeze again, without the fused kernel
+        methods["kvsqueeze none" + PRODUCTS] = None
     paths = [TRANSFORMERS, *methods]
     units = {n: passkey_unit(model, tok, n) for n in args.lengths}
     warm = passkey_unit(model, tok, 256)

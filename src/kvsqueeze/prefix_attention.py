@@ -13,6 +13,13 @@ layers are never shared; its empty slots (a view padded to its longest head) are
 step's mask (`attention.step_mask`). A ragged prefix is read head by head from its flat segments, never unpacked to a
 rectangle. Logits and the softmax are float32 whatever the model's dtype (as SDPA keeps them), and a long batch of
 questions is taken in chunks of queries whose logits stay under LOGITS_BUDGET elements.
+
+A full rectangular prefix on the CPU (no soft-cap) is attended by PyTorch's fused kernel instead (`FLASH_WITH_LSE`,
+the one SDPA runs there), which reads it tile by tile and also returns each query's log-sum-exp; the prefix then
+joins the softmax as a single slot whose logit is that log-sum-exp and whose value is the kernel's output. Since
+exp(lse) * out is the prefix's sum of exp(logit) * value, this is the same attention; decoding from a fork of the
+embedded model's uncompressed 4k/7k context it ran about 3% faster than the separate products and softmax
+(`docs/studies/generation-speed.md`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from kvsqueeze.storage.shared import PrefixRead
 __all__ = ["LOGITS_BUDGET", "attend"]
 
 LOGITS_BUDGET = 2**24  # float32 logits of one chunk of queries (64 MiB)
+# PyTorch's fused CPU attention kernel (the one SDPA runs on the CPU), which also returns each query's log-sum-exp
+FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None, scale: float,
@@ -39,7 +48,8 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
     s = keys.shape[2]
     queries = grouped.float() * scale
     stacked = queries.transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
-    logits = queries.new_empty(hkv, n * m, s + _prefix_width(prefix))
+    fused = softcap is None and _fusable(grouped, prefix)
+    logits = queries.new_empty(hkv, n * m, s + (1 if fused else _prefix_width(prefix)))
     own = logits[:, :, :s]
     own_keys = keys.float().reshape(n * hkv, s, d).transpose(1, 2)
     if n == 1:  # one row: its (H_kv, M, S) logits are the buffer's layout, written in place
@@ -54,6 +64,11 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
             logits_n = logits_n.masked_fill(~visible, float("-inf"))
         own.copy_(logits_n.transpose(0, 1).reshape(hkv, n * m, s))
     own_values = values.float().transpose(0, 1)  # (H_kv, n, S, Dv)
+    if fused:  # the prefix through the fused kernel, joined to the own slots as one slot (see the module docstring)
+        seen, lse = _fused_prefix(grouped.transpose(0, 1).reshape(hkv, n * m, d), prefix, scale)
+        logits[:, :, s] = lse
+        weights = torch.softmax(logits, dim=-1)
+        return _own_output(weights[:, :, :s], own_values).addcmul_(weights[:, :, s:], seen.float())
     if prefix.heads is None:
         assert prefix.view is not None
         pk, pv, positions = prefix.view  # (1, H_kv, L, ...)
@@ -76,6 +91,36 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
         out = torch.bmm(weights[:, :s].view(n, m, s), own_values_h).view(n * m, -1)
         outs.append(out.addmm_(weights[:, s:], pv.float()))
     return torch.stack(outs)
+
+
+def _fusable(grouped: Tensor, prefix: PrefixRead) -> bool:
+    """A prefix the fused kernel reads: a rectangular one with no empty slot and at least one slot, in tensors
+    `fused_ok` accepts. A ragged prefix stays with the products: one kernel call per head decoded about 2% slower
+    than them on the embedded model (`docs/studies/generation-speed.md`)."""
+    if prefix.view is None:
+        return False
+    return prefix.full and prefix.view[2].shape[-1] > 0 and fused_ok(grouped, *prefix.view[:2])
+
+
+def _fused_prefix(rows: Tensor, prefix: PrefixRead, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of queries (H_kv, R, D) over the prefix alone by the fused kernel: output (H_kv, R, Dv) in the
+    queries' dtype and log-sum-exp (H_kv, R) float32."""
+    assert FLASH_WITH_LSE is not None and prefix.view is not None
+    pk, pv, _ = prefix.view
+    out, lse = FLASH_WITH_LSE(rows[None], pk, pv, 0.0, False, scale=scale)
+    return out[0], lse[0]
+
+
+def fused_ok(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
+    """Whether FLASH_WITH_LSE can attend these queries over these keys and values: it exists, they are on the CPU, of
+    one dtype and one head size (thin keys are narrower than the values)."""
+    return (
+        FLASH_WITH_LSE is not None
+        and queries.device.type == "cpu"
+        and queries.dtype == keys.dtype == values.dtype
+        and queries.dtype in (torch.float32, torch.bfloat16)
+        and queries.shape[-1] == keys.shape[-1] == values.shape[-1]
+    )
 
 
 def _own_output(weights: Tensor, values: Tensor) -> Tensor:

@@ -90,11 +90,49 @@ def reads_of(views, owner, ragged: bool):
 def test_equals_attention_over_prefix_and_own_slots(
     rows, prefixes, kv_heads, groups, q, own, seed, softcap, ragged, full
 ):
-    """Any prefixes (full or with empty slots, read by view or by heads), their own slots, masks and soft-caps."""
+    """Any prefixes (full ones go through the fused kernel unless soft-capped), their own slots, masks, soft-caps."""
     g = torch.Generator().manual_seed(seed)
     owner, views, query, keys, values, visible = random_case(g, rows, prefixes, kv_heads, groups, q, own, full=full)
     got = attend(query, reads_of(views, owner, ragged), keys, values, visible, 0.3, softcap)
     want = reference(query, views, owner, keys, values, visible, 0.3, softcap)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernel_gives_the_products_answer(monkeypatch, dtype):
+    """Full prefixes through the fused kernel (its log-sum-exp joined as one slot) against the same prefixes through
+    the separate products and softmax: the same attention, up to float32 rounding (bfloat16: the kernel's output is
+    rounded to it before joining)."""
+    g = torch.Generator().manual_seed(3)
+    owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 2, 3, d=16, full=True)
+    views = [tuple(t.to(dtype) if t.is_floating_point() else t for t in view) for view in views]
+    query, keys, values = query.to(dtype), keys.to(dtype), values.to(dtype)
+    reads = reads_of(views, owner, False)
+    kernel, calls = prefix_attention.FLASH_WITH_LSE, []
+    assert kernel is not None and all(read.full for read in reads)
+    monkeypatch.setattr(prefix_attention, "FLASH_WITH_LSE", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    fused = attend(query, reads, keys, values, visible, 0.25)
+    assert len(calls) == len(reads)  # each prefix went through the kernel
+    monkeypatch.setattr(prefix_attention, "fused_ok", lambda queries, keys, values: False)
+    products = attend(query, reads, keys, values, visible, 0.25)
+    assert len(calls) == len(reads)  # and now none did
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused.float(), products.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_keys_narrower_than_values():
+    """Thin keys (ThinK: fewer key channels than value channels) over a full prefix, which the fused kernel cannot take
+    (it wants one head size): the separate products answer, as the plain formula does."""
+    g = torch.Generator().manual_seed(5)
+    pos = torch.arange(6, dtype=torch.int32).expand(1, 2, 6)
+    view = (torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 6, 8, generator=g), pos)
+    query = torch.randn(1, 4, 2, 4, generator=g)
+    keys, values = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 3, 8, generator=g)
+    visible = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+    assert not prefix_attention.fused_ok(query, view[0], view[1])
+    got = attend(query, [prefix_read(DenseStorage(*view), None)], keys, values, visible, 0.5)
+    want = reference(query, [view], torch.zeros(1, dtype=torch.long), keys, values, visible, 0.5)
+    assert got.shape == (1, 4, 2, 8)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
