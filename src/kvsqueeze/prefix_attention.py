@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kvsqueeze.storage.shared import PrefixRead
 
-__all__ = ["LOGITS_BUDGET", "attend"]
+__all__ = ["FLASH_WITH_LSE", "LOGITS_BUDGET", "attend", "fused_ok"]
 
 LOGITS_BUDGET = 2**24  # float32 logits of one chunk of queries (64 MiB)
 # PyTorch's fused CPU attention kernel (the one SDPA runs on the CPU), which also returns each query's log-sum-exp
@@ -42,8 +42,8 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
     (n, H_kv, S, D), values (n, H_kv, S, Dv), visible (n, H_kv, M, S) or None): (H_kv, n M, Dv) float32.
 
     The logits go into one buffer (H_kv, n M, S + L): each row's own slots first, then the prefix's L slots (a ragged
-    prefix: head h's L_h, the slots past them never written nor read). The queries are scaled once, before the
-    products, so no logit is scaled again."""
+    prefix: head h's L_h, the slots past them never written nor read); for a prefix the fused kernel reads, S + 1
+    (its log-sum-exp). The queries are scaled once, before the products, so no logit is scaled again."""
     n, hkv, m, d = grouped.shape
     s = keys.shape[2]
     queries = grouped.float() * scale
@@ -164,7 +164,8 @@ def attend(
             mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
             own_visible = None if visible is None else visible[prefix.rows]
         n = mine.shape[0]
-        size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
+        width = 1 if softcap is None and _fusable(mine, prefix) else _prefix_width(prefix)  # the prefix's logits
+        size = max(1, LOGITS_BUDGET // (n * hkv * max(width + s, 1)))  # queries per chunk
         if size >= groups * q:  # one chunk: no slicing
             part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap)
         else:
