@@ -42,10 +42,8 @@ class Shape(NamedTuple):
     dim: int
 
 
-RESULTS = Path(__file__).parent / "results"
-
-
 SMOLLM2 = Shape(3, 9, 64)
+RESULTS = Path(__file__).parent / "results"
 
 
 def layer(tokens: int, counts: list[int], seed: int = 0, shape: Shape = SMOLLM2) -> KVLayer:
@@ -133,9 +131,8 @@ def main() -> None:
         },
         "fork_over_plain": {s: medians[f"fork, {s}"] / medians[f"plain, {s}"] for s in shapes},
     }
-    defaults = {"tokens": 4000, "steps": 200, "rounds": 5, "layers": 1, "kv_heads": 3, "query_heads": 9, "dim": 64}
-    changed = [f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v]
-    command = "".join(changed) + ("" if args.name == "ragged_decode_step" else f" --name {args.name}")
+    changed = [f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)]
+    command = "".join(changed)  # the options given, so the results name the command that reproduces them
     lines = [
         "# One decode step of one layer: ragged vs rectangular at equal bytes",
         "",

@@ -18,8 +18,8 @@ A full rectangular prefix on the CPU (no soft-cap) is attended by PyTorch's fuse
 the one SDPA runs there), which reads it tile by tile and also returns each query's log-sum-exp; the prefix then
 joins the softmax as a single slot whose logit is that log-sum-exp and whose value is the kernel's output. Since
 exp(lse) * out is the prefix's sum of exp(logit) * value, this is the same attention; decoding from a fork of the
-embedded model's uncompressed 4k/7k context it ran about 3% faster than the separate products and softmax
-(`docs/studies/generation-speed.md`).
+embedded model's uncompressed 4k / 7k context it ran 1.05x / 1.07x the separate products and softmax (medians of 5
+pairs, `docs/studies/generation-speed.md`).
 """
 
 from __future__ import annotations
@@ -37,18 +37,17 @@ FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 
 
 def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None, scale: float,
-          softcap: float | None) -> Tensor:  # fmt: skip
+          softcap: float | None, fused: bool) -> Tensor:  # fmt: skip
     """Attention of grouped queries (n, H_kv, M, D) of the n rows reading `prefix` over its slots and their own (keys
     (n, H_kv, S, D), values (n, H_kv, S, Dv), visible (n, H_kv, M, S) or None): (H_kv, n M, Dv) float32.
 
     The logits go into one buffer (H_kv, n M, S + L): each row's own slots first, then the prefix's L slots (a ragged
-    prefix: head h's L_h, the slots past them never written nor read); for a prefix the fused kernel reads, S + 1
-    (its log-sum-exp). The queries are scaled once, before the products, so no logit is scaled again."""
+    prefix: head h's L_h, the slots past them never written nor read); with `fused` (the prefix is read by the fused
+    kernel, `_fusable`), S + 1 (its log-sum-exp). The queries are scaled once, before the products, so no logit is
+    scaled again."""
     n, hkv, m, d = grouped.shape
     s = keys.shape[2]
     queries = grouped.float() * scale
-    stacked = queries.transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
-    fused = softcap is None and _fusable(grouped, prefix)
     logits = queries.new_empty(hkv, n * m, s + (1 if fused else _prefix_width(prefix)))
     own = logits[:, :, :s]
     own_keys = keys.float().reshape(n * hkv, s, d).transpose(1, 2)
@@ -69,6 +68,7 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
         logits[:, :, s] = lse
         weights = torch.softmax(logits, dim=-1)
         return _own_output(weights[:, :, :s], own_values).addcmul_(weights[:, :, s:], seen.float())
+    stacked = queries.transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
     if prefix.heads is None:
         assert prefix.view is not None
         pk, pv, positions = prefix.view  # (1, H_kv, L, ...)
@@ -93,11 +93,11 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
     return torch.stack(outs)
 
 
-def _fusable(grouped: Tensor, prefix: PrefixRead) -> bool:
-    """A prefix the fused kernel reads: a rectangular one with no empty slot and at least one slot, in tensors
-    `fused_ok` accepts. A ragged prefix stays with the products: one kernel call per head decoded about 2% slower
-    than them on the embedded model (`docs/studies/generation-speed.md`)."""
-    if prefix.view is None:
+def _fusable(grouped: Tensor, prefix: PrefixRead, softcap: float | None) -> bool:
+    """A prefix the fused kernel reads: a rectangular one with no empty slot and at least one slot, no soft-cap (the
+    kernel cannot apply it), in tensors `fused_ok` accepts. A ragged prefix stays with the products: one kernel call
+    per head decoded about 2% slower than them on the embedded model (`docs/studies/generation-speed.md`)."""
+    if prefix.view is None or softcap is not None:
         return False
     return prefix.full and prefix.view[2].shape[-1] > 0 and fused_ok(grouped, *prefix.view[:2])
 
@@ -164,15 +164,16 @@ def attend(
             mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
             own_visible = None if visible is None else visible[prefix.rows]
         n = mine.shape[0]
-        width = 1 if softcap is None and _fusable(mine, prefix) else _prefix_width(prefix)  # the prefix's logits
+        fused = _fusable(mine, prefix, softcap)
+        width = 1 if fused else _prefix_width(prefix)  # the prefix's logit columns
         size = max(1, LOGITS_BUDGET // (n * hkv * max(width + s, 1)))  # queries per chunk
         if size >= groups * q:  # one chunk: no slicing
-            part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap)
+            part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap, fused)
         else:
             chunks = []
             for i in range(0, groups * q, size):
                 seen = None if own_visible is None else own_visible[:, :, i : i + size]
-                chunk = _rows(mine[:, :, i : i + size], prefix, own_keys, own_values, seen, scale, softcap)
+                chunk = _rows(mine[:, :, i : i + size], prefix, own_keys, own_values, seen, scale, softcap, fused)
                 chunks.append(chunk.unflatten(1, (n, -1)))
             part = torch.cat(chunks, dim=2).flatten(1, 2)
         part = part.unflatten(1, (n, groups * q)).transpose(0, 1)  # (n, H_kv, groups q, Dv)

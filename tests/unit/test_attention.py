@@ -333,3 +333,21 @@ def test_grouped_sdpa_equals_a_float64_reference(kv_heads, groups, slots, rows, 
     expected = torch.softmax(logits, -1) @ value.double().repeat_interleave(groups, 1)
     assert out.shape == (rows, q_heads, 1, d)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_grouped_sdpa_reads_each_kv_head_once_for_one_token(monkeypatch, q_len):
+    """A one-token step reaches SDPA as (B, H_kv, H_q / H_kv, D) queries without `enable_gqa`; a longer step keeps
+    the query heads and `enable_gqa` (the grouped rows would need a causal mask per group)."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    query, key = torch.randn(2, 6, q_len, 8), torch.randn(2, 2, 5, 8)
+    out = grouped_sdpa(query, key, key, None if q_len == 1 else "causal", 0.0, None)
+    assert out.shape == (2, 6, q_len, 8)
+    assert calls == ([((2, 2, 3, 8), False)] if q_len == 1 else [((2, 6, 3, 8), True)])
