@@ -54,17 +54,21 @@ def register() -> None:
 def layer_mask(layer: KVLayer, q_len: int) -> Tensor | str | None:
     """Mask for the current step of `layer`: bool (B, 1 or H_kv, q, T), "causal", or None (attend to all)."""
     pos = layer.step_view[2] if layer.step_view is not None else layer.positions
-    assert pos is not None and layer.query_positions is not None  # pos (B, H, T): the rectangular form read now
-    return step_mask(pos, layer.query_positions.to(pos.device), q_len, layer.sliding_window)
+    assert pos is not None and layer.tokens is not None  # pos (B, H, T): the rectangular form read now
+    tokens = layer.tokens
+    return step_mask(pos, tokens.positions.to(pos.device), q_len, layer.sliding_window, tokens.all_real)
 
 
-def step_mask(pos: Tensor, qpos: Tensor, q_len: int, window: int | None = None) -> Tensor | str | None:
+def step_mask(
+    pos: Tensor, qpos: Tensor, q_len: int, window: int | None = None, all_real: bool | None = None
+) -> Tensor | str | None:
     """Mask of one step from the slot positions pos (B, H, T) (the q new slots last) and the query positions qpos
-    (B, q), -1 = empty slot / pad query: bool (B, 1 or H, q, T), "causal", or None (attend to all)."""
+    (B, q), -1 = empty slot / pad query: bool (B, 1 or H, q, T), "causal", or None (attend to all). all_real: whether
+    qpos holds no pad, when the caller knows it already (else it is read from qpos)."""
     t_past = pos.shape[-1] - q_len
     past = pos[..., :t_past]
-    past_full = t_past == 0 or bool((past >= 0).all())
-    new_full = bool((qpos >= 0).all())
+    past_full = t_past == 0 or int(past.min()) >= 0
+    new_full = bool((qpos >= 0).all()) if all_real is None else all_real
     if window is not None and _span(pos, qpos) < window:
         window = None  # the window cuts nothing yet
     if window is None and past_full and new_full:

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from kvsqueeze import step
-from kvsqueeze.layer import BytesTracker, KVLayer, LayerSnapshot
+from kvsqueeze.layer import BytesTracker, KVLayer, LayerSnapshot, StepTokens
 from kvsqueeze.models import layer_windows
 from kvsqueeze.quantization import QuantSpec, quant_spec
 from kvsqueeze.validation import check_int
@@ -77,8 +77,9 @@ class KVCache(Cache):
             pos = torch.where(valid.bool(), pos, -1)
         self.step_positions = pos
         step.clear_updated()
+        tokens = StepTokens.of(pos)
         for layer in self.kv_layers():
-            layer.query_positions = pos
+            layer.tokens = tokens
 
     def end_step(self) -> None:
         """Forget the announced positions once the forward is over, so a stray forward cannot reuse them, and let

@@ -62,6 +62,8 @@ def _inner_backend(current: str | None, backend: str | None) -> str:
 
 
 def _bound_arguments(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:  # all by keyword (as `generate` and kvsqueeze call the model): nothing to bind
+        return dict(kwargs)
     bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     extra = bound.pop("kwargs", {})
     return {**bound, **extra}

@@ -41,7 +41,7 @@ from kvsqueeze.storage import (
     StepView,
 )
 
-__all__ = ["BytesTracker", "KVLayer", "LayerSnapshot"]
+__all__ = ["BytesTracker", "KVLayer", "LayerSnapshot", "StepTokens"]
 
 
 class BytesTracker:
@@ -54,6 +54,22 @@ class BytesTracker:
     def add(self, delta: int) -> None:
         self.current += delta
         self.peak = max(self.peak, self.current)
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """A forward's new tokens as each layer reads them: worked out once per forward (`KVCache.begin_step`), not once
+    per layer and step."""
+
+    positions: Tensor  # (B, q) absolute positions, -1 = pad
+    slots: Tensor  # (B, q) int32: the positions as slots store them
+    real: Tensor  # (B,) real (non-pad) tokens per row
+    all_real: bool  # no pad among them
+
+    @classmethod
+    def of(cls, positions: Tensor) -> StepTokens:
+        real = positions >= 0
+        return cls(positions, positions.to(torch.int32), real.sum(dim=1), bool(real.all()))
 
 
 @dataclass(frozen=True)
@@ -82,10 +98,19 @@ class KVLayer(DynamicLayer):
         # bytes of keys and values appended so far as the model produced them (pads and all channels included): what
         # an uncompressed cache of this layer would hold (copies by `select_rows` start again at 0)
         self.bytes_appended = 0
-        self.query_positions: Tensor | None = None  # (B, q) positions of the current step's tokens, -1 = pad
+        self.tokens: StepTokens | None = None  # the current step's tokens (`query_positions`)
         self.tracker = BytesTracker()  # shared with the other layers of the cache, for the peak
         self.step_view: StepView | None = None  # what the current step's attention reads (rectangular)
         self.counted: tuple[weakref.ref[LayerStorage] | None, int] = (None, 0)  # the storage `nbytes` last counted
+
+    @property
+    def query_positions(self) -> Tensor | None:
+        """(B, q) positions of the current step's tokens, -1 = pad; None between forwards."""
+        return None if self.tokens is None else self.tokens.positions
+
+    @query_positions.setter
+    def query_positions(self, positions: Tensor | None) -> None:
+        self.tokens = None if positions is None else StepTokens.of(positions)
 
     # -- read-only views of the storage, under the names transformers and callers use
     @property
@@ -155,7 +180,8 @@ class KVLayer(DynamicLayer):
                 "using kvsqueeze's attention function. Run it inside `kvsqueeze.attach(model)` or "
                 "`kvsqueeze.compress(model, method)`."
             )
-        if self.query_positions is None:
+        tokens = self.tokens
+        if tokens is None:
             raise RuntimeError(
                 "This kvsqueeze KVCache was not told the positions of the new tokens: run the model inside "
                 "`kvsqueeze.attach(model)` or `kvsqueeze.compress(model, method)`."
@@ -163,16 +189,16 @@ class KVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self.storage is not None and self.seen is not None
-        self.bytes_appended += sum(t.numel() * t.element_size() for t in (key_states, value_states))
+        self.bytes_appended += key_states.nbytes + value_states.nbytes
         if self.thin is not None:  # thin keys: new tokens are stored with the layer's kept channels
             key_states = self.thin.narrow(key_states)
         b, h, q, _ = key_states.shape
         if q == 1 and isinstance(self.storage, RaggedStorage) and not self.storage.slot_state:
             self._set(SharedStorage.decoding(self.storage))  # decode steps no longer repack the segments
-        new_pos = self.query_positions.to(device=self.seen.device, dtype=torch.int32)
+        new_pos = tokens.slots.to(self.seen.device)
         storage, self.step_view = self.storage.append(key_states, value_states, new_pos[:, None, :].expand(b, h, q))
         self._set(storage)
-        self.seen = self.seen + (self.query_positions >= 0).sum(dim=1)
+        self.seen = self.seen + tokens.real.to(self.seen.device)
         self.total_seen += q
         step.mark_updated(self, self.step_view[0])
         return self.step_view[0], self.step_view[1]

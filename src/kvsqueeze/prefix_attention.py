@@ -14,12 +14,13 @@ step's mask (`attention.step_mask`). A ragged prefix is read head by head from i
 rectangle. Logits and the softmax are float32 whatever the model's dtype (as SDPA keeps them), and a long batch of
 questions is taken in chunks of queries whose logits stay under LOGITS_BUDGET elements.
 
-A full rectangular prefix on the CPU (no soft-cap) is attended by PyTorch's fused kernel instead (`FLASH_WITH_LSE`,
-the one SDPA runs there), which reads it tile by tile and also returns each query's log-sum-exp; the prefix then
-joins the softmax as a single slot whose logit is that log-sum-exp and whose value is the kernel's output. Since
-exp(lse) * out is the prefix's sum of exp(logit) * value, this is the same attention; decoding from a fork of the
-embedded model's uncompressed 4k / 7k context it ran 1.05x / 1.07x the separate products and softmax (medians of 5
-pairs, `docs/studies/generation-speed.md`).
+Rows over a full rectangular prefix on the CPU (no soft-cap) are attended by PyTorch's fused kernel instead
+(`FLASH_WITH_LSE`, the one SDPA runs there), which reads keys and values tile by tile, makes no logits matrix, and
+also returns each query's log-sum-exp: one call over the prefix, one over the rows' own slots (with their mask), and
+the two outputs joined by their log-sum-exps. With lse_p and lse_o the two parts' log-sum-exps, the prefix holds
+sigmoid(lse_p - lse_o) of the softmax's mass, so the output is lerp(out_o, out_p, sigmoid(lse_p - lse_o)): the same
+attention. Decoding from a fork of the embedded model's uncompressed context, the kernel over the prefix ran 1.05x /
+1.07x the separate products and softmax at 4k / 7k tokens (medians of 5 pairs, `docs/studies/generation-speed.md`).
 """
 
 from __future__ import annotations
@@ -37,18 +38,17 @@ FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 
 
 def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None, scale: float,
-          softcap: float | None, fused: bool) -> Tensor:  # fmt: skip
+          softcap: float | None) -> Tensor:  # fmt: skip
     """Attention of grouped queries (n, H_kv, M, D) of the n rows reading `prefix` over its slots and their own (keys
     (n, H_kv, S, D), values (n, H_kv, S, Dv), visible (n, H_kv, M, S) or None): (H_kv, n M, Dv) float32.
 
     The logits go into one buffer (H_kv, n M, S + L): each row's own slots first, then the prefix's L slots (a ragged
-    prefix: head h's L_h, the slots past them never written nor read); with `fused` (the prefix is read by the fused
-    kernel, `_fusable`), S + 1 (its log-sum-exp). The queries are scaled once, before the products, so no logit is
-    scaled again."""
+    prefix: head h's L_h, the slots past them never written nor read). The queries are scaled once, before the
+    products, so no logit is scaled again."""
     n, hkv, m, d = grouped.shape
     s = keys.shape[2]
     queries = grouped.float() * scale
-    logits = queries.new_empty(hkv, n * m, s + (1 if fused else _prefix_width(prefix)))
+    logits = queries.new_empty(hkv, n * m, s + _prefix_width(prefix))
     own = logits[:, :, :s]
     own_keys = keys.float().reshape(n * hkv, s, d).transpose(1, 2)
     if n == 1:  # one row: its (H_kv, M, S) logits are the buffer's layout, written in place
@@ -63,11 +63,6 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
             logits_n = logits_n.masked_fill(~visible, float("-inf"))
         own.copy_(logits_n.transpose(0, 1).reshape(hkv, n * m, s))
     own_values = values.float().transpose(0, 1)  # (H_kv, n, S, Dv)
-    if fused:  # the prefix through the fused kernel, joined to the own slots as one slot (see the module docstring)
-        seen, lse = _fused_prefix(grouped.transpose(0, 1).reshape(hkv, n * m, d), prefix, scale)
-        logits[:, :, s] = lse
-        weights = torch.softmax(logits, dim=-1)
-        return _own_output(weights[:, :, :s], own_values).addcmul_(weights[:, :, s:], seen.float())
     stacked = queries.transpose(0, 1).reshape(hkv, n * m, d)  # every row's queries, per KV head
     if prefix.heads is None:
         assert prefix.view is not None
@@ -93,22 +88,36 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
     return torch.stack(outs)
 
 
-def _fusable(grouped: Tensor, prefix: PrefixRead, softcap: float | None) -> bool:
-    """A prefix the fused kernel reads: a rectangular one with no empty slot and at least one slot, no soft-cap (the
-    kernel cannot apply it), in tensors `fused_ok` accepts. A ragged prefix stays with the products: one kernel call
-    per head decoded about 2% slower than them on the embedded model (`docs/studies/generation-speed.md`)."""
-    if prefix.view is None or softcap is not None:
+def _fusable(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, softcap: float | None) -> bool:
+    """Whether the fused kernel attends these rows (`_fused_rows`): a rectangular prefix with no empty slot and at
+    least one slot, no soft-cap (the kernel cannot apply it), the prefix's and the rows' own tensors all ones
+    `fused_ok` accepts. A ragged prefix stays with the products: one kernel call per head decoded about 2% slower
+    than them on the embedded model (`docs/studies/generation-speed.md`)."""
+    if prefix.view is None or softcap is not None or not prefix.full or prefix.view[2].shape[-1] == 0:
         return False
-    return prefix.full and prefix.view[2].shape[-1] > 0 and fused_ok(grouped, *prefix.view[:2])
+    return keys.shape[2] > 0 and fused_ok(grouped, *prefix.view[:2]) and fused_ok(grouped, keys, values)
 
 
-def _fused_prefix(rows: Tensor, prefix: PrefixRead, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of queries (H_kv, R, D) over the prefix alone by the fused kernel: output (H_kv, R, Dv) in the
-    queries' dtype and log-sum-exp (H_kv, R) float32."""
+def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None,
+                scale: float) -> Tensor:  # fmt: skip
+    """Attention of `_rows`' rows over a prefix the fused kernel reads (`_fusable`): the prefix and the rows' own slots
+    each attended by the kernel, then joined by their log-sum-exps (see the module docstring); (n, H_kv, M, Dv),
+    float32 or the queries' dtype when that is float32."""
     assert FLASH_WITH_LSE is not None and prefix.view is not None
+    n, hkv, m, d = grouped.shape
     pk, pv, _ = prefix.view
-    out, lse = FLASH_WITH_LSE(rows[None], pk, pv, 0.0, False, scale=scale)
-    return out[0], lse[0]
+    if n == 1:  # one row (decoding an answer): its queries are already the kernel's batch of one
+        seen, seen_lse = FLASH_WITH_LSE(grouped, pk, pv, 0.0, False, scale=scale)
+    else:  # every row's queries against the one prefix
+        stacked = grouped.transpose(0, 1).reshape(1, hkv, n * m, d)
+        seen, seen_lse = FLASH_WITH_LSE(stacked, pk, pv, 0.0, False, scale=scale)
+        seen, seen_lse = seen[0].unflatten(1, (n, m)).transpose(0, 1), seen_lse[0].unflatten(1, (n, m)).transpose(0, 1)
+    mask = None if visible is None else grouped.new_zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    own, own_lse = FLASH_WITH_LSE(grouped, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    share = torch.sub(seen_lse, own_lse, out=own_lse).sigmoid_()[..., None]  # the prefix's part of the softmax's mass
+    if own.dtype == torch.float32:
+        return own.lerp_(seen, share)  # in place: both are the kernel's fresh outputs
+    return torch.lerp(own.float(), seen.float(), share)
 
 
 def fused_ok(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
@@ -164,19 +173,20 @@ def attend(
             mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
             own_visible = None if visible is None else visible[prefix.rows]
         n = mine.shape[0]
-        fused = _fusable(mine, prefix, softcap)
-        width = 1 if fused else _prefix_width(prefix)  # the prefix's logit columns
-        size = max(1, LOGITS_BUDGET // (n * hkv * max(width + s, 1)))  # queries per chunk
-        if size >= groups * q:  # one chunk: no slicing
-            part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap, fused)
+        size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
+        if _fusable(mine, prefix, own_keys, own_values, softcap):  # the kernel makes no logits: no chunks
+            part = _fused_rows(mine, prefix, own_keys, own_values, own_visible, scale)
         else:
-            chunks = []
-            for i in range(0, groups * q, size):
-                seen = None if own_visible is None else own_visible[:, :, i : i + size]
-                chunk = _rows(mine[:, :, i : i + size], prefix, own_keys, own_values, seen, scale, softcap, fused)
-                chunks.append(chunk.unflatten(1, (n, -1)))
-            part = torch.cat(chunks, dim=2).flatten(1, 2)
-        part = part.unflatten(1, (n, groups * q)).transpose(0, 1)  # (n, H_kv, groups q, Dv)
+            if size >= groups * q:  # one chunk: no slicing
+                part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap)
+            else:
+                chunks = []
+                for i in range(0, groups * q, size):
+                    seen = None if own_visible is None else own_visible[:, :, i : i + size]
+                    chunk = _rows(mine[:, :, i : i + size], prefix, own_keys, own_values, seen, scale, softcap)
+                    chunks.append(chunk.unflatten(1, (n, -1)))
+                part = torch.cat(chunks, dim=2).flatten(1, 2)
+            part = part.unflatten(1, (n, groups * q)).transpose(0, 1)  # (n, H_kv, groups q, Dv)
         if out is None:
             return part.reshape(b, hq, q, dv).to(query.dtype)
         out[prefix.rows] = part.to(out.dtype)

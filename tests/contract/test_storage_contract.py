@@ -225,6 +225,16 @@ def test_pack_and_unpack_round_trip(make):
         storage.pack(torch.zeros(B + 1, H, storage.width()))
 
 
+def test_nbytes_stay_the_storages_while_decoding(make):
+    """One-token appends (decode steps write into room kept after the last slot, which counts; rows over a shared
+    prefix count it once, as worked out when they were made): still the bytes of the distinct tensors' storages."""
+    storage = make()
+    for i in range(3):
+        pos = torch.full((B, H, 1), 300 + i, dtype=torch.int32)
+        storage, _ = storage.append(torch.randn(B, H, 1, D), torch.randn(B, H, 1, D), pos)
+        assert storage.nbytes() == storage_bytes(storage.kv_tensors(), set()) > 0
+
+
 def test_nbytes_are_the_storages(make):
     storage = make()
     assert storage.nbytes() == storage_bytes(storage.kv_tensors(), set()) > 0

@@ -384,3 +384,22 @@ def test_manual_step_protocol():
     assert layer.tracker.current == layer.tracker.peak == 2 * 2 * 3 * 16 * 4 * 2
     assert step.take_updated(k) is layer  # what the attention function does next (and it consumes it)
     assert step.take_updated(k) is None
+
+
+def test_a_forwards_tokens_are_worked_out_once_for_every_layer(make_model):
+    """`begin_step` hands every layer the same `StepTokens` (positions, pads, real counts computed once per forward,
+    not once per layer); setting a layer's `query_positions` by hand derives the same fields."""
+    cache = KVCache(make_model("llama").config)
+    cache.begin_step(torch.tensor([[4, 5, 6], [0, 0, 1]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    tokens = {id(layer.tokens) for layer in cache.kv_layers()}
+    assert len(tokens) == 1 and len(cache.kv_layers()) > 1
+    first = cache.kv_layers()[0]
+    assert first.tokens is not None
+    assert first.tokens.positions.tolist() == [[4, 5, 6], [-1, 0, 1]]
+    assert first.tokens.slots.dtype == torch.int32 and first.tokens.real.tolist() == [3, 2]
+    assert not first.tokens.all_real
+    by_hand = KVLayer()
+    by_hand.query_positions = torch.tensor([[7, 8]])
+    assert by_hand.tokens is not None and by_hand.tokens.all_real and by_hand.tokens.real.tolist() == [2]
+    cache.end_step()
+    assert all(layer.query_positions is None for layer in cache.kv_layers())

@@ -100,9 +100,9 @@ def test_equals_attention_over_prefix_and_own_slots(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_kernel_gives_the_products_answer(monkeypatch, dtype):
-    """Full prefixes through the fused kernel (its log-sum-exp joined as one slot) against the same prefixes through
-    the separate products and softmax: the same attention, up to float32 rounding (bfloat16: the kernel's output is
-    rounded to it before joining)."""
+    """Full prefixes through the fused kernel (the prefix and the rows' own slots, masked, each by one call, joined by
+    their log-sum-exps) against the same prefixes through the separate products and softmax: the same attention, up
+    to float32 rounding (bfloat16: the kernel's outputs are rounded to it before joining)."""
     g = torch.Generator().manual_seed(3)
     owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 2, 3, d=16, full=True)
     views = [tuple(t.to(dtype) if t.is_floating_point() else t for t in view) for view in views]
@@ -112,10 +112,10 @@ def test_the_fused_kernel_gives_the_products_answer(monkeypatch, dtype):
     assert kernel is not None and all(read.full for read in reads)
     monkeypatch.setattr(prefix_attention, "FLASH_WITH_LSE", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
     fused = attend(query, reads, keys, values, visible, 0.25)
-    assert len(calls) == len(reads)  # each prefix went through the kernel
+    assert len(calls) == 2 * len(reads)  # each prefix and its rows' own slots went through the kernel
     monkeypatch.setattr(prefix_attention, "fused_ok", lambda queries, keys, values: False)
     products = attend(query, reads, keys, values, visible, 0.25)
-    assert len(calls) == len(reads)  # and now none did
+    assert len(calls) == 2 * len(reads)  # and now none did
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(fused.float(), products.float(), rtol=tolerance, atol=tolerance)
 

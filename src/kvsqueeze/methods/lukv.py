@@ -199,7 +199,8 @@ class LUKV(CalibrationOptions, LUKVOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("horizon", self.horizon, 1, self.calibration_chunk - 1)
+        note = f"below calibration_chunk={self.calibration_chunk}: each chunk needs context before its horizon"
+        check_int("horizon", self.horizon, 1, self.calibration_chunk - 1, note=note)
 
     def _key(self) -> tuple[Any, ...]:
         scorer = repr(dataclasses.replace(self.scorer, ratio=0.0))

@@ -63,10 +63,15 @@ class SharedStorage:
     suffix: DenseStorage  # (B, H, S, ...)
     # how attention reads each prefix: derived from the fields above once, then handed on by `append`
     reads: tuple[PrefixRead, ...] = field(default=(), compare=False)
+    prefix_bytes: int = field(default=-1, compare=False)  # the prefixes' keys and values, each counted once
 
     is_ragged = False
 
     def __post_init__(self) -> None:
+        if self.prefix_bytes < 0:
+            object.__setattr__(
+                self, "prefix_bytes", storage_bytes([t for p in self.prefixes for t in p.kv_tensors()], set())
+            )
         if self.reads:
             return
         b = self.suffix.positions.shape[0]
@@ -179,7 +184,7 @@ class SharedStorage:
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[SharedStorage, StepView]:
         """The new tokens join each row's suffix; the step view is the suffix's (see the module docstring)."""
         suffix, view = self.suffix.append(keys, values, positions)
-        return SharedStorage(self.prefixes, self.owner, suffix, self.reads), view  # the reads stay (a decode step)
+        return SharedStorage(self.prefixes, self.owner, suffix, self.reads, self.prefix_bytes), view  # a decode step
 
     def prune(
         self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
@@ -236,7 +241,7 @@ class SharedStorage:
 
     def nbytes(self) -> int:
         """Bytes of the prefixes read (each counted once) and of the rows' own tokens."""
-        return storage_bytes(self.kv_tensors(), set())
+        return self.prefix_bytes + self.suffix.nbytes()
 
     def metadata_tensors(self) -> list[Tensor]:
         """The prefixes' bookkeeping (each once), the suffix's and the owner index."""

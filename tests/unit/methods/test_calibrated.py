@@ -57,7 +57,7 @@ def test_the_methods_own_checks_still_run():
         DuoAttention(n_sink=0, window=0)
     with pytest.raises(ValueError, match=r"calibration_chunk must exceed n_sink \+ window = 68"):
         DuoAttention(calibration_chunk=64)  # a check of DuoAttention's over both groups of options
-    with pytest.raises(ValueError, match=r"horizon must be an integer in \[1, 99\], got 100"):
+    with pytest.raises(ValueError, match=r"horizon must be an integer in \[1, 99\] \(below calibration_chunk=100"):
         LUKV(calibration_chunk=100, horizon=100)
     with pytest.raises(ValueError, match=r"grid must be an integer in \[1, 4096\]"):
         LUKV(grid=0)

@@ -189,6 +189,12 @@ def test_bad_options(option, value):
         kvs.get_method("lukv", **{option: value})
 
 
+def test_a_chunk_too_short_for_the_horizon_is_named():
+    """A calibration chunk no longer than the (default) horizon: the message names both options and both values."""
+    with pytest.raises(ValueError, match=r"horizon must be an integer in \[1, 15\] \(below calibration_chunk=16.*128"):
+        kvs.get_method("lukv", calibration_chunk=16)
+
+
 def test_bad_scorer():
     with pytest.raises(ValueError, match="scorer must be a scoring method"):
         kvs.get_method("lukv", scorer="adakv")
