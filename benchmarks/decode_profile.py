@@ -6,7 +6,7 @@ path that makes more calls), and the time per step is split into: the linear lay
 kvsqueeze's products, softmax and fused kernel), the cache's copies (`torch.cat`: transformers' DynamicCache copies
 each layer at each step), and everything else. kvsqueeze runs twice: as it is, and without prefix attention's fused
 kernel ("products"). Run alone: `.venv/bin/python benchmarks/decode_profile.py` (about two minutes); writes
-benchmarks/results/decode_profile.md.
+benchmarks/results/decode_profile.md (`--name` another file there).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import copy
 import cProfile
-import platform
 import pstats
 import time
 from pathlib import Path
@@ -23,12 +22,13 @@ from typing import Any
 
 import torch
 from generate_speed import passkey_unit, products_only
+from recorded import given_options, machine
 
 import kvsqueeze as kvs
 from kvsqueeze.generation import Sampling, encode, stream
 from kvsqueeze.pipeline import prefill
 
-OUT = Path(__file__).parent / "results" / "decode_profile.md"
+RESULTS = Path(__file__).parent / "results"
 # kvsqueeze, products: the same loop with prefix attention's fused kernel off (its separate products and softmax)
 PATHS = ("transformers", "kvsqueeze", "kvsqueeze, products")
 PARTS = {  # a builtin's name (as cProfile shows it) -> the part of the step its own time counts in
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="context length")
     parser.add_argument("--skip", type=int, default=4, help="decode steps before the profiled ones")
     parser.add_argument("--steps", type=int, default=30, help="decode steps profiled")
+    parser.add_argument("--name", default="decode_profile", help="results file name (in benchmarks/results, .md)")
     args = parser.parse_args()
     model, tok = kvs.load_model()
     unit = passkey_unit(model, tok, args.tokens)
@@ -118,12 +119,12 @@ def main() -> None:
                 run_kvsqueeze(model, tok, unit.context_ids, unit.question_texts[0], window, new)
         results[path] = window.parts()
         print(path, {k: round(v, 1) for k, v in results[path].items()}, flush=True)
-    machine = f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    given = given_options(parser, args)
     lines = [
         "# Where a decode step's time goes: transformers vs kvsqueeze, uncompressed",
         "",
         f"{len(unit.context_ids)}-token passkey context, the embedded model, float32; ms per step over {args.steps} "
-        f"decode steps under cProfile ({machine}). Command: `.venv/bin/python benchmarks/decode_profile.py`.",
+        f"decode steps under cProfile ({machine()}). Command: `.venv/bin/python benchmarks/decode_profile.py{given}`.",
         "",
         "| part | " + " | ".join(PATHS) + " |",
         "|---" * (len(PATHS) + 1) + "|",
@@ -131,8 +132,9 @@ def main() -> None:
     for part in results["transformers"]:
         lines.append(f"| {part} | " + " | ".join(f"{results[path][part]:.1f}" for path in PATHS) + " |")
     text = "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
+    out = RESULTS / f"{args.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
 
 

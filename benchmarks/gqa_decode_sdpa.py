@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import timeit
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from recorded import machine
 
 from kvsqueeze.attention import grouped_sdpa
 
@@ -71,11 +71,11 @@ def main() -> None:
             rows.append({"model": model, "kv_heads": kv_heads, "query_heads": q_heads, "dim": dim, "slots": slots,
                          "us": times, "median_us": medians})  # fmt: skip
             print(model, slots, {k: round(v) for k, v in medians.items()}, flush=True)
-    machine = f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)"
+    ran_on = machine()
     lines = [
         "# One decode step's attention under GQA: SDPA with enable_gqa vs the grouped layout",
         "",
-        f"One token, float32, no mask; median us per call over {args.rounds} interleaved rounds ({machine}). "
+        f"One token, float32, no mask; median us per call over {args.rounds} interleaved rounds ({ran_on}). "
         "Command: `.venv/bin/python benchmarks/gqa_decode_sdpa.py`.",
         "",
         "| model shape | KV / query heads, dim | slots | enable_gqa | grouped | repeated | enable_gqa / grouped |",
@@ -90,7 +90,7 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    OUT.with_suffix(".json").write_text(json.dumps({"machine": ran_on, "rows": rows}, indent=1) + "\n")
     OUT.with_suffix(".md").write_text(text)
     print(text)
 

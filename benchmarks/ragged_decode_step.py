@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from recorded import given_options, machine
 from transformers import AttentionInterface
 
 from kvsqueeze import step
@@ -119,9 +119,9 @@ def main() -> None:
             contexts = [layer(n, counts, seed, dims).fork([0]) for seed in range(args.layers)]
             times[f"fork, {shape}"].append(ms_per_step(contexts, n, args.steps, dims))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    machine = f"{platform.machine()}, torch {torch.__version__}, 1 thread"
+    ran_on = machine()
     settings = {"tokens": n, "steps": args.steps, "rounds": args.rounds, "layers": args.layers}
-    settings |= {"heads": dims.kv_heads, "query_heads": dims.query_heads, "dim": dims.dim, "machine": machine}
+    settings |= {"heads": dims.kv_heads, "query_heads": dims.query_heads, "dim": dims.dim, "machine": ran_on}
     result = {
         "settings": settings,
         "ms_per_step": times,
@@ -131,8 +131,7 @@ def main() -> None:
         },
         "fork_over_plain": {s: medians[f"fork, {s}"] / medians[f"plain, {s}"] for s in shapes},
     }
-    changed = [f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)]
-    command = "".join(changed)  # the options given, so the results name the command that reproduces them
+    command = given_options(parser, args)  # so the results name the command that reproduces them
     lines = [
         "# One decode step of one layer: ragged vs rectangular at equal bytes",
         "",

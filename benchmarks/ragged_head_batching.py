@@ -16,7 +16,6 @@ benchmarks/results/ragged_head_batching.{md,json}.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from recorded import machine
 from torch import Tensor
 
 OUT = Path(__file__).parent / "results" / "ragged_head_batching"
@@ -118,12 +118,12 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     result = {str(heads): measure(heads, lengths) for heads, lengths in LAYOUTS.items()}
-    machine = f"{platform.machine()}, torch {torch.__version__}, 1 thread"
+    ran_on = machine()
     lines = [
         "# A ragged prefix's attention: head by head against grouped_mm",
         "",
         f"One decode step's attention core ({GROUPS} query heads per KV head, {OWN} own slots, head dim {DIM}; "
-        f"{machine}; median of 5 interleaved rounds of 500 calls). "
+        f"{ran_on}; median of 5 interleaved rounds of 500 calls). "
         "Command: `.venv/bin/python benchmarks/ragged_head_batching.py`.",
         "",
         "| KV heads | tokens per head | head by head (us) | grouped_mm (us) | rectangular, same bytes (us) |",
@@ -136,7 +136,7 @@ def main() -> None:
                      f"{m['rectangular']:.1f} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps({"machine": machine, "layouts": result}, indent=1) + "\n")
+    OUT.with_suffix(".json").write_text(json.dumps({"machine": ran_on, "layouts": result}, indent=1) + "\n")
     OUT.with_suffix(".md").write_text(text)
     print(text)
 

@@ -101,8 +101,8 @@ def _fusable(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, 
 def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None,
                 scale: float) -> Tensor:  # fmt: skip
     """Attention of `_rows`' rows over a prefix the fused kernel reads (`_fusable`): the prefix and the rows' own slots
-    each attended by the kernel, then joined by their log-sum-exps (see the module docstring); (n, H_kv, M, Dv),
-    float32 or the queries' dtype when that is float32."""
+    each attended by the kernel, then joined by their log-sum-exps (see the module docstring): (n, H_kv, M, Dv)
+    float32. Every query sees at least one of its own slots (itself), so neither log-sum-exp is -inf."""
     assert FLASH_WITH_LSE is not None and prefix.view is not None
     n, hkv, m, d = grouped.shape
     pk, pv, _ = prefix.view
@@ -173,10 +173,10 @@ def attend(
             mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
             own_visible = None if visible is None else visible[prefix.rows]
         n = mine.shape[0]
-        size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
         if _fusable(mine, prefix, own_keys, own_values, softcap):  # the kernel makes no logits: no chunks
             part = _fused_rows(mine, prefix, own_keys, own_values, own_visible, scale)
         else:
+            size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
             if size >= groups * q:  # one chunk: no slicing
                 part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap)
             else:
