@@ -3,14 +3,16 @@
 transformers' path is what `model.generate` runs on each layer: `DynamicLayer.update` (which copies the layer's keys
 and values into a new tensor with `torch.cat`) and its SDPA attention function. kvsqueeze's is `KVLayer.update` and
 its SDPA attention function, on the layer itself ("plain") and on a one-row fork of it ("fork", what `generate` and
-the server decode from: the context read in place, the new tokens in the fork's own slots). Every layer holds
-`--tokens` uncompressed tokens of SmolLM2-135M's shape (3 KV heads, 9 query heads, head_dim 64); a step goes through
-`--layers` such layers, each read again only after the others, so its data has left the CPU's caches as in a model.
+the server decode from: the context read in place, the new tokens in the fork's own slots). Every layer holds as
+many uncompressed tokens as one of `--lengths`, in SmolLM2-135M's shape (3 KV heads, 9 query heads, head_dim 64); a
+step goes through `--layers` such layers, each read again only after the others, so its data has left the CPU's
+caches as in a model.
 
 At a few tokens the figure is the fixed per-layer cost (bookkeeping, mask, kernel calls), which a model pays in every
 layer at every step whatever the context; at thousands, the attention's memory traffic. The paths run interleaved,
 `--rounds` times, with torch's default threads (a model's decode uses them too). Run alone:
-`.venv/bin/python benchmarks/layer_step_cost.py` (about a minute); writes benchmarks/results/layer_step_cost.{md,json}.
+`.venv/bin/python benchmarks/layer_step_cost.py` (about a minute); writes benchmarks/results/layer_step_cost.{md,json}
+(`--name`: another name).
 """
 
 from __future__ import annotations

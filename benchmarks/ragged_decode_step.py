@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 
 from kvsqueeze import step
 from kvsqueeze.attention import implementation_name, register
-from kvsqueeze.cache import KVLayer
+from kvsqueeze.layer import KVLayer, StepTokens
 
 
 class Shape(NamedTuple):
@@ -78,9 +78,9 @@ def ms_per_step(targets: list[KVLayer], start: int, steps: int, shape: Shape = S
     new = torch.randn(1, shape.kv_heads, 1, shape.dim)
     begin = time.perf_counter()
     for i in range(steps):
-        position = torch.tensor([[start + i]])
+        tokens = StepTokens.of(torch.tensor([[start + i]]))  # once per step, as `KVCache.begin_step` does
         for target in targets:
-            target.query_positions = position
+            target.tokens = tokens
             keys, values = target.update(new, new)
             attention(module, query, keys, values, None, scaling=shape.dim**-0.5)
     return (time.perf_counter() - begin) / steps / len(targets) * 1e3

@@ -12,15 +12,19 @@ A prefix is entirely visible to its rows' queries: every prefix slot precedes th
 layers are never shared; its empty slots (a view padded to its longest head) are masked. The own part follows the
 step's mask (`attention.step_mask`). A ragged prefix is read head by head from its flat segments, never unpacked to a
 rectangle. Logits and the softmax are float32 whatever the model's dtype (as SDPA keeps them), and a long batch of
-questions is taken in chunks of queries whose logits stay under LOGITS_BUDGET elements.
+questions is taken in chunks of queries whose logits (with the fused kernel below: whose own slots' mask) stay under
+LOGITS_BUDGET elements.
 
 Rows over a full rectangular prefix on the CPU (no soft-cap) are attended by PyTorch's fused kernel instead
 (`FLASH_WITH_LSE`, the one SDPA runs there), which reads keys and values tile by tile, makes no logits matrix, and
 also returns each query's log-sum-exp: one call over the prefix, one over the rows' own slots (with their mask), and
 the two outputs joined by their log-sum-exps. With lse_p and lse_o the two parts' log-sum-exps, the prefix holds
 sigmoid(lse_p - lse_o) of the softmax's mass, so the output is lerp(out_o, out_p, sigmoid(lse_p - lse_o)): the same
-attention. Decoding from a fork of the embedded model's uncompressed context, the kernel over the prefix ran 1.05x /
-1.07x the separate products and softmax at 4k / 7k tokens (medians of 5 pairs, `docs/studies/generation-speed.md`).
+attention (in bfloat16 each part's output is rounded to it before the float32 join, one rounding more than the
+products). A query that sees none of its own slots (never one from `attention.step_mask`, where a pad query sees
+itself) gets the prefix's output alone, as from the products. Decoding from a fork of the embedded model's
+uncompressed context, the kernel over the prefix alone (before the own slots joined it) ran 1.05x / 1.07x the
+separate products and softmax at 4k / 7k tokens (medians of 5 pairs, `docs/studies/generation-speed.md`).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tenso
                 scale: float) -> Tensor:  # fmt: skip
     """Attention of `_rows`' rows over a prefix the fused kernel reads (`_fusable`): the prefix and the rows' own slots
     each attended by the kernel, then joined by their log-sum-exps (see the module docstring): (n, H_kv, M, Dv)
-    float32. Every query sees at least one of its own slots (itself), so neither log-sum-exp is -inf."""
+    float32."""
     assert FLASH_WITH_LSE is not None and prefix.view is not None
     n, hkv, m, d = grouped.shape
     pk, pv, _ = prefix.view
@@ -114,6 +118,8 @@ def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tenso
         seen, seen_lse = seen[0].unflatten(1, (n, m)).transpose(0, 1), seen_lse[0].unflatten(1, (n, m)).transpose(0, 1)
     mask = None if visible is None else grouped.new_zeros(visible.shape).masked_fill_(~visible, float("-inf"))
     own, own_lse = FLASH_WITH_LSE(grouped, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    if visible is not None:  # the kernel gives a query that sees no own slot a log-sum-exp of 0, not -inf
+        own_lse.masked_fill_(~visible.any(dim=-1), float("-inf"))
     share = torch.sub(seen_lse, own_lse, out=own_lse).sigmoid_()[..., None]  # the prefix's part of the softmax's mass
     if own.dtype == torch.float32:
         return own.lerp_(seen, share)  # in place: both are the kernel's fresh outputs
@@ -159,7 +165,7 @@ def attend(
 
     prefixes: each prefix's slots and the rows reading it (`SharedStorage.prefix_reads`); keys/values
     (B, H_kv, S, ...): the rows' own slots, new ones included; visible: bool broadcastable to (B, H_kv or 1, q, S),
-    None when every query sees all of them."""
+    None when every query sees all of them (a query that sees none of them attends to its prefix alone)."""
     b, hq, q, d = query.shape
     hkv, s, dv = keys.shape[1], keys.shape[2], values.shape[-1]
     groups = hq // hkv
@@ -173,8 +179,17 @@ def attend(
             mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
             own_visible = None if visible is None else visible[prefix.rows]
         n = mine.shape[0]
-        if _fusable(mine, prefix, own_keys, own_values, softcap):  # the kernel makes no logits: no chunks
-            part = _fused_rows(mine, prefix, own_keys, own_values, own_visible, scale)
+        if _fusable(mine, prefix, own_keys, own_values, softcap):  # no logits: chunks bound the own slots' mask
+            size = max(1, LOGITS_BUDGET // (n * hkv * max(s, 1)))  # queries per chunk
+            if own_visible is None or size >= groups * q:
+                part = _fused_rows(mine, prefix, own_keys, own_values, own_visible, scale)
+            else:
+                chunks = [
+                    _fused_rows(mine[:, :, i : i + size], prefix, own_keys, own_values, own_visible[:, :, i : i + size],
+                                scale)
+                    for i in range(0, groups * q, size)
+                ]  # fmt: skip
+                part = torch.cat(chunks, dim=2)
         else:
             size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
             if size >= groups * q:  # one chunk: no slicing

@@ -155,6 +155,34 @@ def test_queries_taken_in_chunks_give_the_same_answer(monkeypatch):
         torch.testing.assert_close(chunked, at_once, rtol=1e-6, atol=1e-6)
 
 
+def test_the_fused_kernel_in_chunks_gives_the_same_answer(monkeypatch):
+    """Full prefixes (the fused kernel) under a mask: queries taken in chunks that bound the own slots' mask, each
+    chunk its own kernel calls, give the answer taken at once."""
+    g = torch.Generator().manual_seed(4)
+    owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 4, 2, full=True)
+    reads = reads_of(views, owner, False)
+    at_once = attend(query, reads, keys, values, visible, 0.3)
+    kernel, calls = prefix_attention.FLASH_WITH_LSE, []
+    assert kernel is not None
+    monkeypatch.setattr(prefix_attention, "FLASH_WITH_LSE", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    monkeypatch.setattr(prefix_attention, "LOGITS_BUDGET", 1)  # one query per chunk
+    chunked = attend(query, reads, keys, values, visible, 0.3)
+    assert len(calls) == 2 * 3 * 4 * len(reads)  # two calls per chunk of one query (3 query heads per KV head, q=4)
+    torch.testing.assert_close(chunked, at_once, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_query_that_sees_no_own_slot_reads_its_prefix_alone(full):
+    """A query whose own slots are all masked (not one `step_mask` makes, but `attend` accepts it): its prefix's
+    attention alone, through the fused kernel (which reports such a row's log-sum-exp as 0) as through the products."""
+    g = torch.Generator().manual_seed(6)
+    owner, views, query, keys, values, visible = random_case(g, 2, 1, 2, 3, 3, 2, full=full)
+    visible[0, :, 1] = False  # row 0's second query sees none of its own slots
+    got = attend(query, reads_of(views, owner, False), keys, values, visible, 0.4)
+    want = reference(query, views, owner, keys, values, visible, 0.4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_prefix_head_with_nothing_kept_weighs_nothing():
     """A head of a prefix that keeps no slot, beside own logits far below 0: the answer is the own values (the empty
     prefix must weigh nothing, and the own slots' tiny exponentials must not vanish)."""
