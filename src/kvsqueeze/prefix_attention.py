@@ -179,34 +179,31 @@ def attend(
             mine, own_keys, own_values = grouped[prefix.rows], keys[prefix.rows], values[prefix.rows]
             own_visible = None if visible is None else visible[prefix.rows]
         n = mine.shape[0]
-        if _fusable(mine, prefix, own_keys, own_values, softcap):  # no logits: chunks bound the own slots' mask
-            size = max(1, LOGITS_BUDGET // (n * hkv * max(s, 1)))  # queries per chunk
-            if own_visible is None or size >= groups * q:
-                part = _fused_rows(mine, prefix, own_keys, own_values, own_visible, scale)
-            else:
-                chunks = [
-                    _fused_rows(mine[:, :, i : i + size], prefix, own_keys, own_values, own_visible[:, :, i : i + size],
-                                scale)
-                    for i in range(0, groups * q, size)
-                ]  # fmt: skip
-                part = torch.cat(chunks, dim=2)
+        fused = _fusable(mine, prefix, own_keys, own_values, softcap)
+        width = 0 if fused else _prefix_width(prefix)  # logit columns beside the own slots' (the kernel: their mask)
+        size = max(1, LOGITS_BUDGET // (n * hkv * max(width + s, 1)))  # queries per chunk
+        if size >= groups * q or (fused and own_visible is None):  # one chunk: no slicing
+            part = _part(mine, prefix, own_keys, own_values, own_visible, scale, softcap, fused)
         else:
-            size = max(1, LOGITS_BUDGET // (n * hkv * max(_prefix_width(prefix) + s, 1)))  # queries per chunk
-            if size >= groups * q:  # one chunk: no slicing
-                part = _rows(mine, prefix, own_keys, own_values, own_visible, scale, softcap)
-            else:
-                chunks = []
-                for i in range(0, groups * q, size):
-                    seen = None if own_visible is None else own_visible[:, :, i : i + size]
-                    chunk = _rows(mine[:, :, i : i + size], prefix, own_keys, own_values, seen, scale, softcap)
-                    chunks.append(chunk.unflatten(1, (n, -1)))
-                part = torch.cat(chunks, dim=2).flatten(1, 2)
-            part = part.unflatten(1, (n, groups * q)).transpose(0, 1)  # (n, H_kv, groups q, Dv)
+            chunks = []
+            for i in range(0, groups * q, size):
+                rows, seen = mine[:, :, i : i + size], None if own_visible is None else own_visible[:, :, i : i + size]
+                chunks.append(_part(rows, prefix, own_keys, own_values, seen, scale, softcap, fused))
+            part = torch.cat(chunks, dim=2)
         if out is None:
             return part.reshape(b, hq, q, dv).to(query.dtype)
         out[prefix.rows] = part.to(out.dtype)
     assert out is not None
     return out.reshape(b, hq, q, dv)
+
+
+def _part(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None, scale: float,
+          softcap: float | None, fused: bool) -> Tensor:  # fmt: skip
+    """Attention of one chunk of the rows' queries by the fused kernel or by the products: (n, H_kv, M, Dv) float32."""
+    if fused:
+        return _fused_rows(grouped, prefix, keys, values, visible, scale)
+    n = grouped.shape[0]
+    return _rows(grouped, prefix, keys, values, visible, scale, softcap).unflatten(1, (n, -1)).transpose(0, 1)
 
 
 def _prefix_width(prefix: PrefixRead) -> int:
