@@ -136,6 +136,11 @@ def _shared_forward(layer: KVLayer | None, query: Tensor, key: Tensor, value: Te
     """(B, q, H_q, Dv) attention of a layer whose rows read shared prefixes; None for any other layer."""
     if layer is None or not isinstance(layer.storage, SharedStorage):
         return None
+    joined = layer.storage.joined() if mask is None and softcap is None else None
+    if joined is not None:  # own slots right after the prefix's in memory: one rectangle, as a plain layer's
+        out = grouped_sdpa(query, *joined, None, 0.0, scaling)
+        layer.finish_step()
+        return out.transpose(1, 2).contiguous()
     if isinstance(mask, str):  # "causal": the own slots are the new tokens only
         q_len = query.shape[-2]
         mask = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()[None, None]

@@ -352,12 +352,24 @@ class KVLayer(DynamicLayer):
         it apart (`storage/shared.py`): forks of a context cost only their own tokens, and rows over one context read
         it once per step. A prefix is one row: on a layer of several rows, each row named is copied once (as its
         forks' prefix). Sliding-window and quantized layers, whose stored tokens change as tokens are added, are
-        taken as `select_rows` takes them."""
+        taken as `select_rows` takes them.
+
+        A one-row fork of a one-row rectangular layer writes its tokens into the room after the layer's last slot when
+        that room is free (`DenseStorage.lend_room`; the layer is copied once into buffers with room if it has none), so
+        a decode step attends to the context and its own tokens as one rectangle, as a plain layer does; other forks,
+        and this one once the room is full, keep their tokens in buffers of their own."""
         index = torch.tensor(list(rows), dtype=torch.long)
         if self.storage is None or self.seen is None or self.is_sliding or self.quant is not None:
             return self.select_rows(index)
         distinct = sorted(set(index.tolist()))
         one_row = self.seen.shape[0] == 1
+        if one_row and index.numel() == 1 and isinstance(self.storage, DenseStorage):
+            lent = self.storage.lend_room()
+            if lent is not None:
+                host, own = lent
+                self._set(host)  # the same tokens, now with room after them (unchanged when they had it)
+                row = torch.zeros(1, dtype=torch.long)
+                return self._rows_with(index.to(self.seen.device), SharedStorage.over([host], row, own))
         prefixes = [self.storage if one_row else self.storage.select_rows(torch.tensor([r])) for r in distinct]
         owner = torch.tensor([distinct.index(r) for r in index.tolist()], dtype=torch.long)
         index = index.to(self.seen.device)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NO_STATE",
     "FullPrecision",
     "LayerStorage",
     "StepView",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 StepView = tuple[Tensor, Tensor, Tensor]  # keys (B, H, T, D), values (B, H, T, Dv), positions (B, H, T)
+NO_STATE: Mapping[str, Tensor] = MappingProxyType({})  # a storage's slot states when it has none (read-only, shared)
 
 
 class LayerStorage(Protocol):

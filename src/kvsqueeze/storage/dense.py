@@ -19,10 +19,16 @@ views of the first slots of those buffers. Storages stay immutable values: an ap
 existing storage's last one, and a second append from the same storage (a fork: a snapshot put back, a row decoded
 twice) finds those slots taken and copies instead. The room is memory the layer holds, so it counts in the layer's
 bytes: at most ROOM slots, and no more than about the steps decoded since the last copy or pruning.
+
+A one-row layer lends its room to one fork at a time (`DenseStorage.lend_room`, `Spare.lend`): that fork's own tokens
+then follow the layer's last slot in the same buffers, and attention reads the two as one rectangle. The room stays
+the host's memory, counted in its bytes and not again in the fork's.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as replaced
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.storage.base import (
+    NO_STATE,
     FullPrecision,
     LayerStorage,
     StepView,
@@ -46,19 +53,50 @@ from kvsqueeze.storage.ragged import RaggedStorage
 __all__ = ["FIRST_ROOM", "ROOM", "DenseStorage", "Spare"]
 
 FIRST_ROOM, ROOM = 8, 128  # slots of room after the last one: 8 at first, doubled each time it fills, at most 128
+_LENDING = threading.Lock()  # one tenant per room, however many threads fork a context at once
 
 
-@dataclass
+@dataclass(eq=False)
 class Spare:
     """Buffers holding a dense layer's slots and room for more after them, shared by the storages appended one from
     another: keys (B, H, C, D), values (B, H, C, Dv), positions (B, H, C); `used`: slots written so far (a storage may
-    append in place only when it ends exactly there)."""
+    append in place only when it ends exactly there).
+
+    A one-row layer may lend its room to one fork at a time (`lend`): the tenant is a spare over the room (views of the
+    same buffers, `host` and `offset` saying where), so the fork's own tokens follow the layer's last slot in memory and
+    attention reads both as one rectangle (`SharedStorage.joined`). While a storage of the tenant lives, the room is
+    its: the host's own appends copy instead; once they are all gone, the room is free again (a weak reference)."""
 
     keys: Tensor
     values: Tensor
     positions: Tensor
     used: int
     room: int  # the empty slots it was made with
+    host: Spare | None = None  # a tenant's: the spare whose room it writes into, from slot `offset` of its buffers on
+    offset: int = 0
+    nbytes: int = field(init=False)  # of the keys and values buffers, room included (a tenant's: 0, its host's)
+    tenant: weakref.ref[Spare] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        own = self.host is None
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.keys, self.values)) if own else 0
+
+    @property
+    def lent(self) -> bool:
+        """Whether a fork's storages write into this spare's room now."""
+        return self.tenant is not None and self.tenant() is not None
+
+    def lend(self) -> Spare | None:
+        """A tenant spare over the room after the used slots (see the class docstring); None when there is no room or
+        it is lent already."""
+        with _LENDING:
+            if self.lent or self.used >= self.capacity:
+                return None
+            room = self.capacity - self.used
+            keys, values, positions = (t.narrow(2, self.used, room) for t in (self.keys, self.values, self.positions))
+            tenant = Spare(keys, values, positions, used=0, room=room, host=self, offset=self.used)
+            self.tenant = weakref.ref(tenant)
+            return tenant
 
     @property
     def capacity(self) -> int:
@@ -82,17 +120,19 @@ class Spare:
             positions = head_rows(positions)
             if positions.shape[1] != self.positions.shape[1]:
                 return False
-        end = self.used + keys.shape[2]
-        self.keys[:, :, self.used : end], self.values[:, :, self.used : end] = keys, values
-        self.positions[:, :, self.used : end] = positions
-        self.used = end
+        q = keys.shape[2]
+        self.keys.narrow(2, self.used, q).copy_(keys)  # narrow: quicker to call than slicing, on every decode step
+        self.values.narrow(2, self.used, q).copy_(values)
+        self.positions.narrow(2, self.used, q).copy_(positions)
+        self.used += q
         return True
 
     def stored(self) -> tuple[Tensor, Tensor, Tensor]:
         """Views of the used slots: keys, values, positions (B, H, used)."""
         b, h = self.keys.shape[:2]
         end = self.used
-        return self.keys[:, :, :end], self.values[:, :, :end], self.positions[:, :, :end].expand(b, h, end)
+        return (self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end),
+                self.positions.narrow(2, 0, end).expand(b, h, end))  # fmt: skip
 
 
 def head_rows(positions: Tensor) -> Tensor:
@@ -120,7 +160,7 @@ class DenseStorage(FullPrecision):
     keys: Tensor  # (B, H, T, D)
     values: Tensor  # (B, H, T, Dv)
     positions: Tensor  # (B, H, T) int32
-    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))  # name -> (B, H, T)
+    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: NO_STATE)  # name -> (B, H, T)
     spare: Spare | None = None  # the buffers keys/values/positions are the first slots of, with room after them
     decoding: bool = False  # made by a one-token append: the next one-token append is a decode step and gets room
 
@@ -157,13 +197,16 @@ class DenseStorage(FullPrecision):
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> tuple[DenseStorage, StepView]:
         b, h, q, _ = keys.shape
         t = self.width()
-        decode_step = t > 0 and q == 1 and self.decoding and not self.slot_state
-        if decode_step:  # into the room after the last slot
-            spare = self.spare
-            if spare is None or spare.used != t:  # the first decode step, or a fork: copy, with a little room
-                spare = Spare.around(self, FIRST_ROOM)
-            elif t + q > spare.capacity:  # the room is full: copy, with twice the room (a long decode copies rarely)
-                spare = Spare.around(self, min(ROOM, 2 * spare.room))
+        spare = self.spare
+        free = spare is not None and spare.used == t and not spare.lent and not self.slot_state
+        fits = spare is not None and free and t + q <= spare.capacity
+        if spare is not None and fits and spare.write(keys, values, positions):  # into the room after the last slot
+            stored = DenseStorage(*spare.stored(), spare=spare, decoding=q == 1)
+            return stored, stored.view()
+        if t > 0 and q == 1 and self.decoding and not self.slot_state:  # a decode step: copy, with room
+            # after a prefill, a fork or with the room lent: a little; a full room: twice as much (a long decode copies
+            # rarely)
+            spare = Spare.around(self, min(ROOM, 2 * spare.room) if spare is not None and free else FIRST_ROOM)
             if spare.write(keys, values, positions):
                 stored = DenseStorage(*spare.stored(), spare=spare, decoding=True)
                 return stored, stored.view()
@@ -176,6 +219,25 @@ class DenseStorage(FullPrecision):
             decoding=q == 1,
         )
         return stored, stored.view()
+
+    def lend_room(self) -> tuple[DenseStorage, DenseStorage] | None:
+        """For a one-row fork: this storage with room after its last slot (itself, or once, when it has none, a copy
+        with ROOM slots of room) and an empty storage appending into that room (`Spare.lend`), so the fork's own
+        tokens follow this storage's in memory; None when the storage has several rows, a slot state or an empty slot,
+        or its room is lent or taken."""
+        if self.positions.shape[0] != 1 or self.slot_state or bool((self.positions < 0).any()):
+            return None
+        host = self
+        if self.spare is None:
+            buffers = Spare.around(self, ROOM)
+            host = DenseStorage(*buffers.stored(), spare=buffers, decoding=self.decoding)
+        spare = host.spare
+        if spare is None or spare.used != host.width():
+            return None
+        tenant = spare.lend()
+        if tenant is None:
+            return None
+        return host, DenseStorage(*tenant.stored(), spare=tenant)
 
     def prune(
         self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
@@ -262,9 +324,7 @@ class DenseStorage(FullPrecision):
 
     def nbytes(self) -> int:
         """Bytes of the keys and values held, the room after the last slot included."""
-        if self.spare is None:
-            return super().nbytes()
-        return sum(t.numel() * t.element_size() for t in (self.spare.keys, self.spare.values))
+        return super().nbytes() if self.spare is None else self.spare.nbytes
 
     def padding_slots(self) -> int:
         return int((self.positions < 0).sum())

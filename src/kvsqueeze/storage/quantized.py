@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from kvsqueeze.quantization import GROUP_TENSORS, QuantSpec, TokenGroups
-from kvsqueeze.storage.base import LayerStorage, StepView, check_alike, concat_slot_states
+from kvsqueeze.storage.base import NO_STATE, LayerStorage, StepView, check_alike, concat_slot_states
 from kvsqueeze.storage.quantized_file import checked_tensors
 from kvsqueeze.storage.ragged import segment_starts, unpack
 from kvsqueeze.storage.segments import merge_order, offsets, segment_ids, take_segments
@@ -67,7 +67,7 @@ class QuantizedStorage:
     codes: TokenGroups
     residual_keys: Tensor  # (R, D)
     residual_values: Tensor  # (R, Dv)
-    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))  # name -> (N,)
+    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: NO_STATE)  # name -> (N,)
 
     is_ragged = True  # no empty slots are stored
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from kvsqueeze.storage.base import (
+    NO_STATE,
     FullPrecision,
     LayerStorage,
     StepView,
@@ -58,7 +59,7 @@ class RaggedStorage(FullPrecision):
     values: Tensor  # (N, Dv)
     positions: Tensor  # (N,) int32
     lengths: Tensor  # (B, H) int64
-    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))  # name -> (N,)
+    slot_state: Mapping[str, Tensor] = field(default_factory=lambda: NO_STATE)  # name -> (N,)
 
     is_ragged = True
 

@@ -86,9 +86,10 @@ class SharedStorage:
         object.__setattr__(self, "reads", tuple(reads))
 
     @classmethod
-    def over(cls, prefixes: Sequence[LayerStorage], owner: Tensor) -> SharedStorage:
+    def over(cls, prefixes: Sequence[LayerStorage], owner: Tensor, suffix: DenseStorage | None = None) -> SharedStorage:
         """Rows reading `prefixes` (one-row storages, not copied), row b the prefix `owner[b]`, with no tokens of their
-        own yet."""
+        own yet: `suffix`, when given, is the empty storage they go to (one writing into its prefix's room,
+        `DenseStorage.lend_room`)."""
         if not prefixes:
             raise ValueError("rows over shared prefixes need at least one prefix")
         # a fork of a fork: its own tokens become part of the prefix (a copy)
@@ -96,12 +97,26 @@ class SharedStorage:
         heads = prefixes[0].kept().shape[1]
         keys, values = prefixes[0].keys, prefixes[0].values
         b = owner.numel()
-        suffix = DenseStorage(
-            keys.new_empty(b, heads, 0, keys.shape[-1]),
-            values.new_empty(b, heads, 0, values.shape[-1]),
-            torch.empty(b, heads, 0, dtype=torch.int32, device=keys.device),
-        )
+        if suffix is None:
+            suffix = DenseStorage(
+                keys.new_empty(b, heads, 0, keys.shape[-1]),
+                values.new_empty(b, heads, 0, values.shape[-1]),
+                torch.empty(b, heads, 0, dtype=torch.int32, device=keys.device),
+            )
         return cls(prefixes, owner.to(keys.device), suffix)
+
+    def joined(self) -> tuple[Tensor, Tensor] | None:
+        """Keys and values (1, H, L + S, ...) of the one row's prefix and own slots as one rectangle, when the own
+        slots follow the prefix's in the same buffers (the suffix writes into the prefix's room, as
+        `DenseStorage.lend_room` set it up, and no append has moved it out since): views, no copy. None otherwise."""
+        spare = self.suffix.spare
+        if spare is None or spare.host is None or len(self.prefixes) != 1:
+            return None
+        prefix = self.prefixes[0]
+        if not isinstance(prefix, DenseStorage) or prefix.spare is not spare.host or prefix.width() != spare.offset:
+            return None
+        end = spare.offset + self.suffix.width()
+        return spare.host.keys.narrow(2, 0, end), spare.host.values.narrow(2, 0, end)
 
     # -- what attention reads
     def prefix_reads(self) -> list[PrefixRead]:
