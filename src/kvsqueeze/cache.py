@@ -144,6 +144,14 @@ class KVCache(Cache):
             check_int("row", row, 0, self.batch_size - 1, note="a row of the cache")
         return self._derived([layer.fork(rows) for layer in self.kv_layers()], torch.tensor(rows))
 
+    def make_room(self) -> None:
+        """Room for 128 more tokens after the last slot of each one-row rectangular full-attention layer
+        (`KVLayer.make_room`): a fork's first tokens then follow the context's in memory and it decodes through one
+        attention call per layer. The first fork does it when it is not done; a context kept for many forks (the
+        server's) does it once, so that its bytes count the room from the start."""
+        for layer in self.full_layers():
+            layer.make_room()
+
     def _derived(self, layers: list[KVLayer], rows: Tensor) -> KVCache:
         """A cache of these layers, made from rows `rows` of this one (quantization and position offsets follow)."""
         new = KVCache.__new__(KVCache)

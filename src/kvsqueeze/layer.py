@@ -355,25 +355,36 @@ class KVLayer(DynamicLayer):
         taken as `select_rows` takes them.
 
         A one-row fork of a one-row rectangular layer writes its tokens into the room after the layer's last slot when
-        that room is free (`DenseStorage.lend_room`; the layer is copied once into buffers with room if it has none), so
-        a decode step attends to the context and its own tokens as one rectangle, as a plain layer does; other forks,
-        and this one once the room is full, keep their tokens in buffers of their own."""
+        no other fork holds it (`DenseStorage.lend_room`), so a decode step attends to the context and its own tokens
+        as one rectangle, as a plain layer does; other forks, and this one once the room is full, keep their tokens in
+        buffers of their own. A layer with no room yet gets it first (`make_room`: its storage is replaced by a copy
+        with room, the same tokens; a copy of the old storage held elsewhere, a snapshot say, then stays as well)."""
         index = torch.tensor(list(rows), dtype=torch.long)
         if self.storage is None or self.seen is None or self.is_sliding or self.quant is not None:
             return self.select_rows(index)
         distinct = sorted(set(index.tolist()))
         one_row = self.seen.shape[0] == 1
         if one_row and index.numel() == 1 and isinstance(self.storage, DenseStorage):
-            lent = self.storage.lend_room()
-            if lent is not None:
-                host, own = lent
-                self._set(host)  # the same tokens, now with room after them (unchanged when they had it)
+            if self.storage.spare is None:
+                self.make_room()
+            assert isinstance(self.storage, DenseStorage)
+            own = self.storage.lend_room()
+            if own is not None:
                 row = torch.zeros(1, dtype=torch.long)
-                return self._rows_with(index.to(self.seen.device), SharedStorage.over([host], row, own))
+                return self._rows_with(index.to(self.seen.device), SharedStorage.over([self.storage], row, own))
         prefixes = [self.storage if one_row else self.storage.select_rows(torch.tensor([r])) for r in distinct]
         owner = torch.tensor([distinct.index(r) for r in index.tolist()], dtype=torch.long)
         index = index.to(self.seen.device)
         return self._rows_with(index, SharedStorage.over(prefixes, owner.to(self.seen.device)))
+
+    def make_room(self) -> None:
+        """Keep room for ROOM more tokens after the last slot of a one-row, full-precision, full-attention rectangular
+        layer (`DenseStorage.with_room`: a copy once, then appends and a fork write there); other layers: no change."""
+        storage = self.storage
+        if self.is_sliding or self.quant is not None or not isinstance(storage, DenseStorage) or storage.slot_state:
+            return
+        if storage.positions.shape[0] == 1:
+            self._set(storage.with_room())
 
     def _rows_with(self, rows: Tensor, storage: LayerStorage | None) -> KVLayer:
         """A layer of this kind holding `storage`, whose rows are rows `rows` of this one (their `seen` and kept key

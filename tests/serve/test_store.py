@@ -20,6 +20,7 @@ NONE = {"method": "none", "ratio": 0.0, "options": {}, "budget_policy": None}
 def stored(seed: int, n: int = 24, info: dict | None = None) -> StoredContext:
     ids = torch.randint(5, 400, (1, n), generator=torch.Generator().manual_seed(seed))
     cache, *_ = prefill(MODEL, ids, torch.ones_like(ids))
+    cache.make_room()  # as the store holds a context (room for its forks), so its bytes are what the store counts
     cid = context_id("fingerprint", None, ids[0].tolist())
     return StoredContext(cid, cache, info or {"tokens": n, "compression": NONE}, cache_bytes(cache))
 
@@ -42,6 +43,18 @@ def test_a_context_larger_than_the_bound_is_not_held() -> None:
     store = ContextStore(MODEL, max_bytes=big.nbytes - 1)
     store.put(big, None)
     assert len(store) == 0 and store.counts.too_large == 1 and store.held_bytes == 0
+
+
+def test_a_held_context_counts_the_room_its_forks_decode_in() -> None:
+    ids = torch.randint(5, 400, (1, 24), generator=torch.Generator().manual_seed(9))
+    cache, *_ = prefill(MODEL, ids, torch.ones_like(ids))
+    bare = cache_bytes(cache)
+    context = StoredContext(context_id("fingerprint", None, ids[0].tolist()), cache, {"tokens": 24}, bare)
+    store = ContextStore(MODEL, 10**9)
+    store.put(context, None)
+    assert store.held_bytes == context.nbytes == cache_bytes(cache) > bare  # the room, made when held, counts
+    cache.fork([0])  # a fork lends it: nothing copied, nothing more held
+    assert cache_bytes(cache) == store.held_bytes
 
 
 def test_disk_round_trip_and_documents(tmp_path: Path) -> None:

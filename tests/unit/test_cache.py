@@ -220,19 +220,21 @@ def test_forks_of_one_context_joined_read_it_once(make_model):
 
 
 def test_one_fork_at_a_time_writes_into_the_contexts_room(make_model):
-    """The first one-row fork of a context takes the room after its last slot (the context is copied once into
-    buffers with room), so its decode steps attend to one rectangle; a second fork made meanwhile keeps its tokens
-    apart. Both answer as copies of the context would, the context stays as it was, and once the first fork is gone
-    the room is free for the next one, with no copy."""
+    """Once the context has room after its last slot (`make_room`, as a prefill leaves it), the first one-row fork
+    takes it, so its decode steps attend to one rectangle; a second fork made meanwhile keeps its tokens apart. Both
+    answer as copies of the context would, the context stays as it was, and once the first fork is gone the room is
+    free for the next one."""
     model = make_model("llama")
     cache = KVCache(model.config)
     run(model, ids_of(12, batch=1), cache)
-    before, bytes_before = [layer.view() for layer in cache.kv_layers()], kvs.cache_bytes(cache)
-    unroomed = [weakref.ref(layer.storage) for layer in cache.kv_layers()]
+    bytes_before = kvs.cache_bytes(cache)
+    cache.make_room()
+    assert kvs.cache_bytes(cache) - bytes_before == 128 * len(cache.kv_layers()) * PER_TOKEN
+    before = [layer.view() for layer in cache.kv_layers()]
+    storages = [layer.storage for layer in cache.kv_layers()]
     first, second = cache.fork([0]), cache.fork([0])
-    assert all(old() is None for old in unroomed)  # the copy with room replaced the context's storage: one copy held
+    assert all(layer.storage is was for layer, was in zip(cache.kv_layers(), storages, strict=True))  # no copy
     copy = cache.select_rows(torch.tensor([0]))  # one row: the context's storages themselves, appended to by copying
-    assert 0 < kvs.cache_bytes(cache) - bytes_before <= 128 * len(cache.kv_layers()) * PER_TOKEN  # the room
     for ids in (ids_of(3, seed=1), ids_of(1, seed=2), ids_of(1, seed=3)):
         want = run(model, ids, copy)
         torch.testing.assert_close(run(model, ids, first), want, rtol=1e-4, atol=1e-4)
@@ -242,15 +244,28 @@ def test_one_fork_at_a_time_writes_into_the_contexts_room(make_model):
     assert all(layer.storage.joined() is None for layer in second.kv_layers())  # type: ignore[union-attr]
     for layer, was in zip(cache.kv_layers(), before, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(layer.view(), was, strict=True))
-    storages = [layer.storage for layer in cache.kv_layers()]
     del first
     gc.collect()
     third = cache.fork([0])
-    assert all(layer.storage is was for layer, was in zip(cache.kv_layers(), storages, strict=True))  # no copy
     fresh = cache.select_rows(torch.tensor([0]))
     torch.testing.assert_close(run(model, ids_of(2, seed=4), third), run(model, ids_of(2, seed=4), fresh),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
     assert all(layer.storage.joined() is not None for layer in third.kv_layers())  # type: ignore[union-attr]
+
+
+def test_a_forks_decode_steps_read_one_rectangle_on_grouped_query_heads(make_model):
+    """On a model with fewer KV heads than query heads, decoding through the lent room (one attention call) answers
+    as the two-part path over the same context does."""
+    model = make_model("qwen3")
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    cache = KVCache(model.config)
+    run(model, ids_of(10, batch=1), cache)
+    joined = cache.fork([0])  # the first fork: the context gets room, and lends it
+    apart = cache.fork([0])  # the room is lent: its tokens apart
+    for ids in (ids_of(4, seed=1), ids_of(1, seed=2), ids_of(1, seed=3)):
+        torch.testing.assert_close(run(model, ids, joined), run(model, ids, apart), rtol=1e-5, atol=1e-5)
+    assert all(layer.storage.joined() is not None for layer in joined.kv_layers())  # type: ignore[union-attr]
+    assert all(layer.storage.joined() is None for layer in apart.kv_layers())  # type: ignore[union-attr]
 
 
 # --- sliding layers ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from kvsqueeze.generation import Sampling, TextStream, answer, encode, sample_to
 from kvsqueeze.methods import get_method
 from kvsqueeze.pipeline import generate, prefill
 from kvsqueeze.prompts import encode_prompt
+from kvsqueeze.storage import SharedStorage
 from tests.tiny import tiny_model, tiny_tokenizer
 
 CONTEXT = "The harbour was quiet in the morning and the old baker sold bread. The code is 4417. " * 3
@@ -243,3 +244,29 @@ def test_ignore_eos_goes_on_past_the_end_token(model: Any, tokenizer: Any) -> No
     assert went_on.finish_reasons == ["length"] and went_on.steps == 5 and went_on.tokens[0][0] == first
     with pytest.raises(ValueError, match="ignore_eos must be True or False"):
         Sampling(ignore_eos="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", [None, "knorm"])
+def test_a_prefilled_context_lends_its_room_to_one_question_at_a_time(model: Any, tokenizer: Any, method,
+                                                                       monkeypatch) -> None:  # fmt: skip
+    """A one-row context (uncompressed or pruned) gets room after its tokens when first forked; that fork decodes
+    there, through one attention call per layer, and answers as a fork reading the context apart does."""
+    reads: list[bool] = []
+    joined_of = SharedStorage.joined
+    monkeypatch.setattr(
+        SharedStorage, "joined", lambda self: reads.append(joined_of(self) is not None) or joined_of(self)
+    )
+    cache, texts = compressed(model, tokenizer, None if method is None else get_method(method, ratio=0.5))
+    assert all(layer.storage.spare is None for layer in cache.full_layers())  # type: ignore[union-attr]
+    sampling = Sampling(max_new_tokens=8)
+    holder = cache.fork([0])  # makes the room and holds it: the next question decodes apart
+    for layer in cache.full_layers():
+        spare = layer.storage.spare  # type: ignore[union-attr]
+        assert spare is not None and spare.capacity == layer.storage.width() + 128  # type: ignore[union-attr]
+    apart = answer(model, tokenizer, cache, [0], texts[:1], sampling)
+    assert reads and not any(reads)  # its decode steps asked, and read the context and their own tokens apart
+    del holder
+    reads.clear()
+    joined = answer(model, tokenizer, cache, [0], texts[:1], sampling)
+    assert reads and all(reads)  # every decode step read one rectangle
+    assert joined.tokens == apart.tokens

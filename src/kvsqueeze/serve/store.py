@@ -169,6 +169,8 @@ class ContextStore:
         return held or known or on_disk
 
     def _hold(self, context: StoredContext) -> None:
+        context.cache.make_room()  # where its forks decode (`KVCache.make_room`): held, and counted, with it
+        context.nbytes = cache_bytes(context.cache)
         if context.nbytes > self.max_bytes:
             self.counts.too_large += 1
             return

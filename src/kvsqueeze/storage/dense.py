@@ -20,14 +20,14 @@ existing storage's last one, and a second append from the same storage (a fork: 
 twice) finds those slots taken and copies instead. The room is memory the layer holds, so it counts in the layer's
 bytes: at most ROOM slots, and no more than about the steps decoded since the last copy or pruning.
 
-A one-row layer lends its room to one fork at a time (`DenseStorage.lend_room`, `Spare.lend`): that fork's own tokens
-then follow the layer's last slot in the same buffers, and attention reads the two as one rectangle. The room stays
-the host's memory, counted in its bytes and not again in the fork's.
+A one-row layer with room (`with_room`, which a prefill leaves every such layer) lends it to one fork at a time
+(`DenseStorage.lend_room`, `Spare.lend`): that fork's own tokens then follow the layer's last slot in the same buffers,
+and attention reads the two as one rectangle. The room stays the host's memory, counted in its bytes and not again in
+the fork's.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +53,7 @@ from kvsqueeze.storage.ragged import RaggedStorage
 __all__ = ["FIRST_ROOM", "ROOM", "DenseStorage", "Spare"]
 
 FIRST_ROOM, ROOM = 8, 128  # slots of room after the last one: 8 at first, doubled each time it fills, at most 128
-_LENDING = threading.Lock()  # one tenant per room, however many threads fork a context at once
+LEND_MIN = 32  # the least room worth lending to a fork (its question and the start of its answer)
 
 
 @dataclass(eq=False)
@@ -65,7 +65,8 @@ class Spare:
     A one-row layer may lend its room to one fork at a time (`lend`): the tenant is a spare over the room (views of the
     same buffers, `host` and `offset` saying where), so the fork's own tokens follow the layer's last slot in memory and
     attention reads both as one rectangle (`SharedStorage.joined`). While a storage of the tenant lives, the room is
-    its: the host's own appends copy instead; once they are all gone, the room is free again (a weak reference)."""
+    its: the host's own appends copy instead; once they are all gone, the room is free again (a weak reference). Like
+    the rest of a cache, this assumes one thread forks and decodes a layer at a time (the server's engine thread)."""
 
     keys: Tensor
     values: Tensor
@@ -89,14 +90,18 @@ class Spare:
     def lend(self) -> Spare | None:
         """A tenant spare over the room after the used slots (see the class docstring); None when there is no room or
         it is lent already."""
-        with _LENDING:
-            if self.lent or self.used >= self.capacity:
-                return None
-            room = self.capacity - self.used
-            keys, values, positions = (t.narrow(2, self.used, room) for t in (self.keys, self.values, self.positions))
-            tenant = Spare(keys, values, positions, used=0, room=room, host=self, offset=self.used)
-            self.tenant = weakref.ref(tenant)
-            return tenant
+        if self.lent or self.used >= self.capacity:
+            return None
+        room = self.capacity - self.used
+        keys, values, positions = (t.narrow(2, self.used, room) for t in (self.keys, self.values, self.positions))
+        tenant = Spare(keys, values, positions, used=0, room=room, host=self, offset=self.used)
+        self.tenant = weakref.ref(tenant)
+        return tenant
+
+    @property
+    def writable(self) -> bool:
+        """Whether the buffers may be written now: not ones made under `torch.inference_mode()` while outside it."""
+        return not self.keys.is_inference() or torch.is_inference_mode_enabled()
 
     @property
     def capacity(self) -> int:
@@ -198,7 +203,7 @@ class DenseStorage(FullPrecision):
         b, h, q, _ = keys.shape
         t = self.width()
         spare = self.spare
-        free = spare is not None and spare.used == t and not spare.lent and not self.slot_state
+        free = spare is not None and spare.used == t and not spare.lent and not self.slot_state and spare.writable
         fits = spare is not None and free and t + q <= spare.capacity
         if spare is not None and fits and spare.write(keys, values, positions):  # into the room after the last slot
             stored = DenseStorage(*spare.stored(), spare=spare, decoding=q == 1)
@@ -220,24 +225,26 @@ class DenseStorage(FullPrecision):
         )
         return stored, stored.view()
 
-    def lend_room(self) -> tuple[DenseStorage, DenseStorage] | None:
-        """For a one-row fork: this storage with room after its last slot (itself, or once, when it has none, a copy
-        with ROOM slots of room) and an empty storage appending into that room (`Spare.lend`), so the fork's own
-        tokens follow this storage's in memory; None when the storage has several rows, a slot state or an empty slot,
-        or its room is lent or taken."""
+    def with_room(self) -> DenseStorage:
+        """This storage with ROOM slots of room after its last slot, for appends and forks to write into: itself when
+        it has room already, else a copy in buffers with room."""
+        if self.spare is not None and self.spare.used == self.width() and self.spare.capacity > self.width():
+            return self
+        buffers = Spare.around(self, ROOM)
+        return DenseStorage(*buffers.stored(), self.slot_state, spare=buffers, decoding=self.decoding)
+
+    def lend_room(self) -> DenseStorage | None:
+        """For a one-row fork of this storage: an empty storage appending into the room after this one's last slot
+        (`Spare.lend`), so the fork's own tokens follow this storage's in memory. None when there is not LEND_MIN
+        slots of free room (none was made, `with_room`; it is lent or taken) or the storage has several rows, a slot
+        state or an empty slot."""
+        spare = self.spare
+        if spare is None or spare.used != self.width() or spare.capacity - spare.used < LEND_MIN or not spare.writable:
+            return None
         if self.positions.shape[0] != 1 or self.slot_state or bool((self.positions < 0).any()):
             return None
-        host = self
-        if self.spare is None:
-            buffers = Spare.around(self, ROOM)
-            host = DenseStorage(*buffers.stored(), spare=buffers, decoding=self.decoding)
-        spare = host.spare
-        if spare is None or spare.used != host.width():
-            return None
         tenant = spare.lend()
-        if tenant is None:
-            return None
-        return host, DenseStorage(*tenant.stored(), spare=tenant)
+        return None if tenant is None else DenseStorage(*tenant.stored(), spare=tenant)
 
     def prune(
         self, indices: Tensor, counts: Tensor, values: Tensor | None = None, ragged: bool = False
@@ -319,6 +326,9 @@ class DenseStorage(FullPrecision):
     def replace(self, **fields: Tensor | Mapping[str, Tensor]) -> DenseStorage:
         if self.spare is None or set(fields) <= {"slot_state"}:
             return replaced(self, **fields)  # type: ignore[arg-type]
+        if self.spare.host is not None:  # a fork's tokens in a lent room, which goes back once this no longer holds it
+            kept = {name: getattr(self, name).clone() for name in ("keys", "values", "positions") if name not in fields}
+            fields = {**fields, **kept}
         # new tensors are not views of the buffers: the storage no longer appends into them
         return replaced(self, spare=None, decoding=False, **fields)  # type: ignore[arg-type]
 

@@ -6,15 +6,14 @@ import torch
 
 from kvsqueeze.storage import DenseStorage, SharedStorage
 from kvsqueeze.storage.dense import ROOM
-from tests.unit.storage.test_dense import context, tokens
+from tests.unit.storage.test_dense import context, lent, tokens
 
 ROW = torch.zeros(1, dtype=torch.long)
 
 
 def test_joined_is_the_prefix_then_the_own_slots_in_place():
-    host, own = context().lend_room() or (None, None)
-    assert host is not None and own is not None and host.spare is not None
-    fork = SharedStorage.over([host], ROW, own)
+    host = context().with_room()
+    fork = SharedStorage.over([host], ROW, lent(host))
     assert fork.joined() is not None  # nothing of its own yet: the prefix alone
     for q, start in ((3, 5), (1, 8), (1, 9)):
         fork = fork.append(*tokens(q, start, float(start)))[0]
@@ -28,11 +27,9 @@ def test_joined_is_the_prefix_then_the_own_slots_in_place():
 
 
 def test_other_forks_are_not_joined():
-    base = context()
-    assert SharedStorage.over([base], ROW).joined() is None  # a suffix of its own
-    host, own = base.lend_room() or (None, None)
-    assert host is not None and own is not None
-    first = SharedStorage.over([host], ROW, own).append(*tokens(2, 5, 1.0))[0]
+    host = context().with_room()
+    assert SharedStorage.over([host], ROW).joined() is None  # a suffix of its own
+    first = SharedStorage.over([host], ROW, lent(host)).append(*tokens(2, 5, 1.0))[0]
     second = SharedStorage.over([host], ROW).append(*tokens(2, 5, 2.0))[0]  # the room is the first one's
     assert first.joined() is not None and second.joined() is None
     moved = first.append(*tokens(ROOM, 7, 3.0))[0]  # past the room: the suffix leaves it
