@@ -20,10 +20,10 @@ existing storage's last one, and a second append from the same storage (a fork: 
 twice) finds those slots taken and copies instead. The room is memory the layer holds, so it counts in the layer's
 bytes: at most ROOM slots, and no more than about the steps decoded since the last copy or pruning.
 
-A one-row layer with room (`with_room`, which a prefill leaves every such layer) lends it to one fork at a time
-(`DenseStorage.lend_room`, `Spare.lend`): that fork's own tokens then follow the layer's last slot in the same buffers,
-and attention reads the two as one rectangle. The room stays the host's memory, counted in its bytes and not again in
-the fork's.
+A one-row layer with room (`with_room`: made by its first fork, or when the server's store takes it in) lends it to
+one fork at a time (`DenseStorage.lend_room`, `Spare.lend`): that fork's own tokens then follow the layer's last slot
+in the same buffers, and attention reads the two as one rectangle. The room stays the host's memory, counted in its
+bytes and not again in the fork's.
 """
 
 from __future__ import annotations
@@ -204,8 +204,8 @@ class DenseStorage(FullPrecision):
         t = self.width()
         spare = self.spare
         free = spare is not None and spare.used == t and not spare.lent and not self.slot_state and spare.writable
-        fits = spare is not None and free and t + q <= spare.capacity
-        if spare is not None and fits and spare.write(keys, values, positions):  # into the room after the last slot
+        if spare is not None and free and t + q <= spare.capacity and spare.write(keys, values, positions):
+            # into the room after the last slot
             stored = DenseStorage(*spare.stored(), spare=spare, decoding=q == 1)
             return stored, stored.view()
         if t > 0 and q == 1 and self.decoding and not self.slot_state:  # a decode step: copy, with room
