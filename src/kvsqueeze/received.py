@@ -10,8 +10,11 @@ weights give both the output (their product with the values) and the block's sha
 method (`ScoreContext.received`).
 
 Logits, weights and sums are float32 whatever the model's dtype (as SDPA's CPU kernels keep them); the output is cast
-back. One buffer holds every block's logits and weights (a fresh multi-MiB allocation per block costs page faults on
-CPU). Pad queries attend as the mask lets them (to themselves) and add nothing to the sums.
+back. One buffer holds a block's logits, softmaxed in place into its weights (a fresh multi-MiB allocation per block
+costs page faults on CPU; a second buffer for the weights doubled what each block passes through the caches). Each
+product covers all the block's KV heads in one batched call, whose batch PyTorch spreads over the CPU threads itself: a
+plain product per head leaves the threading to the BLAS library, which on the 2-CPU benchmark machine ran the products
+of some processes on one thread. Pad queries attend as the mask lets them (to themselves) and add nothing to the sums.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor
 
 __all__ = ["LOGITS_BUDGET", "attend"]
 
-LOGITS_BUDGET = 2**22  # float32 logits and weights of one block of queries (16 MiB)
+LOGITS_BUDGET = 2**21  # float32 logits of one block of queries (8 MiB), softmaxed in place
 
 
 def attend(
@@ -50,15 +53,13 @@ def attend(
     out = query.new_empty(b, hkv, g, q, dv, dtype=torch.float32)
     received = torch.zeros(b, hkv, t, device=query.device)
     weight = real.to(device=query.device, dtype=torch.float32)
-    block = max(1, min(q, LOGITS_BUDGET // max(1, 2 * b * hq * t)))
-    size = b * hkv * g * block * t
-    buffer = torch.empty(2 * size, device=query.device)  # a block's logits, then its weights
+    block = max(1, min(q, LOGITS_BUDGET // max(1, b * hq * t)))
+    buffer = torch.empty(b * hkv * g * block * t, device=query.device)  # a block's logits, then weights
     for lo in range(0, q, block):
         hi = min(q, lo + block)
         n = hi - lo
         end = hi if causal else t  # causal: no query of the block sees a later slot
         logits = buffer[: b * hkv * g * n * end].view(b, hkv, g * n, end)
-        weights = buffer[size : size + logits.numel()].view(logits.shape)
         torch.matmul(grouped[:, :, :, lo:hi].reshape(b, hkv, g * n, d), keys_t[..., :end], out=logits)
         if softcap is not None:
             logits.div_(softcap).tanh_().mul_(softcap)
@@ -69,7 +70,8 @@ def attend(
         elif isinstance(mask, Tensor):
             visible = mask[..., lo:hi, :end].expand(b, hkv, n, end)
             per_query.masked_fill_(~visible[:, :, None], float("-inf"))
-        torch.softmax(logits, dim=-1, out=weights)  # one pass per row, where max, exp and sum took four
+        # in place (one pass per row, where max, exp and sum took four)
+        weights = torch.softmax(logits, dim=-1, out=logits)
         out[:, :, :, lo:hi] = torch.matmul(weights, values[:, :, :end]).view(b, hkv, g, n, dv)
         counted = weight[:, None, None, lo:hi].expand(b, hkv, g, n).reshape(b, hkv, 1, g * n)
         received[:, :, :end] += torch.matmul(counted, weights)[:, :, 0]
