@@ -17,7 +17,7 @@ With glibc's defaults the peak also counts the heap's free holes, which vary fro
 returned to the OS when freed (MALLOC_MMAP_THRESHOLD_=65536), so the peak is that of live tensors, the same to about a
 MiB on every run. Its times are not a user's (see above): read only its memory columns.
 
-Run (about 15-20 minutes on 2 CPU cores at 4096 tokens, 5 rounds):
+Run (about 20-25 minutes on 2 CPU cores at 4096 tokens, 5 rounds):
     .venv/bin/python benchmarks/prefill_cost.py --tokens 4096 --pairs 5
     .venv/bin/python benchmarks/prefill_cost.py --live-memory --pairs 2 --name prefill_cost_live
 Results: benchmarks/results/prefill_cost.{json,md}.
@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "qfilters": ("qfilters", {}),  # calibrated beforehand (`kvsqueeze calibrate qfilters`); loading is warm-up
     "observed_attention": ("observed_attention", {}),
     "observed_attention_stride8": ("observed_attention", {"query_stride": 8}),
+    "h2o": ("h2o", {}),
+    "keyformer": ("keyformer", {}),
 }
 RATIO = 0.5
 WARMUP = 256  # tokens of the warm-up prefill (SnapKV needs 2 x its window at ratio 0.5)

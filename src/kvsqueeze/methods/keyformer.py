@@ -26,10 +26,10 @@ from kvsqueeze.validation import check_float, check_int
 
 
 def gumbel_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
-    """Standard Gumbel samples -log(-log(u)), u ~ U(0, 1) kept away from 0 and 1."""
+    """Standard Gumbel samples -log(-log(u)), u ~ U(0, 1) kept away from 0 and 1; computed in the draws' own buffer
+    (a block's noise is as large as its logits: a fresh tensor per step cost as much as drawing them)."""
     u = torch.rand(shape, generator=generator, device=device)
-    eps = torch.finfo(u.dtype).tiny
-    return -torch.log(-torch.log(u.clamp(min=eps, max=1.0 - 1e-7)))
+    return u.clamp_(min=torch.finfo(u.dtype).tiny, max=1.0 - 1e-7).log_().neg_().log_().neg_()
 
 
 @register_method("keyformer")
