@@ -51,10 +51,10 @@ def attend(
     keys_t, values = key.float().transpose(-1, -2), value.float()
     grouped = (query.float() * scale).view(b, hkv, g, q, d)
     out = query.new_empty(b, hkv, g, q, dv, dtype=torch.float32)
-    received = torch.zeros(b, hkv, t, device=query.device)
+    received = torch.zeros(b, hkv, t, device=query.device, dtype=torch.float32)
     weight = real.to(device=query.device, dtype=torch.float32)
     block = max(1, min(q, LOGITS_BUDGET // max(1, b * hq * t)))
-    buffer = torch.empty(b * hkv * g * block * t, device=query.device)  # a block's logits, then weights
+    buffer = torch.empty(b * hkv * g * block * t, device=query.device, dtype=torch.float32)  # logits, then weights
     for lo in range(0, q, block):
         hi = min(q, lo + block)
         n = hi - lo

@@ -1,5 +1,6 @@
 """`received.attend`: softmax attention that also sums what each slot received, against a float64 reference over
-random shapes, grouped query heads, the three mask forms, pad queries, a softcap and blocks of queries."""
+random shapes, grouped query heads, the three mask forms, pad queries, a softcap and blocks of one, two or all
+queries."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsqueeze import received
+
+DEFAULT_BUDGET = received.LOGITS_BUDGET  # read once: the module-scoped patch below outlives an example
 
 
 def _reference(query, key, value, visible, scale, real, softcap):
@@ -37,11 +40,11 @@ def _reference(query, key, value, visible, scale, real, softcap):
     form=st.sampled_from(["causal", "none", "bool"]),
     pads=st.integers(0, 3),
     softcap=st.sampled_from([None, 5.0]),
-    tiny_blocks=st.booleans(),
+    blocks=st.sampled_from(["all", "one", "two"]),
     seed=st.integers(0, 2**16),
 )
 def test_attend_equals_softmax_attention_and_its_column_sums(
-    b, hkv, g, q, past, form, pads, softcap, tiny_blocks, seed, monkeypatch_module
+    b, hkv, g, q, past, form, pads, softcap, blocks, seed, monkeypatch_module
 ):
     gen = torch.Generator().manual_seed(seed)
     d, dv = 8, 6
@@ -62,7 +65,9 @@ def test_attend_equals_softmax_attention_and_its_column_sums(
         visible = torch.cat([(~hidden).expand(b, hkv, q, past), own[:, None].expand(b, hkv, q, q)], dim=-1)
         visible[:, :, :, :past] &= real[:, None, :, None]
         mask = visible
-    monkeypatch_module.setattr(received, "LOGITS_BUDGET", 1 if tiny_blocks else received.LOGITS_BUDGET)
+    # every query in one block, one query per block, or two per block (a short last one when q is odd)
+    budget = {"all": DEFAULT_BUDGET, "one": 1, "two": 2 * b * hkv * g * t}[blocks]
+    monkeypatch_module.setattr(received, "LOGITS_BUDGET", budget)
     out, summed = received.attend(query, key, value, mask, d**-0.5, real, softcap)
     want_out, want_summed = _reference(query, key, value, visible, d**-0.5, real, softcap)
     assert out.dtype == query.dtype and summed.shape == (b, hkv, t)
@@ -78,7 +83,8 @@ def monkeypatch_module():
         yield patch
 
 
-def test_bfloat16_output_keeps_its_dtype_and_sums_stay_float32():
+def test_bfloat16_output_keeps_its_dtype_and_sums_stay_float32(monkeypatch):
+    monkeypatch.setattr(received, "LOGITS_BUDGET", DEFAULT_BUDGET)
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(1, 4, 5, 8, generator=gen).bfloat16()
     key, value = torch.randn(1, 2, 5, 8, generator=gen).bfloat16(), torch.randn(1, 2, 5, 8, generator=gen).bfloat16()
@@ -88,6 +94,21 @@ def test_bfloat16_output_keeps_its_dtype_and_sums_stay_float32():
     real = torch.ones(1, 5, dtype=torch.bool)
     want, _ = _reference(query.float(), key.float(), value.float(), causal, 8**-0.5, real, None)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_logits_and_sums_stay_float32_whatever_the_default_dtype():
+    gen = torch.Generator().manual_seed(1)
+    query, key = torch.randn(1, 2, 4, 8, generator=gen), torch.randn(1, 1, 4, 8, generator=gen)
+    real = torch.ones(1, 4, dtype=torch.bool)
+    want = received.attend(query, key, key, "causal", 8**-0.5, real)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = received.attend(query, key, key, "causal", 8**-0.5, real)
+    finally:
+        torch.set_default_dtype(before)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_a_causal_mask_needs_as_many_queries_as_slots():
