@@ -172,22 +172,32 @@ def expand_heads(mask: Tensor, n_q_heads: int) -> Tensor:
     return mask
 
 
+def balanced(device: torch.device, items: int) -> bool:
+    """Whether `items` work items of a fused attention call keep every CPU thread busy to the end (the thread count
+    divides them); always True off the CPU, where the kernels schedule blocks, not threads."""
+    return device.type != "cpu" or items % torch.get_num_threads() == 0
+
+
 def grouped_sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | str | None, dropout: float,
                  scale: float | None) -> Tensor:  # fmt: skip
     """SDPA of queries (B, H_q, q, D) over keys/values (B, H_kv, T, ...) under `mask` (bool or additive (B, 1 or H_kv,
     q, T), "causal" or None): (B, H_q, q, Dv).
 
     A one-token step under grouped-query attention runs with each KV head's query heads as the rows of one (B, H_kv,
-    H_q / H_kv, D) query, so each KV head's keys and values are read once. PyTorch's CPU kernel under `enable_gqa`
-    is slower: 1.76-2.46x the grouped call at Llama-3.1-8B's heads (8 KV, 32 query, dim 128) and 1.12-1.14x at
+    H_q / H_kv, D) query, so each KV head's keys and values are read once. On one thread PyTorch's CPU kernel under
+    `enable_gqa` is slower: 1.90-2.32x the grouped call at Llama-3.1-8B's heads (8 KV, 32 query, dim 128) and 1.12x at
     SmolLM2's (3, 9, 64) over 2,000-8,000 slots (`benchmarks/gqa_decode_sdpa.py`, results in
-    `benchmarks/results/gqa_decode_sdpa.md`)."""
+    `benchmarks/results/gqa_decode_sdpa.md`). But the kernel gives each thread whole (row, head) items: the grouped
+    call's B x H_kv items leave a thread idle when the threads do not divide them (SmolLM2's 3 KV heads on 2 threads:
+    the grouped call took 1.18-1.35x `enable_gqa`'s over 1,060-8,000 slots, `gqa_decode_sdpa_2threads.md`), so on the
+    CPU the grouped layout is taken only when they do (`balanced`)."""
     b, hq, q, d = query.shape
     hkv = key.shape[1]
     if (
         q == 1
         and hq != hkv
         and (mask is None or (isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[1] in (1, hkv)))
+        and balanced(query.device, b * hkv)
     ):
         rows = query.reshape(b, hkv, hq // hkv, d)  # query head h reads KV head h // (H_q / H_kv)
         out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)

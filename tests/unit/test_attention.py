@@ -4,6 +4,8 @@ tokens masked out; padded rows equal the same rows run alone; without pruning it
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from transformers import AttentionInterface, DynamicCache
 
 import kvsqueeze as kvs
-from kvsqueeze.attention import expand_heads, grouped_sdpa, implementation_name, layer_mask
+from kvsqueeze.attention import balanced, expand_heads, grouped_sdpa, implementation_name, layer_mask
 from kvsqueeze.cache import KVLayer
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.storage import DenseStorage
@@ -312,11 +314,13 @@ def test_layer_mask_sliding_window():
     slots=st.integers(1, 40),
     rows=st.integers(1, 3),
     mask_kind=st.sampled_from(["none", "row", "per_head", "additive"]),
+    threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-def test_grouped_sdpa_equals_a_float64_reference(kv_heads, groups, slots, rows, mask_kind, seed):
-    """A one-token step through `grouped_sdpa` (each KV head's query heads as rows of one query) gives what softmax
-    attention in float64 gives, under no mask, a mask per row, a mask per KV head, and an additive mask."""
+def test_grouped_sdpa_equals_a_float64_reference(kv_heads, groups, slots, rows, mask_kind, threads, seed):
+    """A one-token step through `grouped_sdpa` (each KV head's query heads as rows of one query, or `enable_gqa` where
+    the threads do not divide the rows' KV heads) gives what softmax attention in float64 gives, under no mask, a mask
+    per row, a mask per KV head, and an additive mask."""
     gen = torch.Generator().manual_seed(seed)
     q_heads, d = kv_heads * groups, 8
     query = torch.randn(rows, q_heads, 1, d, generator=gen)
@@ -326,7 +330,8 @@ def test_grouped_sdpa_equals_a_float64_reference(kv_heads, groups, slots, rows, 
     mask = {"none": None, "row": visible, "per_head": visible}.get(mask_kind)
     if mask_kind == "additive":
         mask = torch.where(visible, 0.0, float("-inf"))
-    out = grouped_sdpa(query, key, value, mask, 0.0, None)
+    with _threads(threads):
+        out = grouped_sdpa(query, key, value, mask, 0.0, None)
     logits = query.double() @ key.double().repeat_interleave(groups, 1).transpose(-1, -2) * d**-0.5
     if mask is not None:
         logits = logits.masked_fill(~expand_heads(visible, q_heads), float("-inf"))
@@ -335,10 +340,41 @@ def test_grouped_sdpa_equals_a_float64_reference(kv_heads, groups, slots, rows, 
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("threads", "rows", "grouped"), [(1, 1, True), (2, 1, False), (2, 2, True), (4, 2, False)])
+def test_grouped_sdpa_groups_a_step_whose_kv_heads_the_threads_divide(monkeypatch, threads, rows, grouped):
+    """One token over 3 KV heads per row: the grouped call on the CPU when the threads divide the rows x KV heads
+    (PyTorch's kernel gives each thread whole (row, head) items), `enable_gqa` otherwise; the same output."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    query, key = torch.randn(rows, 9, 1, 8), torch.randn(rows, 3, 5, 8)
+    with _threads(threads):
+        out = grouped_sdpa(query, key, key, None, 0.0, None)
+        assert balanced(torch.device("cpu"), 3 * rows) is grouped
+    assert calls == [((rows, 3, 3, 8), False) if grouped else ((rows, 9, 1, 8), True)]
+    torch.testing.assert_close(out, real(query, key, key, enable_gqa=True), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_grouped_sdpa_reads_each_kv_head_once_for_one_token(monkeypatch, q_len):
-    """A one-token step reaches SDPA as (B, H_kv, H_q / H_kv, D) queries without `enable_gqa`; a longer step keeps
-    the query heads and `enable_gqa` (the grouped rows would need a causal mask per group)."""
+    """A one-token step reaches SDPA as (B, H_kv, H_q / H_kv, D) queries without `enable_gqa` (2 rows x 2 KV heads:
+    any of 1, 2 or 4 threads divides them); a longer step keeps the query heads and `enable_gqa` (the grouped rows
+    would need a causal mask per group)."""
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
 
@@ -348,6 +384,7 @@ def test_grouped_sdpa_reads_each_kv_head_once_for_one_token(monkeypatch, q_len):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     query, key = torch.randn(2, 6, q_len, 8), torch.randn(2, 2, 5, 8)
-    out = grouped_sdpa(query, key, key, None if q_len == 1 else "causal", 0.0, None)
+    with _threads(2):
+        out = grouped_sdpa(query, key, key, None if q_len == 1 else "causal", 0.0, None)
     assert out.shape == (2, 6, q_len, 8)
     assert calls == ([((2, 2, 3, 8), False)] if q_len == 1 else [((2, 6, 3, 8), True)])
