@@ -350,24 +350,32 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+REAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _spy_sdpa(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], bool]]:
+    """Record each SDPA call's query shape and `enable_gqa` (the calls still run)."""
+    calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def spy(query, key, value, **kwargs):
+        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
+        return REAL_SDPA(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
 @pytest.mark.parametrize(("threads", "rows", "grouped"), [(1, 1, True), (2, 1, False), (2, 2, True), (4, 2, False)])
 def test_grouped_sdpa_groups_a_step_whose_kv_heads_the_threads_divide(monkeypatch, threads, rows, grouped):
     """One token over 3 KV heads per row: the grouped call on the CPU when the threads divide the rows x KV heads
     (PyTorch's kernel gives each thread whole (row, head) items), `enable_gqa` otherwise; the same output."""
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, **kwargs):
-        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
-        return real(query, key, value, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    calls = _spy_sdpa(monkeypatch)
     query, key = torch.randn(rows, 9, 1, 8), torch.randn(rows, 3, 5, 8)
     with _threads(threads):
         out = grouped_sdpa(query, key, key, None, 0.0, None)
         assert balanced(torch.device("cpu"), 3 * rows) is grouped
     assert calls == [((rows, 3, 3, 8), False) if grouped else ((rows, 9, 1, 8), True)]
-    torch.testing.assert_close(out, real(query, key, key, enable_gqa=True), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, REAL_SDPA(query, key, key, enable_gqa=True), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("q_len", [1, 3])
@@ -375,14 +383,7 @@ def test_grouped_sdpa_reads_each_kv_head_once_for_one_token(monkeypatch, q_len):
     """A one-token step reaches SDPA as (B, H_kv, H_q / H_kv, D) queries without `enable_gqa` (2 rows x 2 KV heads:
     any of 1, 2 or 4 threads divides them); a longer step keeps the query heads and `enable_gqa` (the grouped rows
     would need a causal mask per group)."""
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, **kwargs):
-        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
-        return real(query, key, value, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    calls = _spy_sdpa(monkeypatch)
     query, key = torch.randn(2, 6, q_len, 8), torch.randn(2, 2, 5, 8)
     with _threads(2):
         out = grouped_sdpa(query, key, key, None if q_len == 1 else "causal", 0.0, None)
