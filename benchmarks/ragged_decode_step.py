@@ -12,10 +12,11 @@ its cache has left the CPU's caches as in a model (where the weights also stream
   segments as prefixes, `SharedStorage.decoding`, so it then decodes as a fork does; before 2026-12-04 it repacked
   its flat buffers and unpacked a rectangle at every step: 9.29x the rectangular step);
 - fork: a one-row fork of the layer decodes: the context is read in place (a ragged one head by head from its
-  segments) and the new tokens go to the fork's own dense suffix.
+  segments, each head's in one call of the fused kernel that takes it as two halves) and the new tokens go to the
+  fork's own dense suffix.
 
-The variants run interleaved, `--rounds` times, on one thread; the median ms per step and the ratios are printed and
-saved. Run alone: `.venv/bin/python benchmarks/ragged_decode_step.py` (about a minute).
+The variants run interleaved, `--rounds` times, on one thread (`--threads N`: N); the median ms per step and the
+ratios are printed and saved. Run alone: `.venv/bin/python benchmarks/ragged_decode_step.py` (under a minute).
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=SMOLLM2.kv_heads, help="KV heads (3, or an even number)")
     parser.add_argument("--query-heads", type=int, default=SMOLLM2.query_heads, help="query heads")
     parser.add_argument("--dim", type=int, default=SMOLLM2.dim, help="head dim")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--name", default="ragged_decode_step", help="results file name")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     register()
     n, dims = args.tokens, Shape(args.kv_heads, args.query_heads, args.dim)
     if dims.query_heads % dims.kv_heads:

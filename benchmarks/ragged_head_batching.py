@@ -1,20 +1,29 @@
-"""Attention of one decode step over a ragged prefix: head by head (what `prefix_attention` does) against the heads
-batched by `torch.nn.functional.grouped_mm`, and both against a rectangular prefix holding the same bytes.
+"""Attention of one decode step over a ragged prefix by matrix products: head by head (what `prefix_attention` does
+where its fused kernel does not run: soft-capped layers, thin keys, a head holding under two slots, other devices)
+against ways of batching the heads, and all against a rectangular prefix holding the same bytes.
 
 A ragged prefix keeps a different number of tokens per KV head, each head's keys and values one segment of a flat
-buffer. `prefix_attention` attends it head by head: per head one product for the logits, one softmax over the head's
-own slots and the prefix's, one product with the values. The batched variant tried here replaces the per-head calls
-by a fixed number: one grouped product over the flat keys for every head's logits, a gather into a padded
-(rows, heads, width) block so that one softmax serves all heads, a gather back and one grouped product over the flat
-values. Both compute exactly the same attention (checked before timing). The rectangular core is the same
-computation over equal segments with batched products, the floor a ragged layer is compared against.
+buffer. The products attend it head by head: per head one product for the logits and one softmax over the head's own
+slots and the prefix's (in place, in one logits buffer), then one product for every head's own slots and one per head
+with the prefix's values. The batched variants tried here:
 
-Run alone (one thread; about a minute): `.venv/bin/python benchmarks/ragged_head_batching.py`. Writes
-benchmarks/results/ragged_head_batching.{md,json}.
+- grouped_mm: one grouped product over the flat keys for every head's logits, a gather into a padded (rows, heads,
+  width) block so that one softmax serves all heads, a gather back and one grouped product over the flat values;
+- one product: every head's queries against the whole flat buffer in one product, the other heads' segments masked
+  by a constant mask (H_kv times the products' work, in a fixed number of calls);
+- halves: head by head, each segment read as a batch of its two halves (a view, no copy), so that one call has two
+  items for two threads to share.
+
+All compute exactly the same attention (checked before timing). The rectangular core is the same computation over
+equal segments with batched products, the floor a ragged layer is compared against.
+
+Run alone (about 15 seconds per thread count): `.venv/bin/python benchmarks/ragged_head_batching.py` (one thread;
+`--threads 2 --name ragged_head_batching_2threads` for two). Writes benchmarks/results/<name>.{md,json}.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -23,10 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from recorded import machine
+from recorded import given_options, machine
 from torch import Tensor
 
-OUT = Path(__file__).parent / "results" / "ragged_head_batching"
+RESULTS = Path(__file__).parent / "results"
 GROUPS, OWN, DIM = 3, 24, 64  # query heads per KV head, the row's own slots (its question and answer so far), head dim
 LAYOUTS = {3: [1000, 4000, 1000], 8: [400, 1600, 800, 3000, 200, 1200, 600, 2200]}
 
@@ -38,13 +47,64 @@ def head_by_head(queries: Tensor, heads: list[tuple[Tensor, Tensor]], own_logits
     s = own_logits.shape[-1]
     logits = queries.new_empty(h, g, s + max(k.shape[0] for k, _ in heads))
     logits[:, :, :s] = own_logits
-    outs = []
-    for q_h, logits_h, values_h, (keys, values) in zip(queries, logits, own_values, heads, strict=True):
-        end = s + keys.shape[0]
-        torch.mm(q_h, keys.T, out=logits_h[:, s:end])
-        weights = torch.softmax(logits_h[:, :end], dim=-1)
-        outs.append(torch.mm(weights[:, :s], values_h).addmm_(weights[:, s:], values))
-    return torch.stack(outs)
+    for q_h, logits_h, (keys, _) in zip(queries, logits, heads, strict=True):
+        used = logits_h[:, : s + keys.shape[0]]
+        torch.mm(q_h, keys.T, out=used[:, s:])
+        torch.softmax(used, dim=-1, out=used)
+    out = torch.bmm(logits[:, :, :s], own_values)
+    for out_h, logits_h, (keys, values) in zip(out, logits, heads, strict=True):
+        out_h.addmm_(logits_h[:, s : s + keys.shape[0]], values)
+    return out
+
+
+def halves(segment: Tensor) -> Tensor:
+    """(L, D) -> (2, ceil(L / 2), D): its first and last ceil(L / 2) rows (a view; with L odd they share the middle
+    one)."""
+    n = segment.shape[0]
+    c = (n + 1) // 2
+    return segment.as_strided((2, c, segment.shape[1]), ((n - c) * segment.stride(0), segment.stride(0), 1))
+
+
+def by_halves(queries: Tensor, heads: list[tuple[Tensor, Tensor]], own_logits: Tensor, own_values: Tensor) -> Tensor:
+    """`head_by_head` with each segment taken as a batch of its two halves (the middle row of an odd one masked in the
+    second)."""
+    h, g, d = queries.shape
+    s = own_logits.shape[-1]
+    halves_of = [(keys.shape[0] + 1) // 2 for keys, _ in heads]
+    logits = queries.new_empty(h, g, s + 2 * max(halves_of))
+    logits[:, :, :s] = own_logits
+    for q_h, logits_h, (keys, _), c in zip(queries, logits, heads, halves_of, strict=True):
+        used = logits_h[:, : s + 2 * c]
+        both = torch.bmm(q_h.expand(2, g, d), halves(keys).transpose(1, 2))  # (2, G, c)
+        used[:, s:] = both.transpose(0, 1).reshape(g, 2 * c)
+        if keys.shape[0] % 2:
+            used[:, s + c] = float("-inf")
+        torch.softmax(used, dim=-1, out=used)
+    out = torch.bmm(logits[:, :, :s], own_values)
+    for out_h, logits_h, (_, values), c in zip(out, logits, heads, halves_of, strict=True):
+        weights = logits_h[:, s : s + 2 * c].view(g, 2, c).transpose(0, 1)
+        out_h.add_(torch.bmm(weights, halves(values)).sum(dim=0))
+    return out
+
+
+class OneProduct:
+    """Every head's queries against the whole flat buffer, the other heads' segments masked (a constant mask)."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        head_of_slot = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        head_of_row = torch.arange(len(lengths)).repeat_interleave(GROUPS)
+        self.mask = torch.zeros(len(head_of_row), len(head_of_slot))
+        self.mask.masked_fill_(head_of_row[:, None] != head_of_slot[None, :], float("-inf"))
+
+    def attend(self, queries: Tensor, keys: Tensor, values: Tensor, own_logits: Tensor, own_values: Tensor) -> Tensor:
+        h, g, d = queries.shape
+        s = own_logits.shape[-1]
+        logits = queries.new_empty(h * g, s + keys.shape[0])
+        logits[:, :s] = own_logits.reshape(h * g, s)
+        torch.addmm(self.mask, queries.reshape(h * g, d), keys.T, out=logits[:, s:])
+        torch.softmax(logits, dim=-1, out=logits)
+        out = torch.mm(logits[:, s:], values).view(h, g, -1)
+        return out.baddbmm_(logits[:, :s].view(h, g, s), own_values)
 
 
 class Batched:
@@ -100,13 +160,16 @@ def measure(heads: int, lengths: list[int]) -> dict[str, object]:
     own_logits = torch.bmm(queries, torch.randn(heads, OWN, DIM).transpose(1, 2))
     own_values = torch.randn(heads, OWN, DIM)
     rect_keys, rect_values = torch.randn(heads, total // heads, DIM), torch.randn(heads, total // heads, DIM)
-    batched = Batched(lengths)
+    batched, one = Batched(lengths), OneProduct(lengths)
     runs = {
         "head by head": lambda: head_by_head(queries, segments, own_logits, own_values),
         "grouped_mm": lambda: batched.attend(queries, keys, values, own_logits, own_values),
-        "rectangular": lambda: rectangular(queries, rect_keys, rect_values, own_logits, own_values),
+        "one product": lambda: one.attend(queries, keys, values, own_logits, own_values),
+        "halves": lambda: by_halves(queries, segments, own_logits, own_values),
+        "rectangular, same bytes": lambda: rectangular(queries, rect_keys, rect_values, own_logits, own_values),
     }
-    torch.testing.assert_close(runs["grouped_mm"](), runs["head by head"](), rtol=1e-5, atol=1e-5)
+    for name in ("grouped_mm", "one product", "halves"):
+        torch.testing.assert_close(runs[name](), runs["head by head"](), rtol=1e-5, atol=1e-5)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(5):
         for name, run in runs.items():
@@ -115,29 +178,35 @@ def measure(heads: int, lengths: list[int]) -> dict[str, object]:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--name", default="ragged_head_batching", help="results file name (in benchmarks/results)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = {str(heads): measure(heads, lengths) for heads, lengths in LAYOUTS.items()}
     ran_on = machine()
+    given = given_options(parser, args)
+    names = list(next(iter(result.values()))["median_us"])  # type: ignore[call-overload]
     lines = [
-        "# A ragged prefix's attention: head by head against grouped_mm",
+        "# A ragged prefix's attention: head by head against batched variants",
         "",
         f"One decode step's attention core ({GROUPS} query heads per KV head, {OWN} own slots, head dim {DIM}; "
         f"{ran_on}; median of 5 interleaved rounds of 500 calls). "
-        "Command: `.venv/bin/python benchmarks/ragged_head_batching.py`.",
+        f"Command: `.venv/bin/python benchmarks/ragged_head_batching.py{given}`.",
         "",
-        "| KV heads | tokens per head | head by head (us) | grouped_mm (us) | rectangular, same bytes (us) |",
-        "|---|---|---|---|---|",
+        "| KV heads | tokens per head | " + " | ".join(f"{n} (us)" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for count, row in result.items():
         m = row["median_us"]
         assert isinstance(m, dict)
-        lines.append(f"| {count} | {row['lengths']} | {m['head by head']:.1f} | {m['grouped_mm']:.1f} | "
-                     f"{m['rectangular']:.1f} |")  # fmt: skip
+        lines.append(f"| {count} | {row['lengths']} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " |")
     text = "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps({"machine": ran_on, "layouts": result}, indent=1) + "\n")
-    OUT.with_suffix(".md").write_text(text)
+    out = RESULTS / args.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"machine": ran_on, "layouts": result}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
     print(text)
 
 

@@ -25,6 +25,14 @@ products). A query that sees none of its own slots (never one from `attention.st
 itself) gets the prefix's output alone, as from the products. Decoding from a fork of the embedded model's
 uncompressed context, the kernel over the prefix alone (before the own slots joined it) ran 1.05x / 1.07x the
 separate products and softmax at 4k / 7k tokens (medians of 5 pairs, `docs/studies/generation-speed.md`).
+
+A ragged prefix whose every head holds two slots or more goes through the kernel too, one call per KV head. The call
+reads the head's segment as a batch of its two halves (views, `storage.shared.Halves`), because the kernel shares out
+whole (batch, head) items among the CPU's threads: a one-item call leaves the second thread idle, and then ran at
+0.98x the products on the embedded model. The halves and the own slots are joined by one softmax over their three
+log-sum-exps. One decode step of a ragged fork on two threads: 0.49-0.52 -> 0.37 ms with the halves, against 0.28 ms
+for a rectangular fork holding the same bytes (`benchmarks/ragged_decode_step.py --threads 2`); on one thread it costs
+what the products cost.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvsqueeze.storage.shared import PrefixRead
+from kvsqueeze.storage.shared import Halves, PrefixRead
 
 __all__ = ["FLASH_WITH_LSE", "LOGITS_BUDGET", "attend", "fused_ok"]
 
@@ -79,27 +87,30 @@ def _rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, vis
             seen.masked_fill_((positions[0] < 0)[:, None, :], float("-inf"))
         weights = torch.softmax(logits, dim=-1)
         return _own_output(weights[:, :, :s], own_values).baddbmm_(weights[:, :, s:], pv[0].float())
-    outs = []
-    for q_h, logits_h, own_values_h, (pk, pv) in zip(stacked, logits, own_values, prefix.heads, strict=True):
-        end = s + pk.shape[0]
-        seen = logits_h[:, s:end]
-        torch.mm(q_h, pk.float().T, out=seen)
+    for q_h, logits_h, (pk, _) in zip(stacked, logits, prefix.heads, strict=True):
+        used = logits_h[:, : s + pk.shape[0]]  # the head's own slots, then its L_h
+        torch.mm(q_h, pk.float().T, out=used[:, s:])
         if softcap is not None:
-            seen.copy_(_capped(seen, softcap))
-        weights = torch.softmax(logits_h[:, :end], dim=-1)
-        out = torch.bmm(weights[:, :s].view(n, m, s), own_values_h).view(n * m, -1)
-        outs.append(out.addmm_(weights[:, s:], pv.float()))
-    return torch.stack(outs)
+            used[:, s:] = _capped(used[:, s:], softcap)
+        torch.softmax(used, dim=-1, out=used)  # weights over the logits, in place
+    out = _own_output(logits[:, :, :s], own_values)  # every head's own slots' share at once
+    for out_h, logits_h, (pk, pv) in zip(out, logits, prefix.heads, strict=True):
+        out_h.addmm_(logits_h[:, s : s + pk.shape[0]], pv.float())
+    return out
 
 
 def _fusable(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, softcap: float | None) -> bool:
-    """Whether the fused kernel attends these rows (`_fused_rows`): a rectangular prefix with no empty slot and at
-    least one slot, no soft-cap (the kernel cannot apply it), the prefix's and the rows' own tensors all ones
-    `fused_ok` accepts. A ragged prefix stays with the products: one kernel call per head decoded about 2% slower
-    than them on the embedded model (`docs/studies/generation-speed.md`)."""
-    if prefix.view is None or softcap is not None or not prefix.full or prefix.view[2].shape[-1] == 0:
+    """Whether the fused kernel attends these rows (`_fused_rows`): no soft-cap (the kernel cannot apply it), at least
+    one own slot, and a prefix it can read: a rectangular one with no empty slot and at least one slot, or a ragged
+    one taken in halves (every head holding two slots or more, `PrefixRead.halves`); the prefix's and the rows' own
+    tensors all ones `fused_ok` accepts."""
+    if softcap is not None or keys.shape[2] == 0 or not fused_ok(grouped, keys, values):
         return False
-    return keys.shape[2] > 0 and fused_ok(grouped, *prefix.view[:2]) and fused_ok(grouped, keys, values)
+    if prefix.halves is not None:
+        return fused_ok(grouped, prefix.halves[0].keys, prefix.halves[0].values)
+    if prefix.view is None or not prefix.full or prefix.view[2].shape[-1] == 0:
+        return False
+    return fused_ok(grouped, *prefix.view[:2])
 
 
 def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tensor, visible: Tensor | None,
@@ -107,8 +118,15 @@ def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tenso
     """Attention of `_rows`' rows over a prefix the fused kernel reads (`_fusable`): the prefix and the rows' own slots
     each attended by the kernel, then joined by their log-sum-exps (see the module docstring): (n, H_kv, M, Dv)
     float32."""
-    assert FLASH_WITH_LSE is not None and prefix.view is not None
+    assert FLASH_WITH_LSE is not None
     n, hkv, m, d = grouped.shape
+    mask = None if visible is None else grouped.new_zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    own, own_lse = FLASH_WITH_LSE(grouped, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    if visible is not None:  # the kernel gives a query that sees no own slot a log-sum-exp of 0, not -inf
+        own_lse.masked_fill_(~visible.any(dim=-1), float("-inf"))
+    if prefix.halves is not None:
+        return _halves_joined(grouped, prefix.halves, own, own_lse, scale)
+    assert prefix.view is not None
     pk, pv, _ = prefix.view
     if n == 1:  # one row (decoding an answer): its queries are already the kernel's batch of one
         seen, seen_lse = FLASH_WITH_LSE(grouped, pk, pv, 0.0, False, scale=scale)
@@ -116,14 +134,30 @@ def _fused_rows(grouped: Tensor, prefix: PrefixRead, keys: Tensor, values: Tenso
         stacked = grouped.transpose(0, 1).reshape(1, hkv, n * m, d)
         seen, seen_lse = FLASH_WITH_LSE(stacked, pk, pv, 0.0, False, scale=scale)
         seen, seen_lse = seen[0].unflatten(1, (n, m)).transpose(0, 1), seen_lse[0].unflatten(1, (n, m)).transpose(0, 1)
-    mask = None if visible is None else grouped.new_zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-    own, own_lse = FLASH_WITH_LSE(grouped, keys, values, 0.0, False, attn_mask=mask, scale=scale)
-    if visible is not None:  # the kernel gives a query that sees no own slot a log-sum-exp of 0, not -inf
-        own_lse.masked_fill_(~visible.any(dim=-1), float("-inf"))
     share = torch.sub(seen_lse, own_lse, out=own_lse).sigmoid_()[..., None]  # the prefix's part of the softmax's mass
     if own.dtype == torch.float32:
         return own.lerp_(seen, share)  # in place: both are the kernel's fresh outputs
     return torch.lerp(own.float(), seen.float(), share)
+
+
+def _halves_joined(grouped: Tensor, halves: tuple[Halves, ...], own: Tensor, own_lse: Tensor, scale: float) -> Tensor:
+    """`_fused_rows` over a ragged prefix: each head's two halves in one kernel call (two items, so two threads share
+    it), every row's queries of the head against both, then the two halves and the own slots joined by one softmax
+    over their three log-sum-exps: (n, H_kv, M, Dv) float32."""
+    assert FLASH_WITH_LSE is not None
+    n, hkv, m, d = grouped.shape
+    stacked = grouped.transpose(0, 1).reshape(hkv, 1, 1, n * m, d)  # per KV head, every row's queries
+    parts, lses = [], []
+    for queries, half in zip(stacked, halves, strict=True):
+        out, lse = FLASH_WITH_LSE(queries.expand(1, 2, n * m, d), half.keys, half.values, 0.0, False,
+                                  attn_mask=half.middle, scale=scale)  # fmt: skip
+        parts.append(out)
+        lses.append(lse)
+    seen = torch.cat(parts, dim=1).view(hkv, 2, n, m, -1).permute(2, 0, 1, 3, 4)  # (n, H_kv, 2, M, Dv)
+    seen_lse = torch.cat(lses, dim=1).view(hkv, 2, n, m).permute(2, 0, 1, 3)  # (n, H_kv, 2, M)
+    weights = torch.softmax(torch.cat([seen_lse, own_lse[:, :, None]], dim=2), dim=2)[..., None]  # each part's share
+    out = (seen.float() * weights[:, :, :2]).sum(dim=2)
+    return out.addcmul_(own.float(), weights[:, :, 2])
 
 
 def fused_ok(queries: Tensor, keys: Tensor, values: Tensor) -> bool:

@@ -41,11 +41,12 @@ def reference(query, views, owner, keys, values, visible, scale, softcap=None):
     return torch.cat(rows)
 
 
-def random_case(g, rows, prefixes, kv_heads, groups, q, own, d=8, full=False):
+def random_case(g, rows, prefixes, kv_heads, groups, q, own, d=8, full=False, lengths=None):
+    """lengths: each prefix's slots (random, 1 to 8, when None); head 0 of a prefix that is not full keeps one fewer."""
     owner = torch.randint(0, prefixes, (rows,), generator=g)
     views = []
-    for _ in range(prefixes):
-        length = int(torch.randint(1, 9, (1,), generator=g))
+    for j in range(prefixes):
+        length = int(torch.randint(1, 9, (1,), generator=g)) if lengths is None else lengths[j]
         pos = torch.arange(length).expand(1, kv_heads, length).clone().to(torch.int32)
         if length > 1 and not full:  # a ragged prefix's view: some heads keep fewer (empty slots at the end)
             pos[:, 0, -1] = -1
@@ -118,6 +119,33 @@ def test_the_fused_kernel_gives_the_products_answer(monkeypatch, dtype):
     assert len(calls) == 2 * len(reads)  # and now none did
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(fused.float(), products.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_ragged_prefix_goes_through_the_kernel_in_halves(monkeypatch, dtype):
+    """Ragged prefixes (heads of odd and even lengths) through the fused kernel, each head's two halves in one call,
+    against the same prefixes through the separate products and softmax: the same attention."""
+    g = torch.Generator().manual_seed(4)
+    owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 2, 3, d=16, lengths=[8, 5])
+    owner = torch.tensor([0, 1, 1])  # one row reads the first prefix, two rows the second
+    views = [tuple(t.to(dtype) if t.is_floating_point() else t for t in view) for view in views]
+    query, keys, values = query.to(dtype), keys.to(dtype), values.to(dtype)
+    reads = reads_of(views, owner, True)
+    assert [[k.shape[0] for k, _ in read.heads or ()] for read in reads] == [[7, 8], [4, 5]]
+    assert all(read.halves is not None for read in reads)
+    kernel, calls = prefix_attention.FLASH_WITH_LSE, []
+    assert kernel is not None
+    monkeypatch.setattr(prefix_attention, "FLASH_WITH_LSE", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    fused = attend(query, reads, keys, values, visible, 0.25)
+    assert len(calls) == 2 * (2 + 1)  # per prefix: one call per head (its two halves) and one for the own slots
+    monkeypatch.setattr(prefix_attention, "fused_ok", lambda queries, keys, values: False)
+    products = attend(query, reads, keys, values, visible, 0.25)
+    assert len(calls) == 6
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused.float(), products.float(), rtol=tolerance, atol=tolerance)
+    want = reference(query.double(), [tuple(t.double() if t.is_floating_point() else t for t in v) for v in views],
+                     owner, keys.double(), values.double(), visible, 0.25)  # fmt: skip
+    torch.testing.assert_close(fused.double(), want, rtol=tolerance, atol=tolerance)
 
 
 def test_keys_narrower_than_values():

@@ -30,27 +30,56 @@ from kvsqueeze.storage.base import LayerStorage, StepView, storage_bytes
 from kvsqueeze.storage.dense import DenseStorage
 from kvsqueeze.storage.ragged import RaggedStorage, segment_starts
 
-__all__ = ["PrefixRead", "SharedStorage"]
+__all__ = ["Halves", "PrefixRead", "SharedStorage", "halves"]
+
+
+class Halves(NamedTuple):
+    """One head's segment (L slots, L >= 2) as a batch of two equal halves, its first and its last c = ceil(L / 2)
+    slots: keys (1, 2, c, D) and values (1, 2, c, Dv), views of the flat buffers; with L odd both halves hold the
+    middle slot, and `middle` (1, 2, 1, c), additive, hides it from the second (None when L is even)."""
+
+    keys: Tensor
+    values: Tensor
+    middle: Tensor | None
 
 
 class PrefixRead(NamedTuple):
     """One prefix as attention reads it: its slots, either as its rectangular view (1, H, L, ...) or, for a ragged
     prefix, as each head's (keys (L_h, D), values (L_h, Dv)) segment of its flat buffers (no copy); the rows reading
-    it (None: every row of the storage); and whether every slot of the view is filled (no empty slot to mask)."""
+    it (None: every row of the storage); whether every slot of the view is filled (no empty slot to mask); and, for a
+    ragged prefix whose every head holds two slots or more, each head's segment as two halves (`halves`)."""
 
     view: StepView | None
     heads: tuple[tuple[Tensor, Tensor], ...] | None
     rows: Tensor | None
     full: bool
+    halves: tuple[Halves, ...] | None = None
+
+
+def halves(keys: Tensor, values: Tensor) -> Halves:
+    """A segment (keys (L, D), values (L, Dv), rows contiguous, L >= 2) as its two halves (see `Halves`)."""
+    n = keys.shape[0]
+    c = (n + 1) // 2
+
+    def split(t: Tensor) -> Tensor:
+        return t.as_strided((1, 2, c, t.shape[1]), (0, (n - c) * t.stride(0), t.stride(0), t.stride(1)))
+
+    middle = None
+    if n % 2:
+        middle = keys.new_zeros(1, 2, 1, c)
+        middle[0, 1, 0, 0] = float("-inf")
+    return Halves(split(keys), split(values), middle)
 
 
 def prefix_read(prefix: LayerStorage, rows: Tensor | None) -> PrefixRead:
-    """How attention reads `prefix` (a one-row storage): a ragged one by its segments, any other by its view."""
+    """How attention reads `prefix` (a one-row storage): a ragged one by its segments (and their halves when every
+    head holds two slots or more), any other by its view."""
     if isinstance(prefix, RaggedStorage):
         starts = segment_starts(prefix.lengths)[0].tolist()
         lengths = prefix.lengths[0].tolist()
         heads = tuple((prefix.keys[s : s + n], prefix.values[s : s + n]) for s, n in zip(starts, lengths, strict=True))
-        return PrefixRead(None, heads, rows, True)
+        split = tuple(halves(k, v) for k, v in heads) if min(lengths, default=0) >= 2 else None
+        return PrefixRead(None, heads, rows, True, split)
     return PrefixRead(prefix.view(), None, rows, bool((prefix.kept() == prefix.width()).all()))
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvsqueeze.storage import DenseStorage, SharedStorage
 from kvsqueeze.storage.dense import ROOM
+from kvsqueeze.storage.shared import halves, prefix_read
 from tests.unit.storage.test_dense import context, lent, tokens
 
 ROW = torch.zeros(1, dtype=torch.long)
@@ -35,3 +37,37 @@ def test_other_forks_are_not_joined():
     moved = first.append(*tokens(ROOM, 7, 3.0))[0]  # past the room: the suffix leaves it
     assert moved.joined() is None
     assert isinstance(moved.suffix, DenseStorage) and moved.suffix.width() == ROOM + 2
+
+
+@pytest.mark.parametrize("length", [2, 3, 8, 9])
+def test_halves_cover_a_segment_once(length):
+    """A segment's two halves are views of its buffer holding its first and last ceil(L / 2) slots; with L odd the
+    middle slot is in both and hidden from the second half only, so every slot counts once."""
+    flat = torch.randn(length + 5, 4)
+    keys, values = flat[2 : 2 + length], flat[2 : 2 + length] * 1  # values: a copy, the keys a view of `flat`
+    split = halves(keys, values)
+    c = (length + 1) // 2
+    assert split.keys.shape == split.values.shape == (1, 2, c, 4)
+    assert split.keys.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    torch.testing.assert_close(split.keys[0, 0], keys[:c], rtol=0, atol=0)
+    torch.testing.assert_close(split.keys[0, 1], keys[length - c :], rtol=0, atol=0)
+    torch.testing.assert_close(split.values[0, 1], values[length - c :], rtol=0, atol=0)
+    if length % 2 == 0:
+        assert split.middle is None
+    else:
+        assert split.middle is not None and split.middle.shape == (1, 2, 1, c)
+        hidden = torch.isinf(split.middle[0, :, 0])
+        assert hidden.nonzero().tolist() == [[1, 0]]  # the middle slot, in the second half
+
+
+def test_a_ragged_prefix_is_read_in_halves_only_when_every_head_has_two_slots():
+    """Halves need two slots a head; a head holding fewer leaves the prefix to the products (no halves)."""
+    keys = torch.randn(1, 2, 5, 4)
+    every = torch.arange(5).expand(1, 2, 5).contiguous()
+    for counts, split in (([5, 2], True), ([5, 1], False), ([5, 0], False)):
+        ragged = DenseStorage(keys, keys.clone(), every.to(torch.int32)).prune(
+            every, torch.tensor([counts]), ragged=True
+        )
+        read = prefix_read(ragged, None)
+        assert read.heads is not None and [k.shape[0] for k, _ in read.heads] == counts
+        assert (read.halves is not None) == split
