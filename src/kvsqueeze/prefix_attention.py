@@ -30,9 +30,10 @@ A ragged prefix whose every head holds two slots or more goes through the kernel
 reads the head's segment as a batch of its two halves (views, `storage.shared.Halves`), because the kernel shares out
 whole (batch, head) items among the CPU's threads: a one-item call leaves the second thread idle, and then ran at
 0.98x the products on the embedded model. The halves and the own slots are joined by one softmax over their three
-log-sum-exps. One decode step of a ragged fork on two threads: 0.49-0.52 -> 0.37 ms with the halves, against 0.28 ms
-for a rectangular fork holding the same bytes (`benchmarks/ragged_decode_step.py --threads 2`); on one thread it costs
-what the products cost.
+log-sum-exps. One decode step of a ragged fork against the products before (`benchmarks/ragged_decode_step.py`, at
+SmolLM2's heads and at Llama-3.1-8B's, `docs/studies/generation-speed.md`): on two threads 0.488 -> 0.370 ms and
+2.113 -> 0.972 ms (a rectangular fork holding the same bytes: 0.276 and 0.729 ms), on one thread 0.472 -> 0.456 ms and
+1.716 -> 1.532 ms. A call has two items, so a CPU with more threads leaves the others idle.
 """
 
 from __future__ import annotations
@@ -162,13 +163,15 @@ def _halves_joined(grouped: Tensor, halves: tuple[Halves, ...], own: Tensor, own
 
 def fused_ok(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
     """Whether FLASH_WITH_LSE can attend these queries over these keys and values: it exists, they are on the CPU, of
-    one dtype and one head size (thin keys are narrower than the values)."""
+    one dtype and one head size (thin keys are narrower than the values), each with its channels next to each other in
+    memory (the kernel reads a row as if they were; called directly, it skips the check SDPA makes before it)."""
     return (
         FLASH_WITH_LSE is not None
         and queries.device.type == "cpu"
         and queries.dtype == keys.dtype == values.dtype
         and queries.dtype in (torch.float32, torch.bfloat16)
         and queries.shape[-1] == keys.shape[-1] == values.shape[-1]
+        and queries.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
     )
 
 

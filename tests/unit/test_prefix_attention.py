@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvsqueeze import prefix_attention
 from kvsqueeze.prefix_attention import attend
 from kvsqueeze.storage import DenseStorage
-from kvsqueeze.storage.shared import PrefixRead, prefix_read
+from kvsqueeze.storage.shared import PrefixRead, halves, prefix_read
 
 
 def plain(query, keys, values, visible, scale, softcap=None):
@@ -148,6 +148,31 @@ def test_a_ragged_prefix_goes_through_the_kernel_in_halves(monkeypatch, dtype):
     torch.testing.assert_close(fused.double(), want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_keys_whose_channels_are_not_adjacent_keep_the_products(ragged):
+    """Keys stored channel-major (a legal strided tensor): the fused kernel would read their rows wrongly, so they go
+    through the products, which answer as the plain formula does."""
+    g = torch.Generator().manual_seed(8)
+    owner, views, query, keys, values, visible = random_case(g, 2, 1, 2, 3, 2, 2, d=8, full=True, lengths=[5])
+    pk, pv, pos = views[0]
+    views = [(pk.transpose(-1, -2).contiguous().transpose(-1, -2), pv, pos)]  # the same values, column-major
+    reads = reads_of(views, owner, ragged)
+    if ragged:  # pruning copies; put the channel-major keys back in
+        read = reads[0]
+        assert read.heads is not None
+        flat = torch.cat([k for k, _ in read.heads]).T.contiguous().T
+        segments = torch.split(flat, [k.shape[0] for k, _ in read.heads])
+        heads = tuple((k, v) for k, (_, v) in zip(segments, read.heads, strict=True))
+        reads = [read._replace(heads=heads, halves=tuple(halves(k, v) for k, v in heads))]
+        probe = reads[0].halves[0].keys  # type: ignore[index]
+    else:
+        probe = reads[0].view[0]  # type: ignore[index]
+    assert probe.stride(-1) != 1 and not prefix_attention.fused_ok(query, probe, probe)
+    got = attend(query, reads, keys, values, visible, 0.5)
+    torch.testing.assert_close(got.double(), reference(query, views, owner, keys, values, visible, 0.5), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
 def test_keys_narrower_than_values():
     """Thin keys (ThinK: fewer key channels than value channels) over a full prefix, which the fused kernel cannot take
     (it wants one head size): the separate products answer, as the plain formula does."""
@@ -183,30 +208,38 @@ def test_queries_taken_in_chunks_give_the_same_answer(monkeypatch):
         torch.testing.assert_close(chunked, at_once, rtol=1e-6, atol=1e-6)
 
 
-def test_the_fused_kernel_in_chunks_gives_the_same_answer(monkeypatch):
-    """Full prefixes (the fused kernel) under a mask: queries taken in chunks that bound the own slots' mask, each
-    chunk its own kernel calls, give the answer taken at once."""
+@pytest.mark.parametrize("ragged", [False, True])
+def test_the_fused_kernel_in_chunks_gives_the_same_answer(monkeypatch, ragged):
+    """Full prefixes or ragged ones in halves (the fused kernel) under a mask: queries taken in chunks that bound the
+    own slots' mask, each chunk its own kernel calls, give the answer taken at once."""
     g = torch.Generator().manual_seed(4)
-    owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 4, 2, full=True)
-    reads = reads_of(views, owner, False)
+    owner, views, query, keys, values, visible = random_case(g, 3, 2, 2, 3, 4, 2, full=not ragged, lengths=[3, 6])
+    reads = reads_of(views, owner, ragged)
+    assert all((read.halves is not None) == ragged for read in reads)
     at_once = attend(query, reads, keys, values, visible, 0.3)
     kernel, calls = prefix_attention.FLASH_WITH_LSE, []
     assert kernel is not None
     monkeypatch.setattr(prefix_attention, "FLASH_WITH_LSE", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
     monkeypatch.setattr(prefix_attention, "LOGITS_BUDGET", 1)  # one query per chunk
     chunked = attend(query, reads, keys, values, visible, 0.3)
-    assert len(calls) == 2 * 3 * 4 * len(reads)  # two calls per chunk of one query (3 query heads per KV head, q=4)
+    per_chunk = 2 + 1 if ragged else 2  # the prefix (a ragged one: a call per KV head) and the own slots
+    assert len(calls) == per_chunk * 3 * 4 * len(reads)  # chunks of one query (3 query heads per KV head, q=4)
     torch.testing.assert_close(chunked, at_once, rtol=1e-6, atol=1e-6)
+    want = reference(query, views, owner, keys, values, visible, 0.3)
+    torch.testing.assert_close(chunked.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("full", [True, False])
-def test_a_query_that_sees_no_own_slot_reads_its_prefix_alone(full):
+@pytest.mark.parametrize(("full", "ragged"), [(True, False), (False, False), (False, True)])
+def test_a_query_that_sees_no_own_slot_reads_its_prefix_alone(full, ragged):
     """A query whose own slots are all masked (not one `step_mask` makes, but `attend` accepts it): its prefix's
-    attention alone, through the fused kernel (which reports such a row's log-sum-exp as 0) as through the products."""
+    attention alone, through the fused kernel (which reports such a row's log-sum-exp as 0), a ragged prefix's in
+    halves, as through the products."""
     g = torch.Generator().manual_seed(6)
-    owner, views, query, keys, values, visible = random_case(g, 2, 1, 2, 3, 3, 2, full=full)
+    owner, views, query, keys, values, visible = random_case(g, 2, 1, 2, 3, 3, 2, full=full, lengths=[5])
     visible[0, :, 1] = False  # row 0's second query sees none of its own slots
-    got = attend(query, reads_of(views, owner, False), keys, values, visible, 0.4)
+    reads = reads_of(views, owner, ragged)
+    assert (reads[0].halves is not None) == ragged  # heads of 4 and 5 slots
+    got = attend(query, reads, keys, values, visible, 0.4)
     want = reference(query, views, owner, keys, values, visible, 0.4)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 

@@ -56,19 +56,22 @@ class PrefixRead(NamedTuple):
     halves: tuple[Halves, ...] | None = None
 
 
-def halves(keys: Tensor, values: Tensor) -> Halves:
-    """A segment (keys (L, D), values (L, Dv), rows contiguous, L >= 2) as its two halves (see `Halves`)."""
+def halves(keys: Tensor, values: Tensor, hide: Tensor | None = None) -> Halves:
+    """A segment (keys (L, D), values (L, Dv), L >= 2) as its two halves (see `Halves`). hide: a (1, 2, 1, c') mask,
+    c' >= ceil(L / 2), -inf at [0, 1, 0, 0] and 0 elsewhere, whose start serves as `middle` (one mask for a prefix's
+    heads); made here when not given."""
     n = keys.shape[0]
     c = (n + 1) // 2
 
     def split(t: Tensor) -> Tensor:
         return t.as_strided((1, 2, c, t.shape[1]), (0, (n - c) * t.stride(0), t.stride(0), t.stride(1)))
 
-    middle = None
-    if n % 2:
-        middle = keys.new_zeros(1, 2, 1, c)
-        middle[0, 1, 0, 0] = float("-inf")
-    return Halves(split(keys), split(values), middle)
+    if n % 2 == 0:
+        return Halves(split(keys), split(values), None)
+    if hide is None:
+        hide = keys.new_zeros(1, 2, 1, c)
+        hide[0, 1, 0, 0] = float("-inf")
+    return Halves(split(keys), split(values), hide[..., :c])
 
 
 def prefix_read(prefix: LayerStorage, rows: Tensor | None) -> PrefixRead:
@@ -78,7 +81,11 @@ def prefix_read(prefix: LayerStorage, rows: Tensor | None) -> PrefixRead:
         starts = segment_starts(prefix.lengths)[0].tolist()
         lengths = prefix.lengths[0].tolist()
         heads = tuple((prefix.keys[s : s + n], prefix.values[s : s + n]) for s, n in zip(starts, lengths, strict=True))
-        split = tuple(halves(k, v) for k, v in heads) if min(lengths, default=0) >= 2 else None
+        split = None
+        if min(lengths, default=0) >= 2:
+            hide = prefix.keys.new_zeros(1, 2, 1, (max(lengths) + 1) // 2)  # every odd head's middle mask, sliced
+            hide[0, 1, 0, 0] = float("-inf")
+            split = tuple(halves(k, v, hide) for k, v in heads)
         return PrefixRead(None, heads, rows, True, split)
     return PrefixRead(prefix.view(), None, rows, bool((prefix.kept() == prefix.width()).all()))
 

@@ -64,10 +64,15 @@ def test_a_ragged_prefix_is_read_in_halves_only_when_every_head_has_two_slots():
     """Halves need two slots a head; a head holding fewer leaves the prefix to the products (no halves)."""
     keys = torch.randn(1, 2, 5, 4)
     every = torch.arange(5).expand(1, 2, 5).contiguous()
-    for counts, split in (([5, 2], True), ([5, 1], False), ([5, 0], False)):
-        ragged = DenseStorage(keys, keys.clone(), every.to(torch.int32)).prune(
-            every, torch.tensor([counts]), ragged=True
-        )
+    for counts, split in (([5, 2], True), ([3, 5], True), ([5, 1], False), ([5, 0], False)):
+        dense = DenseStorage(keys, keys.clone(), every.to(torch.int32))
+        ragged = dense.prune(every, torch.tensor([counts]), ragged=True)
         read = prefix_read(ragged, None)
         assert read.heads is not None and [k.shape[0] for k, _ in read.heads] == counts
         assert (read.halves is not None) == split
+        for n, half in zip(counts, read.halves, strict=True) if read.halves else ():  # odd heads: middle hidden once
+            c = (n + 1) // 2
+            assert half.keys.shape == (1, 2, c, 4) and (half.middle is None) == (n % 2 == 0)
+            if half.middle is not None:
+                assert half.middle.shape == (1, 2, 1, c)
+                assert torch.isinf(half.middle[0, :, 0]).nonzero().tolist() == [[1, 0]]
