@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from recorded import given_options, machine
 from torch import Tensor
 
+from kvsqueeze.storage.shared import halves
+
 RESULTS = Path(__file__).parent / "results"
 GROUPS, OWN, DIM = 3, 24, 64  # query heads per KV head, the row's own slots (its question and answer so far), head dim
 LAYOUTS = {3: [1000, 4000, 1000], 8: [400, 1600, 800, 3000, 200, 1200, 600, 2200]}
@@ -57,33 +59,26 @@ def head_by_head(queries: Tensor, heads: list[tuple[Tensor, Tensor]], own_logits
     return out
 
 
-def halves(segment: Tensor) -> Tensor:
-    """(L, D) -> (2, ceil(L / 2), D): its first and last ceil(L / 2) rows (a view; with L odd they share the middle
-    one)."""
-    n = segment.shape[0]
-    c = (n + 1) // 2
-    return segment.as_strided((2, c, segment.shape[1]), ((n - c) * segment.stride(0), segment.stride(0), 1))
-
-
 def by_halves(queries: Tensor, heads: list[tuple[Tensor, Tensor]], own_logits: Tensor, own_values: Tensor) -> Tensor:
     """`head_by_head` with each segment taken as a batch of its two halves (the middle row of an odd one masked in the
     second)."""
     h, g, d = queries.shape
     s = own_logits.shape[-1]
-    halves_of = [(keys.shape[0] + 1) // 2 for keys, _ in heads]
+    splits = [halves(keys, values) for keys, values in heads]  # views (1, 2, c, D)
+    halves_of = [split.keys.shape[2] for split in splits]
     logits = queries.new_empty(h, g, s + 2 * max(halves_of))
     logits[:, :, :s] = own_logits
-    for q_h, logits_h, (keys, _), c in zip(queries, logits, heads, halves_of, strict=True):
+    for q_h, logits_h, (keys, _), split, c in zip(queries, logits, heads, splits, halves_of, strict=True):
         used = logits_h[:, : s + 2 * c]
-        both = torch.bmm(q_h.expand(2, g, d), halves(keys).transpose(1, 2))  # (2, G, c)
+        both = torch.bmm(q_h.expand(2, g, d), split.keys[0].transpose(1, 2))  # (2, G, c)
         used[:, s:] = both.transpose(0, 1).reshape(g, 2 * c)
         if keys.shape[0] % 2:
             used[:, s + c] = float("-inf")
         torch.softmax(used, dim=-1, out=used)
     out = torch.bmm(logits[:, :, :s], own_values)
-    for out_h, logits_h, (_, values), c in zip(out, logits, heads, halves_of, strict=True):
+    for out_h, logits_h, split, c in zip(out, logits, splits, halves_of, strict=True):
         weights = logits_h[:, s : s + 2 * c].view(g, 2, c).transpose(0, 1)
-        out_h.add_(torch.bmm(weights, halves(values)).sum(dim=0))
+        out_h.add_(torch.bmm(weights, split.values[0]).sum(dim=0))
     return out
 
 

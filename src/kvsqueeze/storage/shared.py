@@ -30,7 +30,7 @@ from kvsqueeze.storage.base import LayerStorage, StepView, storage_bytes
 from kvsqueeze.storage.dense import DenseStorage
 from kvsqueeze.storage.ragged import RaggedStorage, segment_starts
 
-__all__ = ["Halves", "PrefixRead", "SharedStorage", "halves"]
+__all__ = ["Halves", "PrefixRead", "SharedStorage", "halves", "middle_mask"]
 
 
 class Halves(NamedTuple):
@@ -56,10 +56,17 @@ class PrefixRead(NamedTuple):
     halves: tuple[Halves, ...] | None = None
 
 
+def middle_mask(like: Tensor, width: int) -> Tensor:
+    """The additive (1, 2, 1, width) mask in `like`'s dtype and device that hides the first slot of the second half:
+    -inf there, 0 elsewhere. Its first c columns are `Halves.middle` of any odd segment with c <= width."""
+    mask = like.new_zeros(1, 2, 1, width)
+    mask[0, 1, 0, 0] = float("-inf")
+    return mask
+
+
 def halves(keys: Tensor, values: Tensor, hide: Tensor | None = None) -> Halves:
-    """A segment (keys (L, D), values (L, Dv), L >= 2) as its two halves (see `Halves`). hide: a (1, 2, 1, c') mask,
-    c' >= ceil(L / 2), -inf at [0, 1, 0, 0] and 0 elsewhere, whose start serves as `middle` (one mask for a prefix's
-    heads); made here when not given."""
+    """A segment (keys (L, D), values (L, Dv), L >= 2) as its two halves (see `Halves`). hide: a `middle_mask` at
+    least ceil(L / 2) wide, shared by a prefix's heads; made here when not given."""
     n = keys.shape[0]
     c = (n + 1) // 2
 
@@ -68,10 +75,7 @@ def halves(keys: Tensor, values: Tensor, hide: Tensor | None = None) -> Halves:
 
     if n % 2 == 0:
         return Halves(split(keys), split(values), None)
-    if hide is None:
-        hide = keys.new_zeros(1, 2, 1, c)
-        hide[0, 1, 0, 0] = float("-inf")
-    return Halves(split(keys), split(values), hide[..., :c])
+    return Halves(split(keys), split(values), (middle_mask(keys, c) if hide is None else hide)[..., :c])
 
 
 def prefix_read(prefix: LayerStorage, rows: Tensor | None) -> PrefixRead:
@@ -83,8 +87,7 @@ def prefix_read(prefix: LayerStorage, rows: Tensor | None) -> PrefixRead:
         heads = tuple((prefix.keys[s : s + n], prefix.values[s : s + n]) for s, n in zip(starts, lengths, strict=True))
         split = None
         if min(lengths, default=0) >= 2:
-            hide = prefix.keys.new_zeros(1, 2, 1, (max(lengths) + 1) // 2)  # every odd head's middle mask, sliced
-            hide[0, 1, 0, 0] = float("-inf")
+            hide = middle_mask(prefix.keys, (max(lengths) + 1) // 2)  # every odd head's, sliced
             split = tuple(halves(k, v, hide) for k, v in heads)
         return PrefixRead(None, heads, rows, True, split)
     return PrefixRead(prefix.view(), None, rows, bool((prefix.kept() == prefix.width()).all()))
